@@ -1,0 +1,235 @@
+// Token log-probabilities and entropy from logits on the CPU (SPEC 1).
+//   forward:  one read of each [V] row -> logprob, entropy, lse, mean_z   (fp32, [N] each)
+//   backward: one read + one write of each row -> dlogits in the logits dtype (may alias logits)
+// A row is cut into fixed kChunk-element chunks; each chunk is scaled into an L1-resident fp32
+// buffer, reduced to an online-softmax state, and the states are merged left to right.  The chunk
+// structure never depends on the thread count, so results are bitwise reproducible whether a row
+// runs on one thread or is split across all of them (few rows, large V).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cpu_utils.h"
+#include "lenkernels/softmax_state.h"
+
+namespace lk {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // 8 KiB of fp32: stays in L1 between the max and the exp sweep
+
+template <typename T>
+LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t, float* buf) {
+  float mx[kLanes];
+  for (int k = 0; k < kLanes; ++k) mx[k] = kNegInf;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const float z = to_float(x[i + k]) * inv_t;
+      buf[i + k] = z;
+      mx[k] = max_nan(mx[k], z);
+    }
+  }
+  for (int k = 0; i + k < n; ++k) {
+    const float z = to_float(x[i + k]) * inv_t;
+    buf[i + k] = z;
+    mx[k] = max_nan(mx[k], z);
+  }
+  float m = mx[0];
+  for (int k = 1; k < kLanes; ++k) m = max_nan(m, mx[k]);
+  if (m == kNegInf) return empty_state();  // a fully masked chunk contributes nothing
+
+  float s[kLanes], u[kLanes];
+  for (int k = 0; k < kLanes; ++k) s[k] = u[k] = 0.0f;
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const float d = buf[i + k] - m;
+      const float e = fast_exp(d);
+      s[k] += e;
+      u[k] += weighted_offset(e, d);
+    }
+  }
+  for (int k = 0; i + k < n; ++k) {
+    const float d = buf[i + k] - m;
+    const float e = fast_exp(d);
+    s[k] += e;
+    u[k] += weighted_offset(e, d);
+  }
+  // pairwise lane reduction in a fixed order
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) {
+      s[k] += s[k + w];
+      u[k] += u[k + w];
+    }
+  }
+  return SoftmaxState{m, s[0], u[0]};
+}
+
+template <typename T>
+LK_ALWAYS_INLINE SoftmaxState row_state(const T* row, int64_t vocab, float inv_t, float* buf) {
+  SoftmaxState st = empty_state();
+  for (int64_t c = 0; c < vocab; c += kChunk) {
+    st = merge(st, chunk_state(row + c, std::min(kChunk, vocab - c), inv_t, buf));
+  }
+  return st;
+}
+
+struct FwdArgs {
+  const void* logits;
+  int dtype;
+  int64_t n_rows, vocab, row_stride;
+  const int64_t* ids;
+  const float* temperature;
+  int64_t temp_stride, ignore_index;
+  float *logprobs, *entropy, *lse, *mean_z;
+  int threads;
+};
+
+// Writes the outputs of one row; returns false when its id is out of range (logprob is NaN then).
+template <typename T>
+LK_ALWAYS_INLINE bool finish_row(const FwdArgs& a, int64_t r, const SoftmaxState& st) {
+  const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
+  const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+  const RowStats rs = finalize(st);
+  const int64_t id = a.ids[r];
+  bool ok = true;
+  float lp = 0.0f;
+  if (id != a.ignore_index) {
+    ok = id >= 0 && id < a.vocab;
+    lp = ok ? to_float(row[id]) * inv_t - rs.lse : std::numeric_limits<float>::quiet_NaN();
+  }
+  a.logprobs[r] = lp;
+  if (a.entropy) a.entropy[r] = rs.entropy;
+  a.lse[r] = rs.lse;
+  a.mean_z[r] = rs.mean_z;
+  return ok;
+}
+
+template <typename T>
+LK_ALWAYS_INLINE int64_t forward_impl(const FwdArgs& a) {
+  const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  if (a.n_rows >= a.threads || n_chunks == 1) {
+#pragma omp parallel for schedule(static) num_threads(a.threads) reduction(min : first_bad)
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+      alignas(64) float buf[kChunk];
+      const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
+      const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+      if (!finish_row<T>(a, r, row_state(row, a.vocab, inv_t, buf))) first_bad = std::min(first_bad, r);
+    }
+  } else {
+    // Few rows: chunk states in parallel, then the same left-to-right merge per row.
+    const int64_t n_tiles = a.n_rows * n_chunks;
+    SoftmaxState* states = new SoftmaxState[n_tiles];
+#pragma omp parallel num_threads(a.threads)
+    {
+      alignas(64) float buf[kChunk];
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t r = t / n_chunks, c = (t % n_chunks) * kChunk;
+        const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
+        const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+        states[t] = chunk_state(row + c, std::min(kChunk, a.vocab - c), inv_t, buf);
+      }
+    }
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+      SoftmaxState st = empty_state();
+      for (int64_t c = 0; c < n_chunks; ++c) st = merge(st, states[r * n_chunks + c]);
+      if (!finish_row<T>(a, r, st)) first_bad = std::min(first_bad, r);
+    }
+    delete[] states;
+  }
+  return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+}
+
+LK_TARGET_CLONES int64_t forward(const FwdArgs& a) {
+  int64_t out = -1;
+  LK_DISPATCH_DTYPE(a.dtype, T, out = forward_impl<T>(a));
+  return out;
+}
+
+struct BwdArgs {
+  const void* logits;
+  int dtype;
+  int64_t n_rows, vocab, row_stride;
+  const int64_t* ids;
+  const float* temperature;
+  int64_t temp_stride, ignore_index;
+  const float *lse, *mean_z, *g_logprobs, *g_entropy;
+  int64_t g_logprobs_stride, g_entropy_stride;
+  void* dlogits;
+  int64_t dlogits_row_stride;
+  int threads;
+};
+
+template <typename T>
+LK_ALWAYS_INLINE void backward_impl(const BwdArgs& a) {
+  const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
+  const int64_t n_tiles = a.n_rows * n_chunks;
+#pragma omp parallel for schedule(static) num_threads(a.threads)
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t r = t / n_chunks, begin = (t % n_chunks) * kChunk;
+    const int64_t n = std::min(kChunk, a.vocab - begin);
+    const T* x = static_cast<const T*>(a.logits) + r * a.row_stride + begin;
+    T* out = static_cast<T*>(a.dlogits) + r * a.dlogits_row_stride + begin;
+    const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+    const float lse = a.lse[r], mean_z = a.mean_z[r];
+    const int64_t id = a.ids[r];
+    const float g_lp = (a.g_logprobs && id != a.ignore_index) ? a.g_logprobs[r * a.g_logprobs_stride] : 0.0f;
+    const float g_h = a.g_entropy ? a.g_entropy[r * a.g_entropy_stride] : 0.0f;
+    // read the target logit before the sweep: with an in-place backward the sweep overwrites it
+    const int64_t local_id = id - begin;
+    const bool has_target = g_lp != 0.0f && local_id >= 0 && local_id < n;
+    const float z_target = has_target ? to_float(x[local_id]) * inv_t : 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = to_float(x[j]) * inv_t;
+      const float p = fast_exp(z - lse);
+      out[j] = from_float<T>(token_stats_grad(z, false, mean_z, g_lp, g_h, inv_t, p));
+    }
+    if (has_target) {
+      const float p = fast_exp(z_target - lse);
+      out[local_id] = from_float<T>(token_stats_grad(z_target, true, mean_z, g_lp, g_h, inv_t, p));
+    }
+  }
+}
+
+LK_TARGET_CLONES void backward(const BwdArgs& a) { LK_DISPATCH_DTYPE(a.dtype, T, backward_impl<T>(a)); }
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lk
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cpu_token_stats, m) {
+  m.doc() = "lenkernels CPU kernels: token log-probabilities and entropy (raw pointers)";
+  m.def(
+      "token_stats_fwd",
+      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids,
+         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
+         uintptr_t lse, uintptr_t mean_z, int threads) {
+        using namespace lk::cpu;
+        FwdArgs a{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
+                  ptr<const int64_t>(ids), ptr<const float>(temperature), temp_stride, ignore_index,
+                  ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
+                  threads_for(threads)};
+        py::gil_scoped_release release;
+        return forward(a);
+      },
+      "Returns -1, or the first row whose id is outside [0, vocab) and not ignore_index.");
+  m.def("token_stats_bwd", [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                              uintptr_t ids, uintptr_t temperature, int64_t temp_stride, int64_t ignore_index,
+                              uintptr_t lse, uintptr_t mean_z, uintptr_t g_logprobs, int64_t g_logprobs_stride,
+                              uintptr_t g_entropy, int64_t g_entropy_stride, uintptr_t dlogits,
+                              int64_t dlogits_row_stride, int threads) {
+    using namespace lk::cpu;
+    BwdArgs a{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride, ptr<const int64_t>(ids),
+              ptr<const float>(temperature), temp_stride, ignore_index, ptr<const float>(lse),
+              ptr<const float>(mean_z), ptr<const float>(g_logprobs), ptr<const float>(g_entropy),
+              g_logprobs_stride, g_entropy_stride, reinterpret_cast<void*>(dlogits), dlogits_row_stride,
+              threads_for(threads)};
+    py::gil_scoped_release release;
+    backward(a);
+  });
+  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
+}

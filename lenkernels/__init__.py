@@ -1,0 +1,14 @@
+"""lenkernels: fused token statistics, policy losses and advantages for RL on language models."""
+
+from lenkernels._backend import BackendUnavailableError, explain as explain_backend
+from lenkernels.ops.token_stats import token_entropy, token_logprobs, token_logprobs_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "explain_backend",
+    "token_entropy",
+    "token_logprobs",
+    "token_logprobs_entropy",
+]

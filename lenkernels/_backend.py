@@ -1,0 +1,127 @@
+"""Backend selection: the one place that decides which implementation runs an op, and can say why
+any other was not chosen.
+
+Backends: ``triton`` (GPU kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``cuda``
+(hand-written CUDA C++), ``cpu`` (C++/OpenMP) and ``reference`` (plain PyTorch, float64-capable).
+``backend=None`` picks ``triton`` for CUDA tensors (``cuda`` when Triton is missing) and ``cpu`` for
+CPU tensors; ``LENKERNELS_BACKEND`` overrides that default for a whole process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+# op family -> backends that implement it (a family's module registers itself on import)
+_FAMILIES: dict[str, tuple[str, ...]] = {}
+
+
+def register_family(family: str, backends: tuple[str, ...]) -> None:
+    _FAMILIES[family] = tuple(backends)
+
+
+def implemented_backends(family: str) -> tuple[str, ...]:
+    return _FAMILIES[family]
+
+
+class BackendUnavailableError(ValueError):
+    """Raised when a requested backend cannot run an op on the given device."""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, bool, str]:
+    """(importable, interpreter active, reason)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, False, "triton is not installed (pip install triton)"
+    try:
+        from triton import knobs
+
+        interpret = bool(knobs.runtime.interpret)
+    except Exception:  # older Triton without knobs
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return True, interpret, ""
+
+
+def _compiled_status(kind: str, family: str) -> tuple[bool, str]:
+    if kind == "cpu":
+        from lenkernels import cpu as loader
+    else:
+        from lenkernels import cuda as loader
+    return loader.available(family)
+
+
+def backend_status(family: str, device: torch.device | str) -> dict[str, tuple[bool, str]]:
+    """``{backend: (usable, reason if not)}`` for an op family on a device."""
+    device = torch.device(device)
+    implemented = implemented_backends(family)
+    out: dict[str, tuple[bool, str]] = {}
+    for name in BACKENDS:
+        if name not in implemented:
+            out[name] = (False, f"{family} has no {name} implementation")
+        elif name == "reference":
+            out[name] = (True, "")
+        elif name == "triton":
+            importable, interpret, why = _triton_status()
+            if not importable:
+                out[name] = (False, why)
+            elif device.type == "cuda" and not interpret:
+                out[name] = (True, "")
+            elif device.type == "cpu" and interpret:
+                out[name] = (True, "")
+            elif device.type == "cpu":
+                out[name] = (False, "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
+            else:
+                out[name] = (False, f"triton cannot run on {device.type} tensors in this process")
+        elif name == "cpu":
+            out[name] = (
+                _compiled_status("cpu", family) if device.type == "cpu" else (False, "cpu backend needs CPU tensors")
+            )
+        elif name == "cuda":
+            out[name] = (
+                _compiled_status("cuda", family)
+                if device.type == "cuda"
+                else (False, "cuda backend needs CUDA tensors")
+            )
+    return out
+
+
+def explain(family: str, device: torch.device | str = "cpu") -> str:
+    """A human-readable table of which backends can run ``family`` on ``device`` and why not."""
+    lines = [f"{family} on {torch.device(device)}: default -> {_default(family, torch.device(device))}"]
+    for name, (ok, why) in backend_status(family, device).items():
+        lines.append(f"  {name:9s} {'yes' if ok else 'no ':3s} {why}")
+    return "\n".join(lines)
+
+
+def _default(family: str, device: torch.device) -> str:
+    env = os.environ.get("LENKERNELS_BACKEND")
+    status = backend_status(family, device)
+    if env:
+        return env
+    preference = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in preference:
+        if status[name][0]:
+            return name
+    return "reference"
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend: str | None, family: str, device: torch.device) -> str:
+    """The backend that runs ``family`` on ``device``; raises BackendUnavailableError saying why not.
+
+    Runs once per trace under torch.compile (its answer is a constant of the graph).
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    name = backend or _default(family, device)
+    if name not in BACKENDS:
+        raise ValueError(f"LENKERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
+    ok, why = backend_status(family, device)[name]
+    if not ok:
+        raise BackendUnavailableError(f"backend={name!r} cannot run {family} on {device}: {why}")
+    return name

@@ -1,0 +1,1 @@
+"""One module per op family: argument checks, torch.library registration and backend dispatch."""

@@ -1,0 +1,261 @@
+"""Token log-probabilities and entropy from logits (SPEC 1), one read of the logits per pass.
+
+Chain of names: ``token_logprobs_entropy`` (public) -> ``lenkernels::token_stats`` (custom op with
+autograd) -> ``token_stats_fwd`` / ``token_stats_bwd`` (host launchers, one per backend) -> kernels
+(``triton/token_stats.py``, ``csrc/cpu/token_stats.cpp``, ``csrc/cuda/token_stats.cu``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lenkernels import _backend, _checks
+from lenkernels.reference import token_stats as ref
+
+FAMILY = "token_stats"
+_backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] with unit stride along V: a view when the layout allows, else one copy."""
+    x = logits.reshape(-1, logits.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _is_row_view(logits: torch.Tensor) -> bool:
+    """Whether _rows(logits) aliases logits (required to write the gradient in place)."""
+    x = _rows(logits)
+    return x.numel() == 0 or x.data_ptr() == logits.data_ptr() and x.stride(-1) == 1 and logits.stride(-1) == 1
+
+
+def _check_ids_on_host(ids: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    if _checks.value_checks(ids.device):
+        _checks.ids_in_range(ids, vocab, ignore_index)
+
+
+def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str):
+    """Host launcher: ``(logprobs, entropy, lse, mean_z)``, fp32 of shape ``ids.shape``."""
+    shape = ids.shape
+    x = _rows(logits)
+    y = ids.reshape(-1)
+    n_rows, vocab = x.shape
+    outs = [torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(4)]
+    if n_rows == 0:
+        return tuple(o.reshape(shape) for o in outs)
+    if backend == "cpu":
+        from lenkernels import cpu
+
+        y = y.to(torch.int64).contiguous()
+        bad = cpu.load(FAMILY).token_stats_fwd(
+            x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
+            temperature.data_ptr(), 0 if temperature.numel() == 1 else 1, ignore_index,
+            *(o.data_ptr() for o in outs), torch.get_num_threads(),
+        )  # fmt: skip
+        if bad >= 0:
+            _checks.ids_in_range(ids, vocab, ignore_index)
+    elif backend == "triton":
+        from lenkernels.triton.token_stats import token_stats_fwd as launch
+
+        _check_ids_on_host(y, vocab, ignore_index)
+        launch(x, y.contiguous(), temperature, ignore_index, *outs)
+    elif backend == "cuda":
+        from lenkernels import cuda
+
+        _check_ids_on_host(y, vocab, ignore_index)
+        cuda.token_stats_fwd(x, y.contiguous(), temperature, ignore_index, *outs)
+    else:
+        _check_ids_on_host(y, vocab, ignore_index)
+        outs = ref.token_stats_forward(x, y, temperature, ignore_index)
+    return tuple(o.reshape(shape) for o in outs)
+
+
+def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend, dlogits):
+    """Host launcher: writes ``dlogits`` ([..., V], logits dtype; may be ``logits`` itself)."""
+    x = _rows(logits)
+    d = dlogits.view(-1, dlogits.shape[-1])
+    n_rows, vocab = x.shape
+    if n_rows == 0:
+        return
+    y = ids.reshape(-1)
+    g_lp = g_logprobs.reshape(-1).to(torch.float32)
+    g_h = g_entropy.reshape(-1).to(torch.float32)
+    lse, mean_z = lse.reshape(-1), mean_z.reshape(-1)
+    if backend == "cpu":
+        from lenkernels import cpu
+
+        y = y.to(torch.int64).contiguous()
+        cpu.load(FAMILY).token_stats_bwd(
+            x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
+            temperature.data_ptr(), 0 if temperature.numel() == 1 else 1, ignore_index,
+            lse.data_ptr(), mean_z.data_ptr(), g_lp.data_ptr(), g_lp.stride(0), g_h.data_ptr(), g_h.stride(0),
+            d.data_ptr(), d.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+    elif backend == "triton":
+        from lenkernels.triton.token_stats import token_stats_bwd as launch
+
+        launch(x, y.contiguous(), temperature, lse, mean_z, g_lp, g_h, ignore_index, d)
+    elif backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.token_stats_bwd(x, y.contiguous(), temperature, lse, mean_z, g_lp, g_h, ignore_index, d)
+    else:
+        d.copy_(ref.token_stats_backward(x, y, temperature, g_lp, g_h, ignore_index))
+
+
+# --- torch.library registration -------------------------------------------------------------
+
+
+@torch.library.custom_op("lenkernels::token_stats", mutates_args=())
+def _token_stats(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    ignore_index: int,
+    inplace_backward: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return token_stats_fwd(logits, ids, temperature, ignore_index, backend)
+
+
+@_token_stats.register_fake
+def _(logits, ids, temperature, ignore_index, inplace_backward, backend):
+    return tuple(torch.empty(ids.shape, dtype=torch.float32, device=logits.device) for _ in range(4))
+
+
+@torch.library.custom_op("lenkernels::token_stats_backward", mutates_args=())
+def _token_stats_backward(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor,
+    g_logprobs: torch.Tensor,
+    g_entropy: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend, dlogits)
+    return dlogits
+
+
+@_token_stats_backward.register_fake
+def _(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("lenkernels::token_stats_backward_", mutates_args=("logits",))
+def _token_stats_backward_inplace(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor,
+    g_logprobs: torch.Tensor,
+    g_entropy: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+) -> None:
+    """Overwrites ``logits`` with d(loss)/d(logits): saves the [N, V] gradient buffer."""
+    token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend, logits)
+
+
+@_token_stats_backward_inplace.register_fake
+def _(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, ids, temperature, ignore_index, inplace_backward, backend = inputs
+    _, _, lse, mean_z = output
+    ctx.save_for_backward(logits, ids, temperature, lse, mean_z)
+    ctx.ignore_index = ignore_index
+    ctx.inplace = inplace_backward
+    ctx.backend = backend
+
+
+def _backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z):
+    logits, ids, temperature, lse, mean_z = ctx.saved_tensors
+    args = (ids, temperature, lse, mean_z, g_logprobs, g_entropy, ctx.ignore_index, ctx.backend)
+    if ctx.inplace and _is_row_view(logits):
+        torch.ops.lenkernels.token_stats_backward_(logits, *args)
+        dlogits = logits
+    else:
+        dlogits = torch.ops.lenkernels.token_stats_backward(logits, *args)
+    return dlogits, None, None, None, None, None
+
+
+_token_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def token_logprobs_entropy(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each sampled token and the entropy of its distribution, in one pass.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16 (float64 with ``backend="reference"``),
+            padded ``[B, T, V]`` or packed ``[N, V]``. Any strides: a layout that cannot be viewed
+            as ``[N, V]`` rows with unit stride along V is copied once.
+        ids: ``[...]`` int32/int64 token ids, the leading shape of ``logits``.
+        temperature: a positive float, or a tensor broadcastable to ``ids`` (per token ``[B, T]``,
+            per sequence ``[B, 1]``). Applied in fp32 inside the kernel: ``z = logits / T``. Not
+            differentiable.
+        ignore_index: rows with this id get logprob 0 and no logprob gradient; their entropy is
+            still computed.
+        return_entropy: when False the second output is None (it costs nothing extra to compute).
+        inplace_backward: write d(loss)/d(logits) into ``logits`` itself during backward, saving an
+            ``[N, V]`` buffer. Only when nothing else needs ``logits`` afterwards; ignored (a new
+            tensor is returned) when ``logits`` cannot be viewed as rows.
+        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cuda"``, ``"cpu"`` or
+            ``"reference"``.
+
+    Returns:
+        ``(logprobs, entropy)``: float32 of shape ``ids.shape``; differentiable in ``logits``
+        through both. ``logprob = z_y - logsumexp(z)``, ``entropy = logsumexp(z) - sum_j p_j z_j``.
+        A row of all ``-inf`` gives NaN in both; ``-inf`` entries elsewhere are a masked vocabulary.
+
+    Example (packed layout, per-sequence temperature)::
+
+        logits = model(input_ids).logits[0, :-1]          # [N, V], N tokens of all sequences
+        lp, ent = token_logprobs_entropy(logits, input_ids[0, 1:], temperature=0.7)
+    """
+    _checks.tensor(logits, "logits", min_dim=1)
+    name = _backend.resolve(backend, FAMILY, logits.device)
+    _checks.logits_dtype(logits, name)
+    _checks.ids_match(logits, ids)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary (last) dimension")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    temp = _checks.temperature(temperature, ids)
+    logprobs, entropy, _, _ = torch.ops.lenkernels.token_stats(
+        logits, ids, temp, ignore_index, bool(inplace_backward), name
+    )
+    return logprobs, (entropy if return_entropy else None)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``token_logprobs_entropy(...)[0]``: log-probabilities of ``ids`` (same arguments)."""
+    return token_logprobs_entropy(logits, ids, return_entropy=False, **kwargs)[0]
+
+
+def token_entropy(logits: torch.Tensor, *, ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Entropy of each row of ``logits`` (float32, shape ``logits.shape[:-1]``).
+
+    ``ids`` is optional: without it every row is treated as ignored for the logprob part.
+    """
+    if ids is None:
+        ignore_index = kwargs.get("ignore_index", -100)
+        ids = torch.full(logits.shape[:-1], ignore_index, dtype=torch.int64, device=logits.device)
+    return token_logprobs_entropy(logits, ids, **kwargs)[1]
