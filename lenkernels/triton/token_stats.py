@@ -212,3 +212,35 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
         BLOCK_V=block,
         num_warps=warps,
     )
+
+
+_COMMON = {"vocab": "i32", "stride_row": "i64", "temp_stride": "i32"}
+AOT_SPECS = [
+    {
+        "kernel": token_stats_fwd_kernel,
+        "signature": {"logits_ptr": f"*{dt}", "temp_ptr": "*fp32", "state_ptr": "*fp32", **_COMMON,
+                      "tiles_per_split": "i32", "n_splits": "i32", "BLOCK_V": "constexpr"},
+        "constexprs": {"BLOCK_V": _MAX_BLOCK_V},
+        "num_warps": 8,
+    }
+    for dt in ("bf16", "fp16", "fp32")
+] + [
+    {
+        "kernel": token_stats_finalize_kernel,
+        "signature": {"logits_ptr": "*bf16", "ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32",
+                      "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "mean_z_ptr": "*fp32",
+                      **_COMMON, "n_splits": "i32", "ignore_index": "i64"},
+        "num_warps": 1,
+    },
+] + [
+    {
+        "kernel": token_stats_bwd_kernel,
+        "signature": {"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "ids_ptr": "*i64", "temp_ptr": "*fp32",
+                      "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "g_lp_ptr": "*fp32", "g_h_ptr": "*fp32",
+                      **_COMMON, "stride_drow": "i64", "g_lp_stride": "i64", "g_h_stride": "i64",
+                      "tiles_per_split": "i32", "ignore_index": "i64", "BLOCK_V": "constexpr"},
+        "constexprs": {"BLOCK_V": _MAX_BLOCK_V},
+        "num_warps": 8,
+    }
+    for dt in ("bf16", "fp16", "fp32")
+]  # fmt: skip
