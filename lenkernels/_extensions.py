@@ -27,16 +27,23 @@ def _from_path(name: str, path) -> ModuleType:
     return module
 
 
+def _installed_file(name: str) -> str | None:
+    spec = importlib.util.find_spec(f"lenkernels.{name}")
+    return spec.origin if spec is not None and spec.origin else None
+
+
 def _load_uncached(name: str, kind: str) -> ModuleType:
     modules = _build.cpu_modules() if kind == "cpu" else _build.cuda_modules()
     have_sources = name in modules
-    if os.environ.get("LENKERNELS_FORCE_JIT") != "1":
-        try:
-            module = importlib.import_module(f"lenkernels.{name}")
-        except ImportError:
-            module = None
-        if module is not None and (not have_sources or module.SOURCE_HASH == _build.source_hash(modules[name])):
-            return module
+    installed = None if os.environ.get("LENKERNELS_FORCE_JIT") == "1" else _installed_file(name)
+    if installed is not None:
+        # The source hash is a string literal inside the binary: check it without loading the
+        # module (a stale module, once loaded, would shadow a rebuilt one of the same name).
+        if not have_sources:
+            return importlib.import_module(f"lenkernels.{name}")
+        with open(installed, "rb") as f:
+            if _build.source_hash(modules[name]).encode() in f.read():
+                return importlib.import_module(f"lenkernels.{name}")
     if not have_sources:
         raise ImportError(
             f"lenkernels.{name} is not installed and its sources are not available to build it; "

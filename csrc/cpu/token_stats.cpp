@@ -24,6 +24,7 @@ LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t, fl
   for (int k = 0; k < kLanes; ++k) mx[k] = kNegInf;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
     for (int k = 0; k < kLanes; ++k) {
       const float z = to_float(x[i + k]) * inv_t;
       buf[i + k] = z;
@@ -42,6 +43,7 @@ LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t, fl
   float s[kLanes], u[kLanes];
   for (int k = 0; k < kLanes; ++k) s[k] = u[k] = 0.0f;
   for (i = 0; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
     for (int k = 0; k < kLanes; ++k) {
       const float d = buf[i + k] - m;
       const float e = fast_exp(d);
@@ -65,11 +67,19 @@ LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t, fl
   return SoftmaxState{m, s[0], u[0]};
 }
 
+// The ISA-specific entry points sit below the OpenMP regions: an outlined parallel body does not
+// inherit the target of its enclosing function, so the clones must be the functions it calls.
+LK_TARGET_CLONES SoftmaxState chunk_state_any(int dtype, const void* x, int64_t n, float inv_t, float* buf) {
+  SoftmaxState st = empty_state();
+  LK_DISPATCH_DTYPE(dtype, T, st = chunk_state(static_cast<const T*>(x), n, inv_t, buf));
+  return st;
+}
+
 template <typename T>
-LK_ALWAYS_INLINE SoftmaxState row_state(const T* row, int64_t vocab, float inv_t, float* buf) {
+LK_ALWAYS_INLINE SoftmaxState row_state(const T* row, int64_t vocab, float inv_t, float* buf, int dtype) {
   SoftmaxState st = empty_state();
   for (int64_t c = 0; c < vocab; c += kChunk) {
-    st = merge(st, chunk_state(row + c, std::min(kChunk, vocab - c), inv_t, buf));
+    st = merge(st, chunk_state_any(dtype, row + c, std::min(kChunk, vocab - c), inv_t, buf));
   }
   return st;
 }
@@ -115,7 +125,7 @@ LK_ALWAYS_INLINE int64_t forward_impl(const FwdArgs& a) {
       alignas(64) float buf[kChunk];
       const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
       const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-      if (!finish_row<T>(a, r, row_state(row, a.vocab, inv_t, buf))) first_bad = std::min(first_bad, r);
+      if (!finish_row<T>(a, r, row_state(row, a.vocab, inv_t, buf, a.dtype))) first_bad = std::min(first_bad, r);
     }
   } else {
     // Few rows: chunk states in parallel, then the same left-to-right merge per row.
@@ -129,7 +139,7 @@ LK_ALWAYS_INLINE int64_t forward_impl(const FwdArgs& a) {
         const int64_t r = t / n_chunks, c = (t % n_chunks) * kChunk;
         const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
         const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-        states[t] = chunk_state(row + c, std::min(kChunk, a.vocab - c), inv_t, buf);
+        states[t] = chunk_state_any(a.dtype, row + c, std::min(kChunk, a.vocab - c), inv_t, buf);
       }
     }
     for (int64_t r = 0; r < a.n_rows; ++r) {
@@ -142,7 +152,7 @@ LK_ALWAYS_INLINE int64_t forward_impl(const FwdArgs& a) {
   return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
 }
 
-LK_TARGET_CLONES int64_t forward(const FwdArgs& a) {
+int64_t forward(const FwdArgs& a) {
   int64_t out = -1;
   LK_DISPATCH_DTYPE(a.dtype, T, out = forward_impl<T>(a));
   return out;
@@ -162,38 +172,48 @@ struct BwdArgs {
   int threads;
 };
 
+// One chunk of one row: d logits for n entries (SPEC 1). out may alias x (in-place backward).
 template <typename T>
-LK_ALWAYS_INLINE void backward_impl(const BwdArgs& a) {
-  const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
-  const int64_t n_tiles = a.n_rows * n_chunks;
-#pragma omp parallel for schedule(static) num_threads(a.threads)
-  for (int64_t t = 0; t < n_tiles; ++t) {
-    const int64_t r = t / n_chunks, begin = (t % n_chunks) * kChunk;
-    const int64_t n = std::min(kChunk, a.vocab - begin);
-    const T* x = static_cast<const T*>(a.logits) + r * a.row_stride + begin;
-    T* out = static_cast<T*>(a.dlogits) + r * a.dlogits_row_stride + begin;
-    const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-    const float lse = a.lse[r], mean_z = a.mean_z[r];
-    const int64_t id = a.ids[r];
-    const float g_lp = (a.g_logprobs && id != a.ignore_index) ? a.g_logprobs[r * a.g_logprobs_stride] : 0.0f;
-    const float g_h = a.g_entropy ? a.g_entropy[r * a.g_entropy_stride] : 0.0f;
-    // read the target logit before the sweep: with an in-place backward the sweep overwrites it
-    const int64_t local_id = id - begin;
-    const bool has_target = g_lp != 0.0f && local_id >= 0 && local_id < n;
-    const float z_target = has_target ? to_float(x[local_id]) * inv_t : 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-      const float z = to_float(x[j]) * inv_t;
-      const float p = fast_exp(z - lse);
-      out[j] = from_float<T>(token_stats_grad(z, false, mean_z, g_lp, g_h, inv_t, p));
-    }
-    if (has_target) {
-      const float p = fast_exp(z_target - lse);
-      out[local_id] = from_float<T>(token_stats_grad(z_target, true, mean_z, g_lp, g_h, inv_t, p));
-    }
+LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, float inv_t, float lse,
+                                 float mean_z, float g_lp, float g_h) {
+  // read the target logit before the sweep: with an in-place backward the sweep overwrites it
+  const bool has_target = g_lp != 0.0f && local_id >= 0 && local_id < n;
+  const float z_target = has_target ? to_float(x[local_id]) * inv_t : 0.0f;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float z = to_float(x[j]) * inv_t;
+    const float p = fast_exp(z - lse);
+    out[j] = from_float<T>(token_stats_grad(z, false, mean_z, g_lp, g_h, inv_t, p));
+  }
+  if (has_target) {
+    const float p = fast_exp(z_target - lse);
+    out[local_id] = from_float<T>(token_stats_grad(z_target, true, mean_z, g_lp, g_h, inv_t, p));
   }
 }
 
-LK_TARGET_CLONES void backward(const BwdArgs& a) { LK_DISPATCH_DTYPE(a.dtype, T, backward_impl<T>(a)); }
+LK_TARGET_CLONES void grad_chunk_any(int dtype, const void* x, void* out, int64_t n, int64_t local_id, float inv_t,
+                                     float lse, float mean_z, float g_lp, float g_h) {
+  LK_DISPATCH_DTYPE(dtype, T,
+                    grad_chunk(static_cast<const T*>(x), static_cast<T*>(out), n, local_id, inv_t, lse, mean_z, g_lp,
+                               g_h));
+}
+
+void backward(const BwdArgs& a) {
+  const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
+  const int64_t n_tiles = a.n_rows * n_chunks;
+  const int64_t elem = a.dtype == kFloat32 ? 4 : 2;
+#pragma omp parallel for schedule(static) num_threads(a.threads)
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t r = t / n_chunks, begin = (t % n_chunks) * kChunk;
+    const int64_t id = a.ids[r];
+    const float g_lp = (a.g_logprobs && id != a.ignore_index) ? a.g_logprobs[r * a.g_logprobs_stride] : 0.0f;
+    const float g_h = a.g_entropy ? a.g_entropy[r * a.g_entropy_stride] : 0.0f;
+    grad_chunk_any(a.dtype, static_cast<const char*>(a.logits) + (r * a.row_stride + begin) * elem,
+                   static_cast<char*>(a.dlogits) + (r * a.dlogits_row_stride + begin) * elem,
+                   std::min(kChunk, a.vocab - begin), id - begin,
+                   inverse_temperature(a.temperature[r * a.temp_stride]), a.lse[r], a.mean_z[r], g_lp, g_h);
+  }
+}
 
 }  // namespace
 }  // namespace cpu

@@ -19,6 +19,9 @@ constexpr float kNegInf = -__builtin_huge_valf();
 
 // NaN-propagating max: once a NaN is seen it wins, so a NaN logit can never vanish into a
 // plausible number through the running maximum.
-LK_HOST_DEVICE float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+LK_HOST_DEVICE float max_nan(float a, float b) {
+  const bool take_b = (b > a) | (b != b);  // non-short-circuit: stays branch-free in SIMD loops
+  return take_b ? b : a;
+}
 
 }  // namespace lk
