@@ -1,0 +1,32 @@
+"""Helpers shared by the suites: lenkernels providers per backend, dtype parsing, gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from lenkernels import _backend
+from lenkernels.bench.core import Provider
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def backend_available(family: str, backend: str):
+    def check(device: torch.device) -> tuple[bool, str]:
+        return _backend.backend_status(family, device)[backend]
+
+    return check
+
+
+def lenkernels_providers(family: str, fn_for_backend, *, tolerance: float = 1e-4, backends=("triton", "cuda", "cpu")):
+    """One provider per compiled/GPU backend of ``family``; ``fn_for_backend(name)`` -> provider fn."""
+    return [
+        Provider(f"lenkernels-{name}", fn_for_backend(name), backend_available(family, name), tolerance=tolerance)
+        for name in backends
+    ]
+
+
+def grads(outputs: tuple[torch.Tensor, ...], cotangents: tuple[torch.Tensor, ...], wrt: torch.Tensor) -> torch.Tensor:
+    """d(sum_i <outputs_i, cotangents_i>)/d(wrt)."""
+    loss = sum((o * c).sum() for o, c in zip(outputs, cotangents))
+    (g,) = torch.autograd.grad(loss, wrt)
+    return g
