@@ -162,7 +162,9 @@ def plot(results: list[Result], out_dir: str) -> list[str]:
             ax.set_xlabel(size_key)
             ax.set_ylabel(label)
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+        ax_t.set_yscale("log")
+        ax_m.set_ylim(bottom=0)
+        for ax in (ax_t, ax_m):
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
         fig.suptitle(f"{suite} ({mode})")
