@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "lenkernels/common.h"
 
 // Each hot loop is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time, so
@@ -121,6 +125,22 @@ LK_ALWAYS_INLINE float fast_exp(float x) {
 template <typename T>
 LK_ALWAYS_INLINE T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
+}
+
+// Asks for transparent huge pages on a large output buffer before its first write: a fresh
+// [N, V] gradient otherwise costs one page fault per 4 KiB, which on CPU can exceed the kernel
+// itself. A hint only: without THP (or off Linux) nothing changes.
+inline void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 LK_ALWAYS_INLINE int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }

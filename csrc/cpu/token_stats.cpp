@@ -202,6 +202,7 @@ void backward(const BwdArgs& a) {
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
   const int64_t n_tiles = a.n_rows * n_chunks;
   const int64_t elem = a.dtype == kFloat32 ? 4 : 2;
+  if (a.dlogits != a.logits && a.dlogits_row_stride == a.vocab) advise_huge_pages(a.dlogits, a.n_rows * a.vocab * elem);
 #pragma omp parallel for schedule(static) num_threads(a.threads)
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t r = t / n_chunks, begin = (t % n_chunks) * kChunk;
