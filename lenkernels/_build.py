@@ -30,7 +30,11 @@ CUDA_GENCODE = [
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
 ]
-CUDA_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xcompiler=-fPIC", "-Xcompiler=-fvisibility=hidden"]
+# --threads=0: the per-architecture device compilations run in parallel (one per core).
+CUDA_FLAGS = [
+    "-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--threads=0",
+    "-Xcompiler=-fPIC", "-Xcompiler=-fvisibility=hidden",
+]  # fmt: skip
 
 
 def cpu_modules() -> dict[str, list[Path]]:

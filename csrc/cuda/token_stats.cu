@@ -1,0 +1,152 @@
+// Token log-probabilities and entropy from logits on the GPU (SPEC 1), CUDA C++ backend.
+//   token_stats_fwd_kernel       grid (N * n_splits): one read of the logits -> logprob, entropy,
+//                                lse, mean_z ([N] fp32 each), or partial states when n_splits > 1
+//   token_stats_finalize_kernel  grid (N / 128): merges the partial states of each row
+//   token_stats_bwd_kernel       grid (N * n_splits): one read + one write per logit -> dlogits
+// The per-thread work is in token_stats.h; the arithmetic in csrc/include/lenkernels/, shared with
+// the CPU backend. Raw device pointers, sizes and the stream come from Python (lenkernels/cuda.py):
+// no torch headers.
+#include <pybind11/pybind11.h>
+
+#include <climits>
+
+#include "cuda_utils.h"
+#include "token_stats.h"
+
+namespace lk {
+namespace cuda {
+namespace token_stats {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_fwd_kernel(const FwdParams p) {
+  const int64_t row = blockIdx.x / unsigned(p.n_splits);
+  const int split = int(blockIdx.x % unsigned(p.n_splits));
+  const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
+  const float inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
+  // the target logit is fetched before the sweep, so its latency hides behind it
+  int64_t id = 0;
+  float x_target = 0.0f;
+  if (p.n_splits == 1 && threadIdx.x == 0) {
+    id = load_id(p.ids, p.id_bytes, row);
+    if (id >= 0 && id < p.vocab) x_target = load_early(x + id);
+  }
+  SoftmaxState st = fwd_thread_state<T>(x, p.vocab, split, p.n_splits, threadIdx.x, inv_t);
+  st = block_merge<kThreads>(st);
+  if (threadIdx.x == 0) write_block_result(p, row, split, st, id, x_target * inv_t);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFinalizeThreads) token_stats_finalize_kernel(const FwdParams p) {
+  const int64_t row = int64_t(blockIdx.x) * kFinalizeThreads + threadIdx.x;
+  if (row < p.n_rows) finalize_row<T>(p, row);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_bwd_kernel(const BwdParams p) {
+  const int64_t row = blockIdx.x / unsigned(p.n_splits);
+  const int split = int(blockIdx.x % unsigned(p.n_splits));
+  const int64_t id = load_id(p.ids, p.id_bytes, row);
+  const GradRow g = load_grad_row(p, row, id);
+  bwd_thread<T>(static_cast<const T*>(p.logits) + row * p.row_stride,
+                static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride, p.vocab, split, p.n_splits, threadIdx.x, id,
+                g);
+}
+
+unsigned grid_size(int64_t n_rows, int n_splits) {
+  if (n_splits < 1) throw std::invalid_argument("n_splits must be at least 1");
+  if (n_rows > INT_MAX / n_splits) throw std::invalid_argument("too many rows for one launch (N * n_splits >= 2^31)");
+  return unsigned(n_rows * n_splits);
+}
+
+void check_common(int64_t n_rows, int64_t vocab, int id_bytes) {
+  if (n_rows < 0 || vocab < 1) throw std::invalid_argument("need n_rows >= 0 and vocab >= 1");
+  if (id_bytes != 4 && id_bytes != 8) throw std::invalid_argument("ids must be int32 or int64");
+}
+
+void forward(const FwdParams& p, int dtype, int device, cudaStream_t stream) {
+  check_common(p.n_rows, p.vocab, p.id_bytes);
+  const unsigned blocks = grid_size(p.n_rows, p.n_splits);
+  if (p.n_splits > 1 && p.partial == nullptr) throw std::invalid_argument("n_splits > 1 needs a partial buffer");
+  if (blocks == 0) return;
+  DeviceGuard guard(device);
+  LK_CUDA_DISPATCH_DTYPE(dtype, T, {
+    token_stats_fwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "launching token_stats_fwd_kernel");
+    if (p.n_splits > 1) {
+      const unsigned fin_blocks = unsigned(ceil_div(p.n_rows, kFinalizeThreads));
+      token_stats_finalize_kernel<T><<<fin_blocks, kFinalizeThreads, 0, stream>>>(p);
+      check_cuda(cudaGetLastError(), "launching token_stats_finalize_kernel");
+    }
+  });
+}
+
+void backward(const BwdParams& p, int dtype, int device, cudaStream_t stream) {
+  check_common(p.n_rows, p.vocab, p.id_bytes);
+  const unsigned blocks = grid_size(p.n_rows, p.n_splits);
+  if (blocks == 0) return;
+  DeviceGuard guard(device);
+  LK_CUDA_DISPATCH_DTYPE(dtype, T, {
+    token_stats_bwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "launching token_stats_bwd_kernel");
+  });
+}
+
+int64_t elem_bytes(int dtype) {
+  int64_t out = 0;
+  LK_CUDA_DISPATCH_DTYPE(dtype, T, out = sizeof(T));
+  return out;
+}
+
+}  // namespace
+}  // namespace token_stats
+}  // namespace cuda
+}  // namespace lk
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cuda_token_stats, m) {
+  using namespace lk::cuda;
+  using namespace lk::cuda::token_stats;
+  m.doc() = "lenkernels CUDA kernels: token log-probabilities and entropy (raw device pointers)";
+  // std::invalid_argument reaches Python as ValueError, std::runtime_error (CUDA errors) as RuntimeError
+  m.def(
+      "token_stats_splits",
+      [](int64_t n_rows, int64_t vocab, int dtype, int64_t sm_count) {
+        return split_count(n_rows, vocab, elem_bytes(dtype), sm_count);
+      },
+      py::arg("n_rows"), py::arg("vocab"), py::arg("dtype"), py::arg("sm_count"),
+      "Blocks per row of the forward and backward (the forward needs n_rows * n_splits * 3 floats of "
+      "partial states when it is above 1).");
+  m.def(
+      "token_stats_fwd",
+      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids, int id_bytes,
+         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
+         uintptr_t lse, uintptr_t mean_z, uintptr_t partial, int n_splits, int device, uintptr_t stream) {
+        FwdParams p{reinterpret_cast<const void*>(logits), n_rows, vocab, row_stride,
+                    reinterpret_cast<const void*>(ids), id_bytes, ptr<const float>(temperature), temp_stride,
+                    ignore_index, ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
+                    ptr<float>(partial), n_splits};
+        py::gil_scoped_release release;  // a launch can block while the device queue is full
+        forward(p, dtype, device, reinterpret_cast<cudaStream_t>(stream));
+      },
+      "Launches the forward on `stream`: writes logprobs, entropy, lse, mean_z ([n_rows] fp32).");
+  m.def(
+      "token_stats_bwd",
+      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids, int id_bytes,
+         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t lse, uintptr_t mean_z,
+         uintptr_t g_logprobs, int64_t g_logprobs_stride, uintptr_t g_entropy, int64_t g_entropy_stride,
+         uintptr_t dlogits, int64_t dlogits_row_stride, int n_splits, int device, uintptr_t stream) {
+        BwdParams p{reinterpret_cast<const void*>(logits), n_rows, vocab, row_stride,
+                    reinterpret_cast<const void*>(ids), id_bytes, ptr<const float>(temperature), temp_stride,
+                    ignore_index, ptr<const float>(lse), ptr<const float>(mean_z), ptr<const float>(g_logprobs),
+                    ptr<const float>(g_entropy), g_logprobs_stride, g_entropy_stride,
+                    reinterpret_cast<void*>(dlogits), dlogits_row_stride, n_splits};
+        py::gil_scoped_release release;
+        backward(p, dtype, device, reinterpret_cast<cudaStream_t>(stream));
+      },
+      "Launches the backward on `stream`: writes dlogits ([n_rows, vocab], logits dtype; may be logits).");
+  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
+  m.attr("CUDART_VERSION") = CUDART_VERSION;
+  m.attr("BLOCK_THREADS") = kThreads;
+}
