@@ -1,0 +1,457 @@
+// Group advantages (SPEC 4) and per-group statistics on the CPU.
+//   group_advantages   one group per OpenMP work item (dynamic schedule): row sums of token rewards
+//                      and masks, group mean/std/top-2, one advantage per response
+//   gaussian_rank      one run of tied scores per work item: mean normal score of its ranks
+//   batch_shift_scale  weighted moments of fixed 4096-element chunks, merged left to right
+//   broadcast          (adv - shift) * scale times the mask, masked tokens exactly 0
+//   group_stats        count/sum/mean/std/min/max of the selected members of each group
+// The segmentation (perm, offsets, runs) comes from lenkernels/ops/advantages.py.  Every sum runs
+// in a fixed order inside one work item, so results do not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu_utils.h"
+#include "lenkernels/advantages.h"
+
+namespace lk {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMomentChunk = 4096;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Masks and lengths: float32/bf16/fp16 share the logits dtype codes; then bool/uint8, int32, int64.
+LK_ALWAYS_INLINE float as_float(float x) { return x; }
+LK_ALWAYS_INLINE float as_float(bf16 x) { return to_float(x); }
+LK_ALWAYS_INLINE float as_float(fp16 x) { return to_float(x); }
+LK_ALWAYS_INLINE float as_float(uint8_t x) { return float(x); }
+LK_ALWAYS_INLINE float as_float(int32_t x) { return float(x); }
+LK_ALWAYS_INLINE float as_float(int64_t x) { return float(x); }
+
+#define LK_DISPATCH_WEIGHT(code, W, ...)                                \
+  switch (code) {                                                       \
+    case 0: {                                                           \
+      using W = float;                                                  \
+      __VA_ARGS__;                                                      \
+      break;                                                            \
+    }                                                                   \
+    case 1: {                                                           \
+      using W = ::lk::cpu::bf16;                                        \
+      __VA_ARGS__;                                                      \
+      break;                                                            \
+    }                                                                   \
+    case 2: {                                                           \
+      using W = ::lk::cpu::fp16;                                        \
+      __VA_ARGS__;                                                      \
+      break;                                                            \
+    }                                                                   \
+    case 3: {                                                           \
+      using W = uint8_t;                                                \
+      __VA_ARGS__;                                                      \
+      break;                                                            \
+    }                                                                   \
+    case 4: {                                                           \
+      using W = int32_t;                                                \
+      __VA_ARGS__;                                                      \
+      break;                                                            \
+    }                                                                   \
+    case 5: {                                                           \
+      using W = int64_t;                                                \
+      __VA_ARGS__;                                                      \
+      break;                                                            \
+    }                                                                   \
+    default:                                                            \
+      throw pybind11::value_error("unsupported mask/lengths dtype code"); \
+  }
+
+int64_t elem_size(int code) {
+  switch (code) {
+    case 0:
+    case 4:
+      return 4;
+    case 1:
+    case 2:
+      return 2;
+    case 3:
+      return 1;
+    default:
+      return 8;
+  }
+}
+
+template <typename W>
+LK_ALWAYS_INLINE float row_sum(const W* x, int64_t n) {
+  float acc[kLanes];
+  for (int k = 0; k < kLanes; ++k) acc[k] = 0.0f;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) acc[k] += as_float(x[i + k]);
+  }
+  for (int k = 0; i + k < n; ++k) acc[k] += as_float(x[i + k]);
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  }
+  return acc[0];
+}
+
+// Sum of one row of token rewards or of a mask (the hot loop for [B, T] inputs).
+LK_TARGET_CLONES float row_sum_any(int code, const void* x, int64_t n) {
+  float out = 0.0f;
+  LK_DISPATCH_WEIGHT(code, W, out = row_sum(static_cast<const W*>(x), n));
+  return out;
+}
+
+float load_one(int code, const void* base, int64_t i) {
+  float out = 0.0f;
+  LK_DISPATCH_WEIGHT(code, W, out = as_float(static_cast<const W*>(base)[i]));
+  return out;
+}
+
+const void* row_ptr(const void* base, int code, int64_t row, int64_t stride) {
+  return static_cast<const char*>(base) + row * stride * elem_size(code);
+}
+
+struct GroupArgs {
+  const void* rewards;
+  int r_dtype;
+  int64_t n, T, stride_r;  // T = 0: [B] scores
+  const void* mask;        // lengths from the mask's row sums, when not null
+  int m_dtype;
+  int64_t Tm, stride_m;
+  const void* lengths;  // [B] lengths, when not null
+  int l_dtype;
+  const int64_t *perm, *offsets, *n_groups;
+  int64_t group_size;
+  int method;
+  float eps;
+  bool norm;
+  float ddof;
+  float *adv, *raw, *w_out;
+  int threads;
+};
+
+void group_bounds(const int64_t* offsets, int64_t group_size, int64_t g, int64_t* gs, int64_t* ge) {
+  if (offsets) {
+    *gs = offsets[g];
+    *ge = offsets[g + 1];
+  } else {
+    *gs = g * group_size;
+    *ge = *gs + group_size;
+  }
+}
+
+void group_advantages(const GroupArgs& a) {
+  using namespace lk::adv;
+  const int64_t n_groups = a.n_groups[0];
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<float> s, w;
+    std::vector<int64_t> rows;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t g = 0; g < n_groups; ++g) {
+      int64_t gs, ge;
+      group_bounds(a.offsets, a.group_size, g, &gs, &ge);
+      const int64_t size = ge - gs;
+      s.resize(size);
+      w.resize(size);
+      rows.resize(size);
+      for (int64_t i = 0; i < size; ++i) {
+        const int64_t row = a.perm ? a.perm[gs + i] : gs + i;
+        rows[i] = row;
+        s[i] = a.T ? row_sum_any(a.r_dtype, row_ptr(a.rewards, a.r_dtype, row, a.stride_r), a.T)
+                   : load_one(a.r_dtype, a.rewards, row);
+        if (a.lengths) {
+          w[i] = load_one(a.l_dtype, a.lengths, row);
+        } else if (a.mask) {
+          w[i] = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, row, a.stride_m), a.Tm);
+        } else {
+          w[i] = 1.0f;
+        }
+      }
+      const float n = float(size);
+      const float shift = s[0];  // all-equal group: mean == shift exactly
+      float sum_d = 0.0f, wsum_d = 0.0f, wsum = 0.0f, r_max = -kInf;
+      bool has_nan = false;
+      for (int64_t i = 0; i < size; ++i) {
+        const float d = s[i] - shift;
+        sum_d += d;
+        wsum_d += w[i] * d;
+        wsum += w[i];
+        r_max = std::max(r_max, s[i]);
+        has_nan |= s[i] != s[i];
+      }
+      const float mean = shifted_mean(shift, sum_d, n);
+      const float baseline = a.method == kOpo ? opo_baseline(shift, wsum_d, wsum, n) : group_baseline(mean, n);
+      float m2 = 0.0f, below = -kInf;
+      int64_t n_top = 0, best = -1;
+      for (int64_t i = 0; i < size; ++i) {
+        const float c = s[i] - mean;
+        m2 += c * c;
+        if (s[i] == r_max) {
+          if (best < 0) best = i;
+          ++n_top;
+        } else if (s[i] < r_max) {
+          below = std::max(below, s[i]);
+        }
+      }
+      const float std = group_std(m2, n, a.ddof);
+      const float r_second = n <= 1.0f ? 0.0f : (n_top >= 2 ? r_max : below);
+      for (int64_t i = 0; i < size; ++i) {
+        float out;
+        if (a.method == kPassK) {
+          out = has_nan ? quiet_nan() : passk_advantage(i == best, r_max, r_second, std, a.eps, a.norm);
+        } else {
+          out = member_advantage(a.method, s[i], baseline, std, n, a.eps, a.norm);
+        }
+        a.adv[rows[i]] = out;
+        if (a.raw) a.raw[rows[i]] = s[i];
+        if (a.w_out) a.w_out[rows[i]] = w[i];
+      }
+    }
+  }
+}
+
+struct RunArgs {
+  const float* keys;
+  int64_t n;
+  const int64_t *perm, *group_of, *group_offsets, *run_offsets, *n_runs;
+  float* adv;
+  int threads;
+};
+
+void gaussian_rank(const RunArgs& a) {
+  using namespace lk::adv;
+  const int64_t n_runs = a.n_runs[0];
+#pragma omp parallel for schedule(dynamic, 64) num_threads(a.threads)
+  for (int64_t r = 0; r < n_runs; ++r) {
+    const int64_t rs = a.run_offsets[r], re = a.run_offsets[r + 1];
+    const int64_t g = a.group_of[rs];
+    const int64_t gs = a.group_offsets[g], ge = a.group_offsets[g + 1];
+    const int64_t n = ge - gs, run_len = re - rs;
+    float value = 0.0f;
+    if (!gaussian_run_is_zero(run_len, n)) {
+      double acc = 0.0;
+      for (int64_t p = rs; p < re; ++p) acc += rank_normal_score(p - gs + 1, n);
+      value = float(acc / double(run_len));
+    }
+    const float last = a.keys[a.perm[ge - 1]];  // NaN sorts last
+    if (last != last) value = quiet_nan();
+    for (int64_t p = rs; p < re; ++p) a.adv[a.perm[p]] = value;
+  }
+}
+
+struct MomentArgs {
+  const float* x;
+  int64_t n;
+  const void* w;  // weights, or null for 1 each
+  int w_dtype;
+  int method;
+  float eps;
+  float* stats;  // [2] out: shift, scale
+  int threads;
+};
+
+void batch_shift_scale(const MomentArgs& a) {
+  using namespace lk::adv;
+  const int64_t n_chunks = (a.n + kMomentChunk - 1) / kMomentChunk;
+  std::vector<Moments> parts(n_chunks);
+#pragma omp parallel for schedule(static) num_threads(a.threads)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t begin = c * kMomentChunk, end = std::min(a.n, begin + kMomentChunk);
+    float wsum = 0.0f, wx = 0.0f;
+    for (int64_t i = begin; i < end; ++i) {
+      const float w = a.w ? load_one(a.w_dtype, a.w, i) : 1.0f;
+      wsum += w;
+      if (w != 0.0f) wx += w * a.x[i];
+    }
+    const float mean = wsum > 0.0f ? wx / wsum : 0.0f;
+    float m2 = 0.0f;
+    for (int64_t i = begin; i < end; ++i) {
+      const float w = a.w ? load_one(a.w_dtype, a.w, i) : 1.0f;
+      const float d = a.x[i] - mean;
+      if (w != 0.0f) m2 += w * d * d;
+    }
+    parts[c] = Moments{wsum, mean, m2};
+  }
+  Moments total = parts[0];
+  for (int64_t c = 1; c < n_chunks; ++c) total = merge(total, parts[c]);
+  global_shift_scale(a.method, total, a.eps, &a.stats[0], &a.stats[1]);
+}
+
+struct BroadcastArgs {
+  const float* adv;
+  int64_t n;
+  const float* stats;  // (shift, scale), or null
+  const void* mask;    // [n, T], or null: out is [n]
+  int m_dtype;
+  int64_t T, stride_m;
+  float* out;
+  int64_t stride_o;
+  int threads;
+};
+
+template <typename W>
+void broadcast_rows(const BroadcastArgs& a) {
+#pragma omp parallel for schedule(static) num_threads(a.threads)
+  for (int64_t r = 0; r < a.n; ++r) {
+    float v = a.adv[r];
+    if (a.stats) v = lk::adv::apply_global(v, a.stats[0], a.stats[1]);
+    const W* m = static_cast<const W*>(a.mask) + r * a.stride_m;
+    float* o = a.out + r * a.stride_o;
+#pragma omp simd
+    for (int64_t t = 0; t < a.T; ++t) {
+      const float mt = as_float(m[t]);
+      o[t] = mt != 0.0f ? v * mt : 0.0f;
+    }
+  }
+}
+
+void broadcast(const BroadcastArgs& a) {
+  if (a.mask) {
+    LK_DISPATCH_WEIGHT(a.m_dtype, W, broadcast_rows<W>(a));
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(a.threads)
+  for (int64_t r = 0; r < a.n; ++r) {
+    a.out[r] = a.stats ? lk::adv::apply_global(a.adv[r], a.stats[0], a.stats[1]) : a.adv[r];
+  }
+}
+
+struct StatArgs {
+  const float* values;  // [n, c_in]
+  int64_t n, c_in, c_out;
+  const float* where;  // [n, c_out] 0/1, or null
+  const void* mask;    // [n, T]: row sums become column c_in
+  int m_dtype;
+  int64_t T, stride_m;
+  const int64_t *perm, *offsets, *n_groups;
+  int64_t group_size;
+  float* stats;    // [n, c_out, 6]
+  float* lengths;  // [n]
+  int threads;
+};
+
+void group_stats(const StatArgs& a) {
+  const int64_t n_groups = a.n_groups[0];
+  const int64_t c = a.c_out;
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<float> x, sel;
+    std::vector<int64_t> rows;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t g = 0; g < n_groups; ++g) {
+      int64_t gs, ge;
+      group_bounds(a.offsets, a.group_size, g, &gs, &ge);
+      const int64_t size = ge - gs;
+      x.resize(size * c);
+      sel.resize(size * c);
+      rows.resize(size);
+      for (int64_t i = 0; i < size; ++i) {
+        const int64_t row = a.perm ? a.perm[gs + i] : gs + i;
+        rows[i] = row;
+        for (int64_t j = 0; j < a.c_in; ++j) x[i * c + j] = a.values[row * a.c_in + j];
+        if (a.mask) {
+          const float len = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, row, a.stride_m), a.T);
+          x[i * c + a.c_in] = len;
+          a.lengths[row] = len;
+        }
+        for (int64_t j = 0; j < c; ++j) sel[i * c + j] = a.where ? a.where[row * c + j] : 1.0f;
+      }
+      for (int64_t j = 0; j < c; ++j) {
+        float k = 0.0f, total = 0.0f, lo = kInf, hi = -kInf;
+        bool has_nan = false;
+        for (int64_t i = 0; i < size; ++i) {
+          if (sel[i * c + j] == 0.0f) continue;
+          const float v = x[i * c + j];
+          k += 1.0f;
+          total += v;
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+          has_nan |= v != v;
+        }
+        const float shift = k > 0.0f ? hi : 0.0f;  // exact mean when the selected are all equal
+        float sum_d = 0.0f;
+        for (int64_t i = 0; i < size; ++i) {
+          if (sel[i * c + j] != 0.0f) sum_d += x[i * c + j] - shift;
+        }
+        const float mean = k > 0.0f ? shift + sum_d / k : 0.0f;
+        float m2 = 0.0f;
+        for (int64_t i = 0; i < size; ++i) {
+          if (sel[i * c + j] == 0.0f) continue;
+          const float d = x[i * c + j] - mean;
+          m2 += d * d;
+        }
+        float std = k >= 2.0f ? sqrtf(m2 / (k - 1.0f)) : 0.0f;
+        if (has_nan) lo = hi = std = lk::adv::quiet_nan();
+        for (int64_t i = 0; i < size; ++i) {
+          float* o = a.stats + (rows[i] * c + j) * 6;
+          o[0] = k;
+          o[1] = total;
+          o[2] = mean;
+          o[3] = std;
+          o[4] = lo;
+          o[5] = hi;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lk
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cpu_advantages, m) {
+  using namespace lk::cpu;
+  m.doc() = "lenkernels CPU kernels: group advantages and per-group statistics (raw pointers)";
+  m.def("group_advantages", [](uintptr_t rewards, int r_dtype, int64_t n, int64_t T, int64_t stride_r, uintptr_t mask,
+                               int m_dtype, int64_t Tm, int64_t stride_m, uintptr_t lengths, int l_dtype,
+                               uintptr_t perm, uintptr_t offsets, uintptr_t n_groups, int64_t group_size, int method,
+                               float eps, bool norm, float ddof, uintptr_t adv, uintptr_t raw, uintptr_t w_out,
+                               int threads) {
+    GroupArgs a{reinterpret_cast<const void*>(rewards), r_dtype, n, T, stride_r, reinterpret_cast<const void*>(mask),
+                m_dtype, Tm, stride_m, reinterpret_cast<const void*>(lengths), l_dtype, ptr<const int64_t>(perm),
+                ptr<const int64_t>(offsets), ptr<const int64_t>(n_groups), group_size, method, eps, norm, ddof,
+                ptr<float>(adv), ptr<float>(raw), ptr<float>(w_out), threads_for(threads)};
+    py::gil_scoped_release release;
+    group_advantages(a);
+  });
+  m.def("gaussian_rank", [](uintptr_t keys, int64_t n, uintptr_t perm, uintptr_t group_of, uintptr_t group_offsets,
+                            uintptr_t run_offsets, uintptr_t n_runs, uintptr_t adv, int threads) {
+    RunArgs a{ptr<const float>(keys), n, ptr<const int64_t>(perm), ptr<const int64_t>(group_of),
+              ptr<const int64_t>(group_offsets), ptr<const int64_t>(run_offsets), ptr<const int64_t>(n_runs),
+              ptr<float>(adv), threads_for(threads)};
+    py::gil_scoped_release release;
+    gaussian_rank(a);
+  });
+  m.def("batch_shift_scale", [](uintptr_t x, int64_t n, uintptr_t w, int w_dtype, int method, float eps,
+                                uintptr_t stats, int threads) {
+    MomentArgs a{ptr<const float>(x), n, reinterpret_cast<const void*>(w), w_dtype, method, eps, ptr<float>(stats),
+                 threads_for(threads)};
+    py::gil_scoped_release release;
+    batch_shift_scale(a);
+  });
+  m.def("broadcast", [](uintptr_t adv, int64_t n, uintptr_t stats, uintptr_t mask, int m_dtype, int64_t T,
+                        int64_t stride_m, uintptr_t out, int64_t stride_o, int threads) {
+    BroadcastArgs a{ptr<const float>(adv), n, ptr<const float>(stats), reinterpret_cast<const void*>(mask), m_dtype,
+                    T, stride_m, ptr<float>(out), stride_o, threads_for(threads)};
+    py::gil_scoped_release release;
+    broadcast(a);
+  });
+  m.def("group_stats", [](uintptr_t values, int64_t n, int64_t c_in, int64_t c_out, uintptr_t where, uintptr_t mask,
+                          int m_dtype, int64_t T, int64_t stride_m, uintptr_t perm, uintptr_t offsets,
+                          uintptr_t n_groups, int64_t group_size, uintptr_t stats, uintptr_t lengths, int threads) {
+    StatArgs a{ptr<const float>(values), n, c_in, c_out, ptr<const float>(where), reinterpret_cast<const void*>(mask),
+               m_dtype, T, stride_m, ptr<const int64_t>(perm), ptr<const int64_t>(offsets),
+               ptr<const int64_t>(n_groups), group_size, ptr<float>(stats), ptr<float>(lengths),
+               threads_for(threads)};
+    py::gil_scoped_release release;
+    group_stats(a);
+  });
+  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
+}

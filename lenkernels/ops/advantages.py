@@ -1,0 +1,596 @@
+"""Group advantages (SPEC 4) and the per-group statistics behind ``lenkernels.shaping``, as segmented
+kernels over any grouping.
+
+Chain of names: ``group_advantages`` (public) -> ``lenkernels::group_advantages`` (custom op; an
+``_out`` variant writes into a given buffer) -> ``group_advantages_fwd`` (host launcher, one branch
+per backend) -> kernels (``triton/advantages.py``, ``csrc/cpu/advantages.cpp``). ``group_stats``
+follows the same chain. Advantages are not differentiable (rewards are data): there is no backward.
+
+Grouping without host syncs: responses are stably sorted by group id on the device, group starts
+come from a scan of the sorted ids (``segments``), and the kernels visit one group at a time with
+programs bounded by B, reading the group count from device memory. The gaussian method sorts by
+(group, score) and reduces over runs of tied scores (``runs``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from lenkernels import _backend, _checks
+from lenkernels.reference import advantages as ref
+
+FAMILY = "advantages"
+_backend.register_family(FAMILY, ("triton", "cpu", "reference"))
+
+# codes shared with csrc/include/lenkernels/advantages.h and lenkernels/triton/advantages.py
+METHODS = {
+    "grpo": 0,
+    "dr_grpo": 1,
+    "rloo": 2,
+    "reinforce_pp_baseline": 3,
+    "batch": 4,
+    "gaussian": 5,
+    "grpo_passk": 6,
+    "opo": 7,
+}
+_GLOBAL = ("reinforce_pp_baseline", "batch")
+# dtype codes of masks / lengths in the CPU kernels (csrc/cpu/advantages.cpp)
+WEIGHT_CODES = {
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+    torch.bool: 3,
+    torch.uint8: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
+MASK_DTYPES = tuple(WEIGHT_CODES) + (torch.float64,)
+
+
+# --- segmentation (device-side preparation, shared by the triton and cpu backends) ------------
+
+
+class Segments(NamedTuple):
+    perm: torch.Tensor | None  # [B] int64 sorted position -> response; None for contiguous groups
+    offsets: torch.Tensor | None  # [B + 1] int64 group starts (B past the last group)
+    n_groups: torch.Tensor  # [1] int64
+    group_size: int  # > 0 for contiguous groups, else 0
+    bound: int  # host-side upper bound of the group count
+
+
+class Runs(NamedTuple):
+    perm: torch.Tensor  # [B] int64: responses sorted by (group, score)
+    group_of: torch.Tensor  # [B] int64 group index of each sorted position
+    group_offsets: torch.Tensor  # [B + 1] int64
+    run_offsets: torch.Tensor  # [B + 1] int64: runs of equal (group, score)
+    n_runs: torch.Tensor  # [1] int64
+
+
+def _starts_to_offsets(new: torch.Tensor):
+    """Segment starts (bool [B], first True) -> (segment index per position, offsets [B + 1], count [1])."""
+    seg = torch.cumsum(new, 0) - 1
+    n = new.shape[0]
+    offsets = torch.searchsorted(seg, torch.arange(n + 1, device=new.device))
+    return seg, offsets, seg[-1:] + 1
+
+
+def segments(groups: torch.Tensor | None, group_size: int, n: int, device) -> Segments:
+    """Group layout of ``n`` responses: contiguous groups of ``group_size``, or a stable sort of the
+    ids in ``groups`` (deterministic: equal ids keep response order)."""
+    if groups is None:
+        count = torch.full((1,), n // group_size, dtype=torch.int64, device=device)
+        return Segments(None, None, count, group_size, n // group_size)
+    sorted_ids, perm = torch.sort(groups, stable=True)
+    new = torch.ones(n, dtype=torch.bool, device=device)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    _, offsets, count = _starts_to_offsets(new)
+    return Segments(perm, offsets, count, 0, n)
+
+
+def runs(keys: torch.Tensor, groups: torch.Tensor) -> Runs:
+    """Runs of equal (group, key) after sorting by group, then key (NaN last), then response."""
+    by_key = torch.argsort(keys, stable=True)
+    perm = by_key[torch.argsort(groups[by_key], stable=True)]
+    g, k = groups[perm], keys[perm]
+    n = keys.shape[0]
+    new_group = torch.ones(n, dtype=torch.bool, device=keys.device)
+    new_group[1:] = g[1:] != g[:-1]
+    new_run = new_group.clone()
+    new_run[1:] |= k[1:] != k[:-1]  # NaN != NaN: each NaN is a run of its own
+    group_of, group_offsets, _ = _starts_to_offsets(new_group)
+    _, run_offsets, n_runs = _starts_to_offsets(new_run)
+    return Runs(perm, group_of, group_offsets, run_offsets, n_runs)
+
+
+def _weights_for_kernel(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Masks / lengths as the kernels read them: float64 (reference-only precision) becomes float32."""
+    if x is None or x.dtype in WEIGHT_CODES:
+        return x
+    return x.to(torch.float32)
+
+
+def _rows_unit_stride(x: torch.Tensor | None) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if x.dim() == 1:
+        return x.contiguous()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --- host launcher -----------------------------------------------------------------------------
+
+
+def group_advantages_fwd(
+    rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend, out
+) -> None:
+    """Host launcher: writes ``out`` (fp32, ``[B]`` or ``mask.shape``)."""
+    n = rewards.shape[0]
+    if n == 0:
+        return
+    if backend == "reference":
+        ids = groups if groups is not None else group_size
+        res = ref.group_advantages(
+            rewards, ids, method, eps=eps, mask=mask, lengths=lengths, norm_by_std=norm_by_std,
+            unbiased=unbiased, task_ids=task_ids,
+        )  # fmt: skip
+        out.copy_(res)
+        return
+    device = rewards.device
+    code = METHODS[method]
+    rewards = _rows_unit_stride(rewards)
+    mask = _rows_unit_stride(_weights_for_kernel(mask))
+    lengths = _rows_unit_stride(_weights_for_kernel(lengths))
+    ddof = 1 if unbiased else 0
+    f32 = dict(dtype=torch.float32, device=device)
+    direct = mask is None and method not in _GLOBAL  # the group step writes the final answer
+    adv = out if direct else torch.empty(n, **f32)
+
+    if method == "gaussian":
+        keys = rewards.to(torch.float32) if rewards.dim() == 1 else rewards.sum(-1, dtype=torch.float32)
+        ids = groups if groups is not None else torch.arange(n, device=device) // group_size
+        _gaussian(keys, ids, adv, backend)
+        if task_ids is not None:
+            first = adv.clone()
+            _gaussian(first, task_ids, adv, backend)
+    else:
+        seg = segments(groups, group_size, n, device)
+        raw = torch.empty(n, **f32) if method == "batch" else None
+        w_out = torch.empty(n, **f32) if method == "reinforce_pp_baseline" and lengths is None and mask is not None else None
+        _group_step(rewards, mask, lengths, seg, code, eps, norm_by_std, ddof, adv, raw, w_out, backend)
+
+    stats = None
+    if method in _GLOBAL:
+        x, w = (raw, None) if method == "batch" else (adv, w_out if w_out is not None else lengths)
+        stats = _batch_shift_scale(x, w, code, eps, backend)
+    if not direct:
+        _broadcast(adv, stats, mask, out, backend)
+
+
+def _group_step(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_out, backend):
+    if backend == "triton":
+        from lenkernels.triton import advantages as tk
+
+        tk.group_advantages(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_out)
+        return
+    from lenkernels import cpu
+
+    n = rewards.shape[0]
+    token = rewards.dim() == 2
+    len_mask = mask is not None and lengths is None and code in (METHODS["opo"], METHODS["reinforce_pp_baseline"])
+    cpu.load(FAMILY).group_advantages(
+        rewards.data_ptr(), _checks.DTYPE_CODES[rewards.dtype], n, rewards.shape[1] if token else 0,
+        rewards.stride(0) if token else 1,
+        mask.data_ptr() if len_mask else 0, WEIGHT_CODES[mask.dtype] if len_mask else 0,
+        mask.shape[1] if len_mask else 0, mask.stride(0) if len_mask else 0,
+        lengths.data_ptr() if lengths is not None else 0, WEIGHT_CODES[lengths.dtype] if lengths is not None else 0,
+        seg.perm.data_ptr() if seg.perm is not None else 0, seg.offsets.data_ptr() if seg.offsets is not None else 0,
+        seg.n_groups.data_ptr(), seg.group_size, code, float(eps), bool(norm), float(ddof),
+        adv.data_ptr(), raw.data_ptr() if raw is not None else 0, w_out.data_ptr() if w_out is not None else 0,
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def _gaussian(keys, ids, adv, backend):
+    r = runs(keys, ids)
+    if backend == "triton":
+        from lenkernels.triton import advantages as tk
+
+        tk.gaussian_rank(keys, r, adv)
+        return
+    from lenkernels import cpu
+
+    cpu.load(FAMILY).gaussian_rank(
+        keys.data_ptr(), keys.shape[0], r.perm.data_ptr(), r.group_of.data_ptr(), r.group_offsets.data_ptr(),
+        r.run_offsets.data_ptr(), r.n_runs.data_ptr(), adv.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def _batch_shift_scale(x, w, code, eps, backend) -> torch.Tensor:
+    if backend == "triton":
+        from lenkernels.triton import advantages as tk
+
+        return tk.batch_shift_scale(x, w, code, eps)
+    from lenkernels import cpu
+
+    stats = torch.empty(2, dtype=torch.float32, device=x.device)
+    cpu.load(FAMILY).batch_shift_scale(
+        x.data_ptr(), x.shape[0], w.data_ptr() if w is not None else 0, WEIGHT_CODES[w.dtype] if w is not None else 0,
+        code, float(eps), stats.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return stats
+
+
+def _broadcast(adv, stats, mask, out, backend):
+    if backend == "triton":
+        from lenkernels.triton import advantages as tk
+
+        tk.broadcast(adv, stats, mask, out)
+        return
+    from lenkernels import cpu
+
+    cpu.load(FAMILY).broadcast(
+        adv.data_ptr(), adv.shape[0], stats.data_ptr() if stats is not None else 0,
+        mask.data_ptr() if mask is not None else 0, WEIGHT_CODES[mask.dtype] if mask is not None else 0,
+        mask.shape[1] if mask is not None else 0, mask.stride(0) if mask is not None else 0,
+        out.data_ptr(), out.stride(0) if mask is not None else 1, torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def group_stats_fwd(values, where, groups, group_size, mask, backend, stats, lengths) -> None:
+    """Host launcher of the per-group statistics: writes stats [B, C, 6] and lengths [B] (with a mask)."""
+    n = values.shape[0]
+    if n == 0:
+        return
+    if backend == "reference":
+        cols = values.to(torch.float64)
+        if mask is not None:
+            length = mask.to(torch.float64).sum(-1)
+            lengths.copy_(length)
+            cols = torch.cat([cols, length[:, None]], 1)
+        ids = groups if groups is not None else group_size
+        stats.copy_(ref.group_stats(cols, ids, where))
+        return
+    device = values.device
+    values = values.to(torch.float32).contiguous()
+    where = where.to(torch.float32).contiguous() if where is not None else None
+    mask = _rows_unit_stride(_weights_for_kernel(mask))
+    seg = segments(groups, group_size, n, device)
+    if backend == "triton":
+        from lenkernels.triton import advantages as tk
+
+        tk.group_stats(values, where, mask, seg, stats, lengths if mask is not None else None)
+        return
+    from lenkernels import cpu
+
+    cpu.load(FAMILY).group_stats(
+        values.data_ptr(), n, values.shape[1], stats.shape[1], where.data_ptr() if where is not None else 0,
+        mask.data_ptr() if mask is not None else 0, WEIGHT_CODES[mask.dtype] if mask is not None else 0,
+        mask.shape[1] if mask is not None else 0, mask.stride(0) if mask is not None else 0,
+        seg.perm.data_ptr() if seg.perm is not None else 0, seg.offsets.data_ptr() if seg.offsets is not None else 0,
+        seg.n_groups.data_ptr(), seg.group_size, stats.data_ptr(), lengths.data_ptr() if mask is not None else 0,
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+# --- torch.library registration -------------------------------------------------------------
+
+
+def _out_shape(rewards, mask):
+    return tuple(mask.shape) if mask is not None else (rewards.shape[0],)
+
+
+@torch.library.custom_op("lenkernels::group_advantages", mutates_args=())
+def _group_advantages(
+    rewards: torch.Tensor,
+    groups: torch.Tensor | None,
+    group_size: int,
+    mask: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    task_ids: torch.Tensor | None,
+    method: str,
+    eps: float,
+    norm_by_std: bool,
+    unbiased: bool,
+    backend: str,
+) -> torch.Tensor:
+    out = torch.empty(_out_shape(rewards, mask), dtype=torch.float32, device=rewards.device)
+    group_advantages_fwd(
+        rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend, out
+    )
+    return out
+
+
+@_group_advantages.register_fake
+def _(rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend):
+    return torch.empty(_out_shape(rewards, mask), dtype=torch.float32, device=rewards.device)
+
+
+@torch.library.custom_op("lenkernels::group_advantages_out", mutates_args=("out",))
+def _group_advantages_out(
+    rewards: torch.Tensor,
+    groups: torch.Tensor | None,
+    group_size: int,
+    mask: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    task_ids: torch.Tensor | None,
+    method: str,
+    eps: float,
+    norm_by_std: bool,
+    unbiased: bool,
+    backend: str,
+    out: torch.Tensor,
+) -> None:
+    """Writes the advantages into ``out`` (fp32, ``[B]`` or ``mask.shape``, rows of unit stride)."""
+    group_advantages_fwd(
+        rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend, out
+    )
+
+
+@_group_advantages_out.register_fake
+def _(rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend, out):
+    return None
+
+
+@torch.library.custom_op("lenkernels::group_stats", mutates_args=())
+def _group_stats(
+    values: torch.Tensor,
+    where: torch.Tensor | None,
+    groups: torch.Tensor | None,
+    group_size: int,
+    mask: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c = values.shape
+    cols = c + (mask is not None)
+    stats = torch.empty((n, cols, 6), dtype=torch.float32, device=values.device)
+    lengths = torch.empty((n if mask is not None else 0,), dtype=torch.float32, device=values.device)
+    group_stats_fwd(values, where, groups, group_size, mask, backend, stats, lengths)
+    return stats, lengths
+
+
+@_group_stats.register_fake
+def _(values, where, groups, group_size, mask, backend):
+    n, c = values.shape
+    cols = c + (mask is not None)
+    stats = torch.empty((n, cols, 6), dtype=torch.float32, device=values.device)
+    lengths = torch.empty((n if mask is not None else 0,), dtype=torch.float32, device=values.device)
+    return stats, lengths
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+
+def _check_groups(groups, n: int, ref_tensor: torch.Tensor, name: str = "groups") -> tuple[torch.Tensor | None, int]:
+    """``(ids tensor or None, group size or 0)``."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.Tensor)):
+        raise TypeError(f"{name} must be an int group size or an int tensor of group ids, got {type(groups).__name__}")
+    if isinstance(groups, int):
+        if groups <= 0:
+            raise ValueError(f"{name} (a group size) must be positive, got {groups}")
+        if n % groups:
+            raise ValueError(f"{name}={groups} does not divide the batch of {n} responses into whole groups")
+        return None, groups
+    _checks.tensor(groups, name, dtypes=_checks.INT_DTYPES)
+    _checks.same_device(ref_tensor, "rewards", groups, name)
+    if tuple(groups.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one id per response, got {tuple(groups.shape)}")
+    return groups, 0
+
+
+def _check_mask(mask, ref_tensor, n, token_shape=None, name="mask", ref_name="rewards"):
+    """A [B, T] mask on ``ref_tensor``'s device; ``token_shape``: the shape it must equal, if any."""
+    if mask is None:
+        return None
+    _checks.tensor(mask, name, dtypes=MASK_DTYPES)
+    _checks.same_device(ref_tensor, ref_name, mask, name)
+    if mask.dim() != 2 or mask.shape[0] != n:
+        raise ValueError(f"{name} must have shape [B, T] with B = {n}, got {tuple(mask.shape)}")
+    if token_shape is not None and tuple(mask.shape) != tuple(token_shape):
+        raise ValueError(f"{name} must have the shape of the token rewards {tuple(token_shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def _check_lengths(lengths, rewards, n, name="lengths"):
+    if lengths is None:
+        return None
+    _checks.tensor(lengths, name, dtypes=MASK_DTYPES)
+    _checks.same_device(rewards, "rewards", lengths, name)
+    if tuple(lengths.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one length per response, got {tuple(lengths.shape)}")
+    if _checks.value_checks(lengths.device) and bool((lengths < 0).any()):
+        raise ValueError(f"{name} must be non-negative")
+    return lengths
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """Data-dependent: where value checks run (CPU tensors, LENKERNELS_DEBUG=1), non-finite values are
+    an error naming the first bad index; elsewhere they propagate NaN to their group."""
+    if _checks.value_checks(x.device):
+        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(-1)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            raise ValueError(f"{name} holds a non-finite value (NaN or inf) for response {first}")
+
+
+def _check_float(x, name, backend):
+    allowed = _checks.FLOAT_DTYPES + ((torch.float64,) if backend == "reference" else ())
+    if x.dtype not in allowed:
+        extra = " (float64 only with backend='reference')" if x.dtype == torch.float64 else ""
+        raise TypeError(f"{name} must be float32, bfloat16 or float16{extra}, got {x.dtype}")
+
+
+def _check_eps(x, name="eps") -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    if not (0.0 <= float(x) < float("inf")):
+        raise ValueError(f"{name} must be a finite non-negative number, got {x}")
+    return float(x)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    groups: torch.Tensor | int,
+    *,
+    method: str = "grpo",
+    eps: float = 1e-6,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    norm_by_std: bool = True,
+    unbiased: bool = True,
+    task_ids: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Group-normalised advantages of RL trainers (SPEC 4), for any grouping, without host syncs.
+
+    Args:
+        rewards: ``[B]`` score per response, or ``[B, T]`` token-level rewards whose sum over every
+            position is the score (verl's convention, masked positions included). float32, bfloat16
+            or float16 (float64 with ``backend="reference"``). Not differentiable: advantages are data.
+        groups: ``[B]`` int32/int64 group ids in any order (non-contiguous, unequal sizes, any
+            values), or an int group size: contiguous groups ``[0, n), [n, 2n), ...`` (must divide B).
+        method: one of
+            ``"grpo"``: ``(s - mean_g) / (std_g + eps)`` (``s - mean_g`` with ``norm_by_std=False``);
+            ``"dr_grpo"``: ``s - mean_g``;
+            ``"rloo"``: ``s - mean of the other members = n/(n-1) (s - mean_g)``;
+            ``"reinforce_pp_baseline"``: ``s - mean_g`` broadcast to tokens, then whitened over all
+            valid tokens of the batch (token-weighted mean, unbiased variance with the token count,
+            ``(x - mean) * rsqrt(var + 1e-8)``; verl / DLER);
+            ``"batch"``: ``(s - mean_g) / (std_batch + eps)``, std of the raw scores of the batch
+            (TRL ``scale_rewards="batch"``);
+            ``"gaussian"``: G^2RPO's rank map, rank k of n gets ``Phi^-1((k - 0.5) / n)``, tied scores
+            share the mean of their ranks' values, groups of one give 0; with ``task_ids`` the same
+            map runs a second time over all responses of each task id;
+            ``"grpo_passk"``: only the best member (first of equal maxima) gets ``r_max - r_second``
+            (divided by ``std_g + eps`` when ``norm_by_std``), the others 0;
+            ``"opo"``: ``s - sum(|y| s) / sum(|y|)`` (length-weighted baseline; needs ``mask`` or
+            ``lengths``; a group with no tokens has baseline 0).
+            Groups of one follow verl everywhere: baseline 0 and std 1 (grpo gives ``s / (1 + eps)``,
+            rloo/dr_grpo/opo/rpp the raw score, grpo_passk compares with 0). A group whose members are
+            all equal gets exactly 0 (also with ``eps=0``).
+        eps: added to the std (default 1e-6 as verl; TRL uses 1e-4).
+        mask: optional ``[B, T]`` response mask (bool, uint8, int or float; used as token weights).
+            The result is then ``[B, T]``: ``adv[b] * mask[b, t]``, exactly 0 where the mask is 0.
+            Response lengths ``|y_b| = sum_t mask[b, t]`` are computed inside the kernel (opo and the
+            token weights of reinforce_pp_baseline).
+        lengths: optional ``[B]`` response lengths, used instead of the mask's row sums (packed layouts).
+        norm_by_std: divide by the group std (grpo, grpo_passk); verl's ``norm_adv_by_std_in_grpo``.
+        unbiased: unbiased (n - 1) group std, as verl and TRL; False for the population std.
+        task_ids: ``[B]`` int task ids for the gaussian method's second pass.
+        out: optional float32 buffer of the result's shape (rows of unit stride) to write into.
+        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        float32 ``[B]``, or ``[B, T]`` with a mask. Bitwise deterministic: group sums run in a fixed
+        order from sorted offsets, no atomics.
+
+    Non-finite rewards: on CPU tensors (and on CUDA with ``LENKERNELS_DEBUG=1``) a NaN or inf reward
+    raises ValueError naming the response; otherwise (no host sync) the whole group of a NaN score
+    is NaN, and for ``batch`` / ``reinforce_pp_baseline`` the whole batch (masked tokens stay 0).
+    An empty batch (B = 0) returns an empty result. ``batch`` and ``reinforce_pp_baseline`` need at
+    least two responses / valid tokens (ValueError where value checks run; NaN otherwise).
+
+    Example (verl layout: token rewards, uid per response, any order)::
+
+        uid = torch.tensor([3, 1, 3, 1, 7])                      # groups of 2, 2 and 1
+        adv = group_advantages(token_level_rewards, uid, mask=response_mask)   # [B, T]
+
+    Example (packed layout: scores per response, lengths from ``cu_seqlens``)::
+
+        lengths = cu_seqlens.diff()                              # [B]
+        adv = group_advantages(scores, uid, method="opo", lengths=lengths)     # [B]
+        adv_tokens = adv.repeat_interleave(lengths, output_size=n_tokens)      # [N]
+    """
+    _checks.tensor(rewards, "rewards", min_dim=1)
+    name = _backend.resolve(backend, FAMILY, rewards.device)
+    _check_float(rewards, "rewards", name)
+    if rewards.dim() > 2:
+        raise ValueError(f"rewards must be [B] scores or [B, T] token rewards, got shape {tuple(rewards.shape)}")
+    _checks.choice(method, "method", METHODS)
+    n = rewards.shape[0]
+    ids, group_size = _check_groups(groups, n, rewards)
+    mask = _check_mask(mask, rewards, n, rewards.shape if rewards.dim() == 2 else None)
+    lengths = _check_lengths(lengths, rewards, n)
+    eps = _check_eps(eps)
+    if method == "opo" and mask is None and lengths is None:
+        raise ValueError("method='opo' weights the baseline by response length: pass mask or lengths")
+    if task_ids is not None:
+        if method != "gaussian":
+            raise ValueError("task_ids (the second pass of the rank map) is only used by method='gaussian'")
+        task_ids, _ = _check_groups(task_ids, n, rewards, "task_ids")
+    if method in _GLOBAL and n == 1:
+        raise ValueError(f"method={method!r} normalises over the batch and needs at least two responses")
+    rewards = rewards.detach()
+    _check_finite(rewards, "rewards")
+    if method == "reinforce_pp_baseline" and n and _checks.value_checks(rewards.device):
+        w = lengths if lengths is not None else (mask.sum(-1) if mask is not None else None)
+        if w is not None and float(w.to(torch.float64).sum()) <= 1.0:
+            raise ValueError("reinforce_pp_baseline whitens over the valid tokens: mask/lengths hold fewer than two")
+    args = (rewards, ids, group_size, mask, lengths, task_ids, method, eps, bool(norm_by_std), bool(unbiased), name)
+    if out is None:
+        return torch.ops.lenkernels.group_advantages(*args)
+    _checks.tensor(out, "out", dtypes=(torch.float32,))
+    _checks.same_device(rewards, "rewards", out, "out")
+    if tuple(out.shape) != _out_shape(rewards, mask) or (out.numel() and out.stride(-1) != 1):
+        raise ValueError(f"out must be float32 of shape {_out_shape(rewards, mask)} with unit stride along the last dim")
+    torch.ops.lenkernels.group_advantages_out(*args, out)
+    return out
+
+
+def group_stats(
+    values: torch.Tensor,
+    groups: torch.Tensor | int,
+    *,
+    where: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group statistics of one or more per-response columns, broadcast back to the responses.
+
+    Args:
+        values: ``[B]`` or ``[B, C]`` per-response values (any float dtype; computed in float32).
+        groups: ``[B]`` int group ids in any order, or an int group size (contiguous groups).
+        where: optional ``[B, C']`` bool/0-1 selection of the members each column's statistics use
+            (``C' = C``, plus one for the length column when ``mask`` is given); all members when None.
+        mask: optional ``[B, T]`` response mask: its row sums (the response lengths, computed inside
+            the kernel) become an extra last column.
+        backend: as for ``group_advantages``.
+
+    Returns:
+        ``(stats, lengths)``: stats float32 ``[B, C', 6]`` holding, for each response and column, the
+        statistics of the selected members of the response's group: ``count, sum, mean, std
+        (unbiased, 0 with fewer than two), min, max`` (empty selection: 0, 0, 0, 0, +inf, -inf; a NaN
+        among the selected makes mean, std, min and max NaN); lengths float32 ``[B]`` with a mask,
+        else None.
+
+    Example (accuracy of each prompt and the mean length of its correct responses)::
+
+        stats, length = group_stats(correct.float(), uid, mask=response_mask,
+                                    where=torch.stack([torch.ones_like(correct), correct], 1))
+        acc, mean_len_correct = stats[:, 0, 2], stats[:, 1, 2]
+    """
+    _checks.tensor(values, "values", min_dim=1)
+    name = _backend.resolve(backend, FAMILY, values.device)
+    if not values.is_floating_point():
+        raise TypeError(f"values must be a floating tensor, got {values.dtype}")
+    if values.dim() > 2:
+        raise ValueError(f"values must be [B] or [B, C], got shape {tuple(values.shape)}")
+    v = values.detach().reshape(values.shape[0], -1)
+    n = v.shape[0]
+    ids, group_size = _check_groups(groups, n, values)
+    mask = _check_mask(mask, values, n, ref_name="values")
+    cols = v.shape[1] + (mask is not None)
+    if where is not None:
+        _checks.tensor(where, "where")
+        _checks.same_device(values, "values", where, "where")
+        where = where.reshape(n, -1) if where.dim() == 1 else where
+        if tuple(where.shape) != (n, cols):
+            raise ValueError(f"where must have shape ({n}, {cols}) (one column per statistic column), got {tuple(where.shape)}")
+        where = where.detach()
+    stats, lengths = torch.ops.lenkernels.group_stats(v, where, ids, group_size, mask, name)
+    return stats, (lengths if mask is not None else None)

@@ -1,0 +1,166 @@
+"""Reference group advantages (SPEC 4) and per-group statistics: a plain loop over groups, written
+for clarity and evaluated in float64 by default. Every backend is tested against these.
+
+Conventions shared with the kernels (and documented on ``lenkernels.group_advantages``):
+- a group of one has baseline 0 and std 1 (verl);
+- a group holding a NaN score gives NaN for all its members; for ``batch`` and
+  ``reinforce_pp_baseline`` a NaN anywhere makes the whole batch NaN (masked tokens stay 0);
+- masked tokens (mask == 0) are exactly 0 in a ``[B, T]`` output; zero-weight responses take no part
+  in the token-weighted whitening.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "batch", "gaussian", "grpo_passk", "opo")
+WHITEN_EPS = 1e-8
+
+
+def scores(rewards: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """[B] score per response: the reward itself, or the sum over every position of [B, T] token
+    rewards (verl sums all positions, not only the masked ones)."""
+    r = rewards.to(dtype)
+    return r if r.dim() == 1 else r.sum(-1)
+
+
+def group_ids(groups, n: int, device=None) -> torch.Tensor:
+    """[B] int64 group id per response: the tensor itself, or ``arange(B) // groups`` for an int size."""
+    if isinstance(groups, torch.Tensor):
+        return groups.to(torch.int64)
+    return torch.arange(n, device=device) // groups
+
+
+def _members(ids: torch.Tensor):
+    """Index tensors of each group's members, in response order."""
+    for g in torch.unique(ids):
+        yield (ids == g).nonzero().reshape(-1)
+
+
+def _std(x: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    return x.std(unbiased=unbiased) if x.numel() > 1 else torch.ones((), dtype=x.dtype, device=x.device)
+
+
+def gaussian_scores(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """G^2RPO's rank map: within each group rank k = 1..n gets Phi^-1((k - 0.5) / n); tied scores
+    share the mean of their ranks' values; groups of one, and NaN groups, give 0 and NaN."""
+    out = torch.zeros_like(s)
+    for idx in _members(ids):
+        x = s[idx]
+        n = x.numel()
+        if torch.isnan(x).any():
+            out[idx] = float("nan")
+            continue
+        if n <= 1:
+            continue
+        order = torch.argsort(x, stable=True)
+        ranks = torch.empty(n, dtype=torch.float64, device=s.device)
+        ranks[order] = torch.arange(1, n + 1, dtype=torch.float64, device=s.device)
+        values = torch.special.ndtri((ranks - 0.5) / n)
+        for v in torch.unique(x):
+            tie = x == v
+            values[tie] = values[tie].mean()
+        out[idx] = values.to(s.dtype)
+    return out
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    groups,
+    method: str = "grpo",
+    *,
+    eps: float = 1e-6,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    norm_by_std: bool = True,
+    unbiased: bool = True,
+    task_ids: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Advantages of SPEC 4 in ``dtype``: ``[B]``, or ``[B, T]`` (``adv[b] * mask[b, t]``) with a mask."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    s = scores(rewards, dtype)
+    n = s.shape[0]
+    ids = group_ids(groups, n, s.device)
+    if lengths is not None:
+        w = lengths.to(dtype)
+    elif mask is not None:
+        w = mask.to(dtype).sum(-1)
+    else:
+        w = torch.ones_like(s)
+    adv = torch.empty_like(s)
+
+    if method == "gaussian":
+        adv = gaussian_scores(s, ids)
+        if task_ids is not None:
+            adv = gaussian_scores(adv, task_ids.to(torch.int64))
+    else:
+        for idx in _members(ids):
+            x = s[idx]
+            size = x.numel()
+            mean = x.mean() if size > 1 else torch.zeros((), dtype=dtype)
+            std = _std(x, unbiased)
+            if method == "grpo":
+                a = (x - mean) / (std + eps) if norm_by_std else x - mean
+                a = torch.where(x == mean, torch.zeros_like(a), a)  # all-equal groups: exactly 0 for any eps
+            elif method == "rloo":
+                a = x - (x.sum() - x) / (size - 1) if size > 1 else x.clone()  # minus the mean of the others
+            elif method == "opo":
+                wl = w[idx]
+                base = (wl * x).sum() / wl.sum() if size > 1 and wl.sum() != 0 else torch.zeros((), dtype=dtype)
+                a = x - base
+            elif method == "grpo_passk":
+                a = torch.zeros_like(x)
+                top = torch.sort(x, descending=True, stable=True).values
+                r_second = top[1] if size > 1 else torch.zeros((), dtype=dtype)
+                best = int(torch.argmax(x))  # first of equal maxima
+                gap = top[0] - r_second
+                a[best] = (gap / (std + eps) if gap != 0 else gap) if norm_by_std else gap
+                if torch.isnan(x).any():
+                    a[:] = float("nan")
+            else:  # dr_grpo, reinforce_pp_baseline, batch
+                a = x - mean
+            adv[idx] = a
+
+    if method == "batch":
+        adv = adv / (s.std() + eps)
+    elif method == "reinforce_pp_baseline":
+        valid = w != 0
+        wv, xv = w[valid], adv[valid]
+        mean = (wv * xv).sum() / wv.sum()
+        var = (wv * (xv - mean) ** 2).sum() / (wv.sum() - 1)
+        adv = (adv - mean) * torch.rsqrt(var + WHITEN_EPS)
+
+    if mask is None:
+        return adv
+    m = mask.to(dtype)
+    return torch.where(m != 0, adv.unsqueeze(-1) * m, torch.zeros_like(m))
+
+
+STAT_NAMES = ("count", "sum", "mean", "std", "min", "max")
+
+
+def group_stats(values: torch.Tensor, groups, where: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
+    """``[B, C, 6]``: for each response and column, (count, sum, mean, std, min, max) over the
+    members of its group selected by ``where`` (all when None). Empty selection: count 0, sum 0,
+    mean 0, std 0, min +inf, max -inf; std is unbiased and 0 with fewer than two selected; a NaN
+    among the selected makes min, max, mean and std NaN."""
+    x = values.to(dtype)
+    n, c = x.shape
+    sel = torch.ones_like(x, dtype=torch.bool) if where is None else where.to(torch.bool)
+    ids = group_ids(groups, n, x.device)
+    out = torch.empty(n, c, 6, dtype=dtype, device=x.device)
+    for idx in _members(ids):
+        for j in range(c):
+            v = x[idx, j][sel[idx, j]]
+            k = v.numel()
+            nan = bool(torch.isnan(v).any())
+            mean = v.mean() if k else torch.zeros((), dtype=dtype)
+            std = v.std() if k > 1 else torch.zeros((), dtype=dtype)
+            lo = v.min() if k else torch.tensor(float("inf"), dtype=dtype)
+            hi = v.max() if k else torch.tensor(float("-inf"), dtype=dtype)
+            if nan:
+                lo = hi = std = torch.tensor(float("nan"), dtype=dtype)
+            out[idx, j] = torch.stack([torch.tensor(float(k), dtype=dtype), v.sum(), mean, std, lo, hi])
+    return out
