@@ -1,0 +1,327 @@
+// Policy losses, KL estimators and their derivatives (SPEC 2-3), shared by the CPU and CUDA backends.
+// The Triton twin is lenkernels/triton/policy_loss.py; the definition is lenkernels/reference/policy_loss.py.
+//
+// Per token (l = logprob - old_logprob, A = advantage, m = mask):
+//   T = w * e * P + kl_coef * K - entropy_coef * H
+// P is the policy term of the mode, w the importance weight, e the top-entropy mask (H >= threshold),
+// K the KL estimator against the reference policy, H the entropy. The loss is
+//   loss = inv_norm * sum_t m_t * u_b * T_t
+// with u_b = 1/|y_b| for seq-mean-token-mean (else 1) and inv_norm = dp_size / D (/ C for
+// seq-mean-token-sum-norm), D the token count, the count of non-empty sequences or a given global
+// normaliser. Functions that need exp() take it as a functor so each backend supplies its own
+// (a vectorisable polynomial on the CPU, the hardware exp on the GPU).
+#pragma once
+
+#include <cmath>
+
+#include "lenkernels/common.h"
+
+namespace lk {
+namespace policy {
+
+enum Mode : int { kPPO = 0, kGSPO = 1, kLUSPO = 2, kCISPO = 3, kSAPO = 4, kGMPO = 5, kReinforce = 6 };
+enum KLEstimator : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+enum Agg : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
+enum NormSource : int { kNormCounted = 0, kNormTensor = 1, kNormConstant = 2 };
+
+// Partial sums of one block of tokens (reduced in a fixed order into the statistics below).
+enum Partial : int {
+  kPartPolicy = 0,     // sum m u w e P
+  kPartKL = 1,         // sum m u K
+  kPartEntropy = 2,    // sum m u H
+  kPartTokens = 3,     // sum m
+  kPartClipLow = 4,    // sum m [low clip active]
+  kPartClipHigh = 5,   // sum m [high clip active]
+  kPartClipDual = 6,   // sum m [dual clip active]
+  kPartNegLogRatio = 7,  // sum m (-l)
+  kPartRatioMin = 8,
+  kPartRatioSum = 9,
+  kPartRatioMax = 10,
+  kPartEntropySum = 11,  // sum m H
+  kPartSeqs = 12,        // non-empty sequences
+  kPartKept = 13,        // sum m e
+  kNumPartials = 16
+};
+
+// The op's statistics vector (lenkernels/ops/policy_loss.py names them).
+enum Stat : int {
+  kStatLoss = 0,
+  kStatPolicy = 1,
+  kStatKL = 2,
+  kStatEntropy = 3,
+  kStatClipLow = 4,
+  kStatClipHigh = 5,
+  kStatClipDual = 6,
+  kStatApproxKL = 7,
+  kStatRatioMin = 8,
+  kStatRatioMean = 9,
+  kStatRatioMax = 10,
+  kStatEntropyMean = 11,
+  kStatTokens = 12,
+  kStatSeqs = 13,
+  kStatInvNorm = 14,
+  kStatKept = 15,
+  kNumStats = 16
+};
+
+// Per-sequence sums of the segment reduction, and the per-sequence values derived from them.
+enum SeqPartial : int { kSeqTokens = 0, kSeqLogRatio = 1, kSeqAdvantage = 2, kSeqLogWeight = 3, kSeqKept = 4, kNumSeqPartials = 8 };
+enum SeqValue : int { kSeqN = 0, kSeqX = 1, kSeqY = 2, kSeqRatio = 3, kNumSeqValues = 4 };
+
+constexpr float kLogRatioBound = 20.0f;   // r = exp(clamp(l, -20, 20))
+constexpr float kSeqLogRatioMax = 10.0f;  // GSPO: log s_b clamped above (verl)
+constexpr float kK3DeltaBound = 20.0f;    // verl's k3: delta clamped to +-20 ...
+constexpr float kK3ValueMax = 10.0f;      // ... and the estimate to [-10, 10]
+constexpr float kLogWeightEps = 1e-10f;   // GMPO: geometric mean of the importance weights (verl)
+constexpr float kSeriesBound = 0.5f;      // |x| below which exp(x)-1 and exp(x)-1-x use their series
+
+struct ValueGrad {
+  float value;
+  float grad;
+};
+
+// torch.clamp semantics: NaN passes through.
+LK_HOST_DEVICE float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+LK_HOST_DEVICE float signf(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+// exp(x) - 1 without the cancellation of exp(x) - 1 near 0 (Taylor series to x^9 for |x| < 0.5).
+template <class Exp>
+LK_HOST_DEVICE float expm1_accurate(float x, Exp exp_fn) {
+  const bool small = fabsf(x) < kSeriesBound;
+  const float s = small ? x : 0.0f;
+  float p = 1.0f + s * (1.0f / 9.0f);
+  p = 1.0f + s * (1.0f / 8.0f) * p;
+  p = 1.0f + s * (1.0f / 7.0f) * p;
+  p = 1.0f + s * (1.0f / 6.0f) * p;
+  p = 1.0f + s * (1.0f / 5.0f) * p;
+  p = 1.0f + s * (1.0f / 4.0f) * p;
+  p = 1.0f + s * (1.0f / 3.0f) * p;
+  p = 1.0f + s * 0.5f * p;
+  return small ? s * p : exp_fn(x) - 1.0f;
+}
+
+// exp(x) - 1 - x (the k3 estimator): fp32 exp(x) - 1 - x loses every digit for |x| ~ 1e-4,
+// where the value is x^2/2 ~ 5e-9; the series keeps full relative precision there.
+template <class Exp>
+LK_HOST_DEVICE float expm1mx_accurate(float x, Exp exp_fn) {
+  const bool small = fabsf(x) < kSeriesBound;
+  const float s = small ? x : 0.0f;
+  float p = 1.0f + s * (1.0f / 9.0f);
+  p = 1.0f + s * (1.0f / 8.0f) * p;
+  p = 1.0f + s * (1.0f / 7.0f) * p;
+  p = 1.0f + s * (1.0f / 6.0f) * p;
+  p = 1.0f + s * (1.0f / 5.0f) * p;
+  p = 1.0f + s * (1.0f / 4.0f) * p;
+  p = 1.0f + s * (1.0f / 3.0f) * p;
+  return small ? 0.5f * s * s * p : (exp_fn(x) - 1.0f) - x;
+}
+
+// SPEC 2: KL estimator of the token and its derivative in logprob (d/d ref = -that).
+// delta = ref - logprob. `straight_through` (the trailing "+"): the value of `est`, the gradient of k2.
+// `clamp` applies verl's k3 clamps (delta to +-20, the estimate to [-10, 10]); TRL's k3 has none.
+template <class Exp>
+LK_HOST_DEVICE ValueGrad kl_estimator(float logprob, float ref_logprob, int est, bool straight_through, bool clamp,
+                                      Exp exp_fn) {
+  const float delta = ref_logprob - logprob;
+  float value, d_delta;
+  if (est == kK1) {
+    value = -delta;
+    d_delta = -1.0f;
+  } else if (est == kAbs) {
+    value = fabsf(delta);
+    d_delta = signf(delta);
+  } else if (est == kK2) {
+    value = 0.5f * delta * delta;
+    d_delta = delta;
+  } else if (clamp) {
+    const float dc = clampf(delta, -kK3DeltaBound, kK3DeltaBound);
+    const float v = expm1mx_accurate(dc, exp_fn);
+    value = v > kK3ValueMax ? kK3ValueMax : v;
+    const bool pass = (fabsf(delta) <= kK3DeltaBound) & (v <= kK3ValueMax);
+    d_delta = pass ? expm1_accurate(dc, exp_fn) : 0.0f;
+  } else {
+    value = expm1mx_accurate(delta, exp_fn);
+    d_delta = expm1_accurate(delta, exp_fn);
+  }
+  if (straight_through) d_delta = delta;
+  return ValueGrad{value, -d_delta};
+}
+
+// r = exp(clamp(l, +-20)) and dr/dl (zero outside the clamp, torch.clamp semantics).
+template <class Exp>
+LK_HOST_DEVICE ValueGrad token_ratio(float l, Exp exp_fn) {
+  const float r = exp_fn(clampf(l, -kLogRatioBound, kLogRatioBound));
+  const bool pass = (l >= -kLogRatioBound) & (l <= kLogRatioBound);
+  return ValueGrad{r, pass ? r : 0.0f};
+}
+
+constexpr int kFlagLow = 1, kFlagHigh = 2, kFlagDual = 4;
+
+struct ClipResult {
+  float value;
+  float d_ratio;  // d value / d x
+  int flags;
+};
+
+// PPO clip on a ratio x: max(-A x, -A clip(x, lo, hi)); with dual clip, for A < 0, min(that, -A c).
+// A clip is "active" when the clipped branch wins strictly (its gradient is then zero).
+LK_HOST_DEVICE ClipResult ppo_clip(float x, float a, float lo, float hi, bool dual, float dual_c) {
+  const float xc = clampf(x, lo, hi);
+  const float l_unclipped = -a * x;
+  const float l_clipped = -a * xc;
+  const bool clipped = l_clipped > l_unclipped;
+  float value = clipped ? l_clipped : l_unclipped;
+  float grad = clipped ? 0.0f : -a;
+  int flags = clipped ? (a > 0.0f ? kFlagHigh : kFlagLow) : 0;
+  if (dual) {
+    const float l_dual = -a * dual_c;
+    const bool active = (a < 0.0f) & (value > l_dual);
+    value = active ? l_dual : value;
+    grad = active ? 0.0f : grad;
+    flags |= active ? kFlagDual : 0;
+  }
+  return ClipResult{value, grad, flags};
+}
+
+// GMPO (verl geo_mean): sign-aware token clip of the log-ratio, sgn(A) * min(sgn(A) l, sgn(A) clamp(l, lo, hi))
+// with lo = -eps_low, hi = eps_high (log space). `pass`: d/dl of the clipped log-ratio is 1 (else 0).
+struct GmpoToken {
+  float log_ratio;
+  bool pass;
+  int flags;
+};
+
+LK_HOST_DEVICE GmpoToken gmpo_token(float l, float a, float lo, float hi) {
+  const float sgn = signf(a);
+  const float lc = clampf(l, lo, hi);
+  const bool clipped = sgn * lc < sgn * l;
+  const float lmin = sgn == 0.0f ? 0.0f : (clipped ? lc : l);
+  const int flags = clipped ? (a > 0.0f ? kFlagHigh : kFlagLow) : 0;
+  return GmpoToken{lmin, (!clipped) & (sgn != 0.0f), flags};
+}
+
+LK_HOST_DEVICE float gmpo_log_weight(float w) { return logf(w + kLogWeightEps); }
+
+// Per-sequence values (SeqValue layout):
+//   GSPO/LUSPO: x = log s_b = min(mean_t l, 10), y = 1 where the clamp passes the gradient, ratio = s_b
+//   GMPO:       y = -A_b ratio_b w_b (the sequence's loss), x = y * kept_b / n_b (its backward factor),
+//               ratio_b = exp(mean_t clipped l), A_b = mean_t A, w_b = geometric mean of the weights
+struct SeqValues {
+  float n, x, y, ratio;
+};
+
+template <class Exp>
+LK_HOST_DEVICE SeqValues gspo_sequence(float n, float sum_log_ratio, Exp exp_fn) {
+  const float mean = sum_log_ratio / (n > 1.0f ? n : 1.0f);
+  const float log_s = mean > kSeqLogRatioMax ? kSeqLogRatioMax : mean;
+  return SeqValues{n, log_s, mean <= kSeqLogRatioMax ? 1.0f : 0.0f, exp_fn(log_s)};
+}
+
+template <class Exp>
+LK_HOST_DEVICE SeqValues gmpo_sequence(float n, float sum_log_ratio, float sum_advantage, float sum_log_weight,
+                                       float kept, bool has_weights, Exp exp_fn) {
+  const float inv_n = 1.0f / (n > 1.0f ? n : 1.0f);
+  const float ratio = exp_fn(sum_log_ratio * inv_n);
+  const float weight = has_weights ? exp_fn(sum_log_weight * inv_n) : 1.0f;
+  const float value = -(sum_advantage * inv_n) * ratio * weight;
+  return SeqValues{n, value * kept * inv_n, value, ratio};
+}
+
+struct PolicyParams {
+  int mode;
+  float lo, hi;  // ratio bounds 1 - eps_low, 1 + eps_high (GMPO: log-space bounds -eps_low, eps_high)
+  bool dual;
+  float dual_c;
+  float tau_pos, tau_neg;
+};
+
+struct PolicyTerm {
+  float value;  // P
+  float grad;   // dP/d logprob (GMPO: the whole sequence's factor, already weighted; see gmpo_sequence)
+  float ratio;  // the importance ratio the mode uses (for the ratio statistics)
+  int flags;
+};
+
+// SPEC 3: the policy term of one token. `seq` holds the sequence's values (GSPO, LUSPO, GMPO).
+template <class Exp>
+LK_HOST_DEVICE PolicyTerm policy_term(const PolicyParams& p, float logprob, float old_logprob, float a,
+                                      const SeqValues& seq, Exp exp_fn) {
+  const float l = logprob - old_logprob;
+  if (p.mode == kGSPO || p.mode == kLUSPO) {
+    // s_{b,t} = sg(s_b) exp(logprob - sg(logprob)): value s_b, d/dlogprob = s_b (zero above the clamp)
+    const ClipResult c = ppo_clip(seq.ratio, a, p.lo, p.hi, p.dual, p.dual_c);
+    const float scale = p.mode == kLUSPO ? seq.n : 1.0f;
+    return PolicyTerm{c.value * scale, c.d_ratio * seq.ratio * seq.y * scale, seq.ratio, c.flags};
+  }
+  if (p.mode == kGMPO) {
+    const GmpoToken g = gmpo_token(l, a, p.lo, p.hi);
+    return PolicyTerm{seq.y, g.pass ? seq.x : 0.0f, seq.ratio, g.flags};
+  }
+  const ValueGrad r = token_ratio(l, exp_fn);
+  if (p.mode == kCISPO) {
+    // -sg(clip(r)) A logprob; the clip flags count weights outside the range whatever the sign of A
+    const float rc = clampf(r.value, p.lo, p.hi);
+    const int flags = (r.value < p.lo ? kFlagLow : 0) | (r.value > p.hi ? kFlagHigh : 0);
+    return PolicyTerm{-rc * a * logprob, -rc * a, r.value, flags};
+  }
+  if (p.mode == kSAPO) {
+    // -sigma(tau (r - 1)) 4/tau A; d/dr = -4 sigma (1 - sigma) A
+    const float tau = a > 0.0f ? p.tau_pos : p.tau_neg;
+    const float sig = 1.0f / (1.0f + exp_fn(-tau * (r.value - 1.0f)));
+    return PolicyTerm{-sig * (4.0f / tau) * a, -4.0f * sig * (1.0f - sig) * a * r.grad, r.value, 0};
+  }
+  if (p.mode == kReinforce) return PolicyTerm{-a * logprob, -a, r.value, 0};
+  const ClipResult c = ppo_clip(r.value, a, p.lo, p.hi, p.dual, p.dual_c);
+  return PolicyTerm{c.value, c.d_ratio * r.grad, r.value, c.flags};
+}
+
+LK_HOST_DEVICE bool mode_uses_sequences(int mode) { return mode == kGSPO || mode == kLUSPO || mode == kGMPO; }
+LK_HOST_DEVICE bool agg_uses_sequences(int agg) { return agg >= kSeqMeanTokenMean; }
+
+// u_b: the per-token aggregation weight of sequence b before the global normaliser.
+LK_HOST_DEVICE float agg_token_weight(int agg, float n) {
+  return agg == kSeqMeanTokenMean ? 1.0f / (n > 1.0f ? n : 1.0f) : 1.0f;
+}
+
+// dp_size / D (/ C), D: the given normaliser, else max(tokens, 1), 1 (token-sum) or max(non-empty sequences, 1).
+LK_HOST_DEVICE float agg_inverse_norm(int agg, float tokens, float seqs, bool has_given, float given, float scale) {
+  float d;
+  if (has_given) {
+    d = given;
+  } else if (agg == kTokenMean) {
+    d = tokens > 1.0f ? tokens : 1.0f;
+  } else if (agg == kTokenSum) {
+    d = 1.0f;
+  } else {
+    d = seqs > 1.0f ? seqs : 1.0f;
+  }
+  return scale / d;
+}
+
+// The statistics from the reduced partial sums (`p` in Partial layout; `out` in Stat layout).
+LK_HOST_DEVICE void finalize_stats(const float* p, int agg, bool has_given, float given, float scale, float kl_coef,
+                                   float entropy_coef, float* out) {
+  const float inv_norm = agg_inverse_norm(agg, p[kPartTokens], p[kPartSeqs], has_given, given, scale);
+  const float tokens = p[kPartTokens];
+  const float inv_tokens = 1.0f / (tokens > 1.0f ? tokens : 1.0f);
+  out[kStatLoss] = (p[kPartPolicy] + kl_coef * p[kPartKL] - entropy_coef * p[kPartEntropy]) * inv_norm;
+  out[kStatPolicy] = p[kPartPolicy] * inv_norm;
+  out[kStatKL] = p[kPartKL] * inv_norm;
+  out[kStatEntropy] = p[kPartEntropy] * inv_norm;
+  out[kStatClipLow] = p[kPartClipLow] * inv_tokens;
+  out[kStatClipHigh] = p[kPartClipHigh] * inv_tokens;
+  out[kStatClipDual] = p[kPartClipDual] * inv_tokens;
+  out[kStatApproxKL] = p[kPartNegLogRatio] * inv_tokens;
+  out[kStatRatioMin] = p[kPartRatioMin];
+  out[kStatRatioMean] = p[kPartRatioSum] * inv_tokens;
+  out[kStatRatioMax] = p[kPartRatioMax];
+  out[kStatEntropyMean] = p[kPartEntropySum] * inv_tokens;
+  out[kStatTokens] = tokens;
+  out[kStatSeqs] = p[kPartSeqs];
+  out[kStatInvNorm] = inv_norm;
+  out[kStatKept] = p[kPartKept] * inv_tokens;
+}
+
+}  // namespace policy
+}  // namespace lk

@@ -1,0 +1,276 @@
+"""Reference policy losses and KL estimators (SPEC 2-3), float64-capable.
+
+Written the way the trainers write them (verl's ``core_algos``: ``compute_policy_loss_*``,
+``kl_penalty``, ``agg_loss``; TRL's ``GRPOTrainer._compute_loss``), with autograd supplying every
+gradient, so the kernels' closed-form derivatives are tested against an independent definition.
+Packed inputs are unpacked into a padded ``[B, T_max]`` layout first (a Python loop: this is a
+definition, not a kernel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MODES = ("ppo", "gspo", "luspo", "cispo", "sapo", "gmpo", "reinforce")
+AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+
+# Mode defaults: (clip_low, clip_high, aggregation). GSPO's eps from the GSPO paper (v2, 5.1);
+# GMPO's bounds are on the log-ratio (the GMPO paper's (e^-0.4, e^0.4)); SAPO, GSPO and LUSPO
+# aggregate seq-mean-token-mean as verl forces for them.
+MODE_DEFAULTS = {
+    "ppo": (0.2, None, "token-mean"),
+    "gspo": (3e-4, 4e-4, "seq-mean-token-mean"),
+    "luspo": (3e-4, 4e-4, "seq-mean-token-mean"),
+    "cispo": (0.2, None, "token-mean"),
+    "sapo": (0.2, None, "seq-mean-token-mean"),
+    "gmpo": (0.4, None, "seq-mean-token-mean"),
+    "reinforce": (0.2, None, "token-mean"),
+}
+
+
+def parse_kl_estimator(estimator: str) -> tuple[str, bool]:
+    """``"k3+"`` -> ``("k3", True)``: the base estimator and whether the gradient is k2's."""
+    if not isinstance(estimator, str):
+        raise TypeError(f"kl_estimator must be a str, got {type(estimator).__name__}")
+    straight = estimator.endswith("+")
+    base = KL_ESTIMATORS.get(estimator[:-1] if straight else estimator)
+    if base is None:
+        names = tuple(KL_ESTIMATORS) + tuple(f"{k}+" for k in KL_ESTIMATORS)
+        raise ValueError(f"kl_estimator must be one of {names}, got {estimator!r}")
+    return base, straight
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3", clamp: bool = True) -> torch.Tensor:
+    """SPEC 2, per token, delta = ref - logprob: k1 ``-delta``; abs ``|delta|``; k2 ``delta^2/2``;
+    k3 ``exp(delta) - delta - 1`` (``clamp``: verl's delta in [-20, 20], value in [-10, 10]; TRL
+    clamps nothing). A trailing ``+``: the value of the estimator with the gradient of k2."""
+    base, straight = parse_kl_estimator(estimator)
+    delta = ref_logprobs - logprobs
+    if base == "k1":
+        value = logprobs - ref_logprobs
+    elif base == "abs":
+        value = delta.abs()
+    elif base == "k2":
+        value = 0.5 * delta.square()
+    elif clamp:
+        d = delta.clamp(-20.0, 20.0)
+        value = (d.exp() - d - 1).clamp(-10.0, 10.0)
+    else:
+        value = delta.exp() - delta - 1
+    if straight and base != "k2":
+        k2 = 0.5 * delta.square()
+        value = k2 - k2.detach() + value.detach()
+    return value
+
+
+def resolve_clip(mode: str, clip_low, clip_high) -> tuple[float, float]:
+    default_low, default_high, _ = MODE_DEFAULTS[mode]
+    low = default_low if clip_low is None else float(clip_low)
+    if clip_high is not None:
+        high = float(clip_high)
+    elif clip_low is None and default_high is not None:
+        high = default_high
+    else:
+        high = low
+    return low, high
+
+
+def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, fill=0.0) -> torch.Tensor:
+    """Packed ``[N]`` -> padded ``[B, T_max]`` (differentiable; pad with ``fill``)."""
+    bounds = cu_seqlens.tolist()
+    rows = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    width = max([b - a for a, b in zip(bounds[:-1], bounds[1:])] + [1])
+    out = [torch.cat([r, torch.full((width - r.shape[0],), fill, dtype=x.dtype, device=x.device)]) for r in rows]
+    return torch.stack(out) if out else x.new_zeros((0, width))
+
+
+def entropy_quantile_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float):
+    """TRL's ``get_high_entropy_mask`` threshold: the (1 - rho) quantile (linear interpolation)
+    of the entropies of the valid tokens; tokens with ``H >= threshold`` keep their policy term."""
+    valid = entropy[mask.bool()]
+    if valid.numel() == 0:
+        return None
+    return torch.quantile(valid.to(torch.float64), 1.0 - top_entropy_quantile)
+
+
+def _aggregate(x, m, n, agg, num_tokens, num_seqs, norm_length, dp_size):
+    """verl's ``agg_loss`` (with TRL's clamp(min=1) guards): ``x`` [B, T] (finite where m), ``m`` bool."""
+    xm = torch.where(m, x, torch.zeros_like(x))
+    if agg == "token-mean":
+        d = num_tokens if num_tokens is not None else m.sum().clamp(min=1)
+        return xm.sum() / d * dp_size
+    if agg == "token-sum":
+        return xm.sum() * dp_size
+    d = num_seqs if num_seqs is not None else (n > 0).sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return (xm.sum(-1) / n.clamp(min=1)).sum() / d * dp_size
+    per_seq = xm.sum(-1).sum() / d * dp_size
+    if agg == "seq-mean-token-sum":
+        return per_seq
+    return per_seq / norm_length
+
+
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask=None,
+    *,
+    mode="ppo",
+    clip_low=None,
+    clip_high=None,
+    clip_dual=None,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    ref_logprobs=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    kl_clamp=True,
+    entropy=None,
+    entropy_coef=0.0,
+    top_entropy_quantile=1.0,
+    entropy_threshold=None,
+    importance_weights=None,
+    agg=None,
+    num_tokens=None,
+    num_seqs=None,
+    norm_length=None,
+    dp_size=1,
+    cu_seqlens=None,
+    dtype=torch.float64,
+) -> dict:
+    """SPEC 3: the loss and metrics as a dict of 0-dim tensors in ``dtype``; ``loss`` is
+    differentiable in ``logprobs`` and ``entropy`` (autograd). Same arguments as
+    ``lenkernels.policy_loss`` (see its docstring for the conventions)."""
+    clip_low, clip_high = resolve_clip(mode, clip_low, clip_high)
+    agg = agg or MODE_DEFAULTS[mode][2]
+    if cu_seqlens is not None:
+        n_seq, n_tok = cu_seqlens.numel() - 1, logprobs.shape[0]
+        # [B, 1] is per sequence; [B] too, unless B == N (then per token, like every [N] tensor)
+        seq_adv = tuple(advantages.shape) == (n_seq, 1) or (advantages.dim() == 1 and n_seq != n_tok)
+
+        def pad(x, fill=0.0):
+            return None if x is None else unpack(x, cu_seqlens, fill)
+
+        valid = pad(torch.ones_like(logprobs) if mask is None else (mask != 0).to(logprobs.dtype)) != 0
+        logprobs, old_logprobs, ref_logprobs, entropy, importance_weights = map(
+            pad, (logprobs, old_logprobs, ref_logprobs, entropy, importance_weights)
+        )
+        advantages = advantages.reshape(-1, 1) if seq_adv else pad(advantages)
+        if agg == "seq-mean-token-sum-norm" and norm_length is None:
+            raise ValueError("norm_length is required for seq-mean-token-sum-norm with packed inputs")
+    else:
+        valid = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask != 0
+    m = valid
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+
+    def clean(x):  # padded positions may hold anything (NaN, inf): never let them reach a gradient
+        return torch.where(m, x.to(dtype), zero)
+
+    lp = clean(logprobs)
+    old = clean(old_logprobs)
+    adv = advantages.to(dtype)
+    adv = clean(adv.reshape(-1, 1).expand_as(lp) if adv.dim() == 1 or adv.shape[-1] == 1 else adv)
+    n = m.sum(-1).to(dtype)
+    neg_kl = lp - old  # verl's negative_approx_kl
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    low = high = dual = torch.zeros_like(m)
+
+    def ppo_clip(ratio):
+        nonlocal low, high, dual
+        pg1 = -adv * ratio
+        pg2 = -adv * ratio.clamp(lo, hi)
+        loss = torch.maximum(pg1, pg2)
+        low, high = (pg2 > pg1) & (adv < 0), (pg2 > pg1) & (adv > 0)
+        if clip_dual is not None:
+            pg3 = -adv * clip_dual
+            dual = (loss > pg3) & (adv < 0)
+            loss = torch.where(adv < 0, torch.minimum(pg3, loss), loss)
+        return loss
+
+    if mode in ("ppo", "cispo", "sapo", "reinforce"):
+        ratio = neg_kl.clamp(-20.0, 20.0).exp()
+    if mode == "ppo":
+        pg = ppo_clip(ratio)
+    elif mode in ("gspo", "luspo"):
+        seq_log_ratio = (neg_kl * m).sum(-1) / n.clamp(min=1)
+        log_s = (lp - lp.detach() + seq_log_ratio.detach().unsqueeze(-1)).clamp(max=10.0)
+        ratio = log_s.exp()
+        pg = ppo_clip(ratio)
+        if mode == "luspo":  # TRL: (per_token_loss * completion_mask.sum(-1, keepdim=True))
+            pg = pg * n.unsqueeze(-1)
+    elif mode == "cispo":
+        clipped = ratio.clamp(lo, hi)
+        pg = -clipped.detach() * adv * lp
+        low, high = ratio < lo, ratio > hi
+    elif mode == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+        pg = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+    elif mode == "gmpo":
+        sgn = torch.sign(adv)
+        clamped = neg_kl.clamp(-clip_low, clip_high)
+        lmin = sgn * torch.minimum(sgn * neg_kl, sgn * clamped)
+        seq_ratio = torch.exp((lmin * m).sum(-1) / (n + 1e-8))
+        seq_adv = (adv * m).sum(-1) / (n + 1e-8)
+        seq_loss = -seq_adv * seq_ratio
+        if importance_weights is not None:
+            w = clean(importance_weights)
+            seq_loss = seq_loss * torch.exp((torch.log(w + 1e-10) * m).sum(-1) / (n + 1e-8))
+        pg = seq_loss.unsqueeze(-1).expand_as(lp)
+        ratio = seq_ratio.unsqueeze(-1).expand_as(lp)
+        low, high = (adv < 0) & (neg_kl < -clip_low), (adv > 0) & (neg_kl > clip_high)
+    elif mode == "reinforce":
+        pg = -adv * lp
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    if importance_weights is not None and mode != "gmpo":
+        pg = pg * clean(importance_weights)
+    ent = clean(entropy) if entropy is not None else None
+    kept = m
+    if ent is not None and (entropy_threshold is not None or top_entropy_quantile < 1.0):
+        thr = entropy_threshold
+        if thr is None:
+            thr = entropy_quantile_threshold(ent.detach(), m, top_entropy_quantile)
+        if thr is not None:
+            kept = m & (ent.detach() >= torch.as_tensor(thr, dtype=torch.float64).to(ent.device))
+            pg = pg * kept
+    total = pg
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty(lp, clean(ref_logprobs).detach(), kl_estimator, kl_clamp)
+        total = total + kl_coef * kl
+    if ent is not None:
+        total = total - entropy_coef * ent
+
+    if norm_length is None:
+        norm_length = m.shape[-1]
+    agg_args = (m, n, agg, num_tokens, num_seqs, norm_length, dp_size)
+    count = m.sum().to(dtype)
+    denom = count.clamp(min=1)
+
+    def mean(x):
+        return torch.where(m, x.to(dtype), zero).sum() / denom
+
+    inf = torch.tensor(math.inf, dtype=dtype, device=lp.device)
+    ratio_d = ratio.detach()
+    out = {
+        "loss": _aggregate(total, *agg_args),
+        "pg_loss": _aggregate(pg, *agg_args).detach(),
+        "kl_loss": None if kl is None else _aggregate(kl, *agg_args).detach(),
+        "entropy_loss": None if ent is None else _aggregate(ent, *agg_args).detach(),
+        "clip_frac_low": mean(low),
+        "clip_frac_high": mean(high),
+        "clip_frac_dual": mean(dual),
+        "approx_kl": mean(-neg_kl).detach(),
+        "ratio_min": torch.where(m, ratio_d, inf).min() if m.numel() else inf,
+        "ratio_mean": mean(ratio_d),
+        "ratio_max": torch.where(m, ratio_d, -inf).max() if m.numel() else -inf,
+        "entropy_mean": None if ent is None else mean(ent).detach(),
+        "entropy_kept": mean(kept),
+        "num_tokens": count,
+    }
+    return out
