@@ -127,7 +127,9 @@ def token_stats_bwd(x, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ign
     if n_rows == 0:
         return
     if dlogits.shape != x.shape or dlogits.dtype != x.dtype:
-        raise ValueError(f"dlogits must match logits {tuple(x.shape)} {x.dtype}, got {tuple(dlogits.shape)} {dlogits.dtype}")
+        raise ValueError(
+            f"dlogits must match logits {tuple(x.shape)} {x.dtype}, got {tuple(dlogits.shape)} {dlogits.dtype}"
+        )
     module = load("token_stats")
     device, sm_count, stream = _launch_context(x)
     dtype = _checks.DTYPE_CODES[x.dtype]

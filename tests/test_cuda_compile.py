@@ -1,0 +1,291 @@
+"""The CUDA C++ backend without a GPU (nvcc only; skipped, saying so, where nvcc is absent):
+
+- every ``csrc/cuda/*.cu`` compiles for sm_80 and sm_90 with the build's flags and ``ptxas -v``,
+  with no error, no warning (``-Werror all-warnings``) and no register spill;
+- the extension module (kernels + pybind11 binding) builds and links through ``_build.build``;
+- the kernels' per-thread code (``csrc/cuda/token_stats.h``), replayed on the host block by block and
+  thread by thread (``tests/cuda_host_replay.cu``), matches the float64 reference: this checks which
+  elements every thread reads and writes (row edges, split ranges, misaligned and in-place rows)
+  before the code ever meets a GPU. tests/test_cuda_backend.py runs the real kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from lenkernels import _build, _checks
+from lenkernels.reference import token_stats as ref
+from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, nan_like
+
+NVCC = _build.find_nvcc()
+pytestmark = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH): the CUDA sources cannot be compiled here"
+)
+
+ARCHS = (80, 90)
+SOURCES = sorted((_build.CSRC / "cuda").glob("*.cu"))
+REPLAY_SOURCE = Path(__file__).resolve().parent / "cuda_host_replay.cu"
+H100_SMS = 132  # the split plan is replayed as an H100 would run it
+
+
+def _cubin_command(source: Path, arch: int, out: Path) -> list[str]:
+    """The build's own nvcc command (``_build.cuda_compile_command``) narrowed to one architecture's
+    cubin, with ptxas reporting registers and spills and every warning an error."""
+    full = _build.cuda_compile_command(source.stem, [source], out, NVCC)
+    drop = set(_build.CUDA_GENCODE) | {"-shared", str(source), "-o", str(out)}
+    flags = [a for a in full[1:] if a not in drop]
+    return [
+        NVCC, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin",
+        "-Xptxas=-v,-warn-spills", "-Werror=all-warnings", str(source), "-o", str(out),
+    ]  # fmt: skip
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _parse_ptxas(text: str) -> list[dict]:
+    """One record per kernel: name, arch, registers, stack frame and spill bytes."""
+    kernels, current = [], None
+    for line in text.splitlines():
+        if m := _ENTRY.search(line):
+            current = {"kernel": m.group(1), "arch": int(m.group(2)), "spills": None, "registers": None}
+            kernels.append(current)
+        elif current is not None and (m := _FRAME.search(line)):
+            current["stack"], current["spills"] = int(m.group(1)), int(m.group(2)) + int(m.group(3))
+        elif current is not None and (m := _REGS.search(line)):
+            current["registers"] = int(m.group(1))
+    return kernels
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Every compilation at once (the two cores work in parallel): cubins per source and arch, the
+    full extension modules into a fresh cache, and the host replay library."""
+    tmp = tmp_path_factory.mktemp("cuda")
+    cache = tmp / "cache"
+    replay = tmp / "replay.so"
+    replay_cmd = [
+        NVCC, "-O2", "-std=c++17", "-Xcompiler=-fPIC", "-shared", "-Werror=all-warnings",
+        f"-I{_build.INCLUDE}", f"-I{_build.CSRC / 'cuda'}", str(REPLAY_SOURCE), "-o", str(replay),
+    ]  # fmt: skip
+
+    def build_module(name):
+        try:
+            return _build.build(name, "cuda"), ""
+        except Exception as exc:  # reported by the test, with the compiler output
+            return None, str(exc)
+
+    with mock.patch.dict(os.environ, {"LENKERNELS_CACHE": str(cache)}), ThreadPoolExecutor(max_workers=3) as pool:
+        cubins = {
+            (src.name, arch): pool.submit(_run, _cubin_command(src, arch, tmp / f"{src.stem}.sm_{arch}.cubin"))
+            for src in SOURCES
+            for arch in ARCHS
+        }
+        modules = {name: pool.submit(build_module, name) for name in _build.cuda_modules()}
+        replay_proc = pool.submit(_run, replay_cmd)
+        return {
+            "cubins": {key: f.result() for key, f in cubins.items()},
+            "modules": {name: f.result() for name, f in modules.items()},
+            "replay": (replay_proc.result(), replay),
+        }
+
+
+def test_there_are_cuda_sources():
+    assert "token_stats.cu" in [p.name for p in SOURCES]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_source_compiles_without_warnings_or_spills(builds, arch):
+    for src in SOURCES:
+        proc = builds["cubins"][(src.name, arch)]
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{src.name} sm_{arch} failed:\n{output[-6000:]}"
+        warnings = [line for line in output.splitlines() if re.search(r"warning", line, re.IGNORECASE)]
+        assert not warnings, f"{src.name} sm_{arch}:\n" + "\n".join(warnings)
+        kernels = _parse_ptxas(output)
+        assert kernels, f"{src.name} sm_{arch}: ptxas reported no kernel:\n{output[-3000:]}"
+        assert {k["arch"] for k in kernels} == {arch}
+        unparsed = [k["kernel"] for k in kernels if k["spills"] is None or k["registers"] is None]
+        assert not unparsed, f"ptxas output not understood for {unparsed}:\n{output[-3000:]}"
+        spills = [f"{k['kernel']}: {k['spills']} spill bytes" for k in kernels if k["spills"] > 0]
+        assert not spills, f"{src.name} sm_{arch} register spills:\n" + "\n".join(spills)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_stats_kernels_for_every_dtype(builds, arch):
+    proc = builds["cubins"][("token_stats.cu", arch)]
+    names = [k["kernel"] for k in _parse_ptxas(proc.stdout + proc.stderr)]
+    for kernel in ("token_stats_fwd_kernel", "token_stats_finalize_kernel", "token_stats_bwd_kernel"):
+        for dtype in ("If", "I13__nv_bfloat16", "I6__half"):  # mangled template arguments
+            assert any(kernel + dtype in n for n in names), f"{kernel}<{dtype}> missing for sm_{arch}: {names}"
+
+
+def test_extension_modules_build_and_link(builds):
+    for name, (path, error) in builds["modules"].items():
+        assert path is not None, error[-6000:]
+        sources = _build.cuda_modules()[name]
+        assert path.name == f"{name}{_build.ext_suffix()}" and _build.source_hash(sources) in str(path)
+        # import it in a fresh interpreter: every symbol resolves (no GPU is needed to import)
+        probe = (
+            "import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('lenkernels.{name}', sys.argv[1])\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "print(m.SOURCE_HASH, ' '.join(sorted(n for n in dir(m) if not n.startswith('_'))))\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, str(path)], check=False, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        source_hash, *symbols = proc.stdout.split()
+        assert source_hash == _build.source_hash(sources)
+        if name == "_cuda_token_stats":
+            assert {"token_stats_fwd", "token_stats_bwd", "token_stats_splits"} <= set(symbols)
+
+
+# --- the kernels replayed on the host ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replay(builds):
+    proc, path = builds["replay"]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    lib = ctypes.CDLL(str(path))
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.lk_replay_split_count.argtypes = [i64, i64, i64, i64]
+    lib.lk_replay_fwd.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.lk_replay_bwd.argtypes = [
+        ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i32,
+    ]  # fmt: skip
+    return lib
+
+
+def _splits(lib, x: torch.Tensor) -> int:
+    return lib.lk_replay_split_count(x.shape[0], x.shape[1], x.element_size(), H100_SMS)
+
+
+def _replay_fwd(lib, x, ids, temp, ignore_index=-100, n_splits=None):
+    n_rows, vocab = x.shape
+    n_splits = _splits(lib, x) if n_splits is None else n_splits
+    outs = [nan_like(torch.empty(n_rows)) for _ in range(4)]
+    rc = lib.lk_replay_fwd(
+        x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), ids.data_ptr(), ids.element_size(),
+        temp.data_ptr(), 0 if temp.numel() == 1 else 1, ignore_index, *(o.data_ptr() for o in outs), n_splits,
+    )  # fmt: skip
+    assert rc == 0
+    return outs
+
+
+def _replay_bwd(lib, x, ids, temp, lse, mean_z, g_lp, g_h, dlogits, ignore_index=-100, n_splits=None):
+    n_rows, vocab = x.shape
+    n_splits = _splits(lib, x) if n_splits is None else n_splits
+    rc = lib.lk_replay_bwd(
+        x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), ids.data_ptr(), ids.element_size(),
+        temp.data_ptr(), 0 if temp.numel() == 1 else 1, ignore_index, lse.data_ptr(), mean_z.data_ptr(),
+        g_lp.data_ptr(), g_lp.stride(0), g_h.data_ptr(), g_h.stride(0), dlogits.data_ptr(), dlogits.stride(0), n_splits,
+    )  # fmt: skip
+    assert rc == 0
+
+
+def _grad_scale(x, ids, temp, g_lp, g_h, ignore_index):
+    """Sum of |terms| of SPEC 1's gradient per element: the scale its fp32 error grows with."""
+    z = x.double() / temp.double().expand(ids.shape).unsqueeze(-1)
+    p = torch.softmax(z, -1)
+    mean_z = (p * torch.where(torch.isneginf(z), 0, z)).sum(-1, keepdim=True)
+    valid = (ids != ignore_index).unsqueeze(-1)
+    onehot = torch.zeros_like(z).scatter_(-1, torch.where(valid, ids.long().unsqueeze(-1), 0), 1.0) * valid
+    ent = torch.where(p > 0, p * ((z - mean_z).abs() + 1), 0)
+    lp_term = (g_lp.double().unsqueeze(-1) * valid).abs() * (onehot + p)
+    return (lp_term + g_h.double().abs().unsqueeze(-1) * ent) / temp.double().expand(ids.shape).unsqueeze(-1)
+
+
+def _rows(kind: str, dtype, n_rows: int, vocab: int) -> torch.Tensor:
+    """[n_rows, vocab] logits laid out as `kind` says."""
+    if kind == "contiguous":
+        return (torch.randn(n_rows, vocab) * 3).to(dtype)
+    # storage offset 1 and an odd row stride: every row starts at a different 16-byte phase
+    base = (torch.randn(n_rows, vocab + 3) * 3).to(dtype)
+    return base[:, 1 : vocab + 1]
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (n_rows, vocab, layout, n_splits or None for the H100 plan): why each is in the grid
+CASES = [
+    (3, 7, "contiguous", None),  # V below one 16-byte vector: edge scalars only, rows misaligned
+    (5, 4_099, "contiguous", None),  # odd V: each row begins at another phase (head and tail peels)
+    (2, 151_936, "contiguous", None),  # Qwen vocab, few rows: the plan splits each row (finalize kernel)
+    (4, 50_257, "sliced", 3),  # GPT-2 vocab, offset view, 3 uneven splits with both edges
+    (3, 2_048 * 8 + 5, "sliced", 1),  # exact multiple of one block tile plus a tail, one block per row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_rows,vocab,layout,n_splits", CASES)
+def test_replay_forward_matches_reference(replay, dtype, n_rows, vocab, layout, n_splits):
+    x = _rows(layout, dtype, n_rows, vocab)
+    ids = torch.randint(0, vocab, (n_rows,))
+    ids[0] = -100  # ignored row: logprob exactly 0
+    temp = torch.rand(n_rows) + 0.5  # per-row temperature
+    lp, ent, lse, mean_z = _replay_fwd(replay, x, ids, temp, n_splits=n_splits)
+    lp_ref, ent_ref = ref.token_logprobs_entropy(x, ids, temp)
+    lse_ref = torch.logsumexp(x.double() / temp.double().unsqueeze(-1), -1)
+    assert_close(lp, lp_ref, rtol=STAT_RTOL, scale=lse_ref.abs() + 1, name="logprobs")
+    assert_close(ent, ent_ref, rtol=STAT_RTOL, scale=1.0, name="entropy")
+    assert_close(lse, lse_ref, rtol=STAT_RTOL, scale=1.0, name="lse")
+    assert_close(mean_z, lse_ref - ent_ref, rtol=STAT_RTOL, scale=lse_ref.abs() + 1, name="mean_z")
+    assert lp[0] == 0
+
+
+def test_replay_split_plan(replay):
+    plan = replay.lk_replay_split_count  # (N, V, element bytes, SMs): nothing else
+    assert plan(8192, 151_936, 2, H100_SMS) == 1  # rows alone give several waves of blocks
+    assert plan(2_112, 151_936, 2, H100_SMS) == 1  # 4 waves of 132 SMs x 4 blocks
+    assert plan(2_111, 151_936, 2, H100_SMS) == 2
+    assert plan(300, 151_936, 4, H100_SMS) == 8  # ceil(2112 / 300) blocks per row
+    assert plan(1, 151_936, 2, H100_SMS) == 18  # capped at one whole tile (256 x 4 vectors) per block
+    assert plan(64, 151_936, 2, H100_SMS) == 18
+    assert plan(1, 7, 4, H100_SMS) == 1  # less than a tile: never split
+    assert plan(0, 7, 4, H100_SMS) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_rows,vocab,layout,n_splits", CASES)
+@pytest.mark.parametrize("mode", ["fresh", "inplace", "other_phase"])
+def test_replay_backward_matches_reference(replay, dtype, n_rows, vocab, layout, n_splits, mode):
+    x = _rows(layout, dtype, n_rows, vocab)
+    ids = torch.randint(0, vocab, (n_rows,), dtype=torch.int32)  # int32 ids are read as such
+    ids[-1] = -100
+    temp = torch.tensor([0.8])
+    _, _, lse, mean_z = _replay_fwd(replay, x, ids, temp, n_splits=n_splits)
+    g_lp = torch.randn(2 * n_rows)[::2]  # stride 2
+    g_h = torch.randn(1).expand(n_rows)  # stride 0: broadcast
+    expected = ref.token_stats_backward(x.double(), ids.long(), temp, g_lp, g_h, -100)
+    logits = x.clone() if mode == "inplace" else x
+    if mode == "fresh":
+        dlogits = nan_like(x)  # rows at the same 16-byte phase as the logits: vector path
+    elif mode == "inplace":
+        dlogits = logits
+    else:  # rows at another phase than the logits: the scalar path
+        dlogits = (
+            nan_like(torch.empty(n_rows, vocab + 2, dtype=dtype))[:, 2:]
+            if layout == "sliced"
+            else nan_like(torch.empty(n_rows, vocab + 1, dtype=dtype))[:, 1:]
+        )
+    _replay_bwd(replay, logits, ids, temp, lse, mean_z, g_lp, g_h, dlogits, n_splits=n_splits)
+    scale = _grad_scale(x, ids, temp, g_lp, g_h, -100)
+    assert_close(dlogits, expected, rtol=GRAD_RTOL[dtype], atol=GRAD_ATOL[dtype], scale=scale, name="dlogits")
