@@ -188,6 +188,83 @@ def _backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z):
 _token_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- vocabulary parallelism (lenkernels.distributed) ---------------------------------------------
+# Each rank reduces its shard of the vocabulary to (lse_r, H_r) and, where it holds the target,
+# z_y - lse_r; two all-reduces merge them (distributed.merge_stats). Backward needs no
+# communication: SPEC 1's gradient of a shard only reads the merged lse and mean_z.
+
+
+@torch.library.custom_op("lenkernels::token_stats_vocab_parallel", mutates_args=())
+def _token_stats_vocab_parallel(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    ignore_index: int,
+    inplace_backward: bool,
+    backend: str,
+    group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs, entropy, lse, mean_z, vocab_offset)`` of the full vocabulary; ``logits`` is
+    this rank's shard of it, ``ids`` are global."""
+    from lenkernels import distributed as lkdist
+
+    group = lkdist.resolve_group(group_name)
+    vocab = logits.shape[-1]
+    sizes = lkdist.shard_sizes(vocab, group, logits.device)
+    offset = lkdist.vocab_offset(sizes, group)
+    if _checks.value_checks(ids.device):
+        lkdist.global_vocab_check(ids, sizes, ignore_index)
+    local = lkdist.shard_local_ids(ids, offset, vocab, ignore_index)
+    # rows whose target is elsewhere contribute only their softmax state: treat them as ignored
+    fwd_ids = lkdist.chunk_ids(local.reshape(-1), 0, vocab, for_backward=False).reshape(ids.shape)
+    lp, ent, lse, _ = token_stats_fwd(logits, fwd_ids, temperature, lkdist.IGNORED, backend)
+    lp, ent, lse, mean_z = lkdist.merge_stats(lse, ent, lp, local >= 0, group=group)
+    lp = torch.where(ids == ignore_index, torch.zeros_like(lp), lp)
+    return lp, ent, lse, mean_z, offset
+
+
+@_token_stats_vocab_parallel.register_fake
+def _(logits, ids, temperature, ignore_index, inplace_backward, backend, group_name):
+    stats = tuple(torch.empty(ids.shape, dtype=torch.float32, device=logits.device) for _ in range(4))
+    return (*stats, torch.empty(1, dtype=torch.int64, device=logits.device))
+
+
+def _vp_setup_context(ctx, inputs, output):
+    logits, ids, temperature, ignore_index, inplace_backward, backend, _ = inputs
+    _, _, lse, mean_z, offset = output
+    ctx.save_for_backward(logits, ids, temperature, lse, mean_z, offset)
+    ctx.ignore_index = ignore_index
+    ctx.inplace = inplace_backward
+    ctx.backend = backend
+
+
+def _vp_backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z, g_offset):
+    from lenkernels import distributed as lkdist
+
+    logits, ids, temperature, lse, mean_z, offset = ctx.saved_tensors
+    # shard-local ids: -1 ignored, -2 target on another rank (still gets the -p_j logprob term)
+    local = lkdist.shard_local_ids(ids, offset, logits.shape[-1], ctx.ignore_index)
+    if ctx.backend == "reference":
+        from lenkernels.reference.linear_stats import shard_dlogits
+
+        x = logits.reshape(-1, logits.shape[-1])
+        dlogits = shard_dlogits(
+            x, local.reshape(-1), temperature, lse.reshape(-1), mean_z.reshape(-1),
+            g_logprobs.reshape(-1), g_entropy.reshape(-1),
+        ).reshape(logits.shape)  # fmt: skip
+        return dlogits, None, None, None, None, None, None
+    args = (local, temperature, lse, mean_z, g_logprobs, g_entropy, lkdist.IGNORED, ctx.backend)
+    if ctx.inplace and _is_row_view(logits):
+        torch.ops.lenkernels.token_stats_backward_(logits, *args)
+        dlogits = logits
+    else:
+        dlogits = torch.ops.lenkernels.token_stats_backward(logits, *args)
+    return dlogits, None, None, None, None, None, None
+
+
+_token_stats_vocab_parallel.register_autograd(_vp_backward, setup_context=_vp_setup_context)
+
+
 # --- public API --------------------------------------------------------------------------------
 
 
@@ -199,6 +276,7 @@ def token_logprobs_entropy(
     ignore_index: int = -100,
     return_entropy: bool = True,
     inplace_backward: bool = False,
+    process_group=None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of each sampled token and the entropy of its distribution, in one pass.
@@ -217,6 +295,11 @@ def token_logprobs_entropy(
         inplace_backward: write d(loss)/d(logits) into ``logits`` itself during backward, saving an
             ``[N, V]`` buffer. Only when nothing else needs ``logits`` afterwards; ignored (a new
             tensor is returned) when ``logits`` cannot be viewed as rows.
+        process_group: vocabulary (tensor) parallelism. ``logits`` is this rank's shard of the
+            vocabulary (shards in rank order along V, sizes may differ), ``ids`` are global ids
+            and the same on every rank; every rank gets the full vocabulary's statistics (two
+            all-reduces of 4 floats per token, plus one of the shard sizes). The gradient of
+            each shard needs no communication. Default None: the whole vocabulary is here.
         backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cuda"``, ``"cpu"`` or
             ``"reference"``.
 
@@ -229,6 +312,10 @@ def token_logprobs_entropy(
 
         logits = model(input_ids).logits[0, :-1]          # [N, V], N tokens of all sequences
         lp, ent = token_logprobs_entropy(logits, input_ids[0, 1:], temperature=0.7)
+
+    Example (vocabulary split over a tensor-parallel group, each rank holding [N, V_r])::
+
+        lp, ent = token_logprobs_entropy(logits_shard, global_ids, process_group=tp_group)
     """
     _checks.tensor(logits, "logits", min_dim=1)
     name = _backend.resolve(backend, FAMILY, logits.device)
@@ -239,6 +326,13 @@ def token_logprobs_entropy(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     temp = _checks.temperature(temperature, ids)
+    if process_group is not None:
+        from lenkernels.distributed import group_name
+
+        logprobs, entropy, _, _, _ = torch.ops.lenkernels.token_stats_vocab_parallel(
+            logits, ids, temp, ignore_index, bool(inplace_backward), name, group_name(process_group)
+        )
+        return logprobs, (entropy if return_entropy else None)
     logprobs, entropy, _, _ = torch.ops.lenkernels.token_stats(
         logits, ids, temp, ignore_index, bool(inplace_backward), name
     )

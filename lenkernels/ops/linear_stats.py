@@ -1,0 +1,438 @@
+"""Token log-probabilities and entropy from the last hidden state and the LM head (SPEC 1 on
+``logits = hidden @ weight.T + bias``) without ever holding the ``[N, V]`` logits.
+
+Chain of names: ``linear_logprobs_entropy`` (public) -> ``lenkernels::linear_stats`` (custom op with
+autograd) -> ``linear_stats_fwd`` / ``linear_stats_bwd`` (host launchers) -> kernels
+(``triton/linear_stats.py``; on the cpu and reference backends a GEMM per tile plus the
+token_stats kernels and ``csrc/cpu/linear_stats.cpp``).
+
+Memory. The work is cut into tiles of ``rows x cols`` logits with ``rows * cols <= chunk_size``
+(``tile_plan``). The Triton forward holds no logits at all (the softmax state is folded in the
+matmul's epilogue). Every other pass holds one tile of logits/dlogits at a time, plus fp32
+accumulators the size of the gradients (``[N, D]`` for the hidden gradient, ``[cols, D]`` for a
+block of the weight gradient), never anything of size ``N * V``.
+
+Numerics. Logits are rounded to the hidden dtype exactly like an eager ``F.linear`` in that dtype,
+then reduced in fp32 (DESIGN.md). Backward recomputes each tile with the same code and the same
+tile boundaries as the forward, so it sees the forward's logits bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lenkernels import _backend, _checks
+from lenkernels import distributed as lkdist
+from lenkernels.ops.token_stats import token_stats_bwd, token_stats_fwd
+from lenkernels.reference import linear_stats as ref
+
+FAMILY = "linear_stats"
+_backend.register_family(FAMILY, ("triton", "cpu", "reference"))
+
+# Logits elements held at once by default: 64 Mi (128 MiB of bf16) on a GPU, 16 Mi on a CPU.
+DEFAULT_CHUNK = {"cuda": 1 << 26, "cpu": 1 << 24}
+
+
+def tile_plan(n_rows: int, vocab: int, chunk_size: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a logits tile with ``rows * cols <= chunk_size`` (at least 1 x 1).
+
+    Whole rows when they fit; otherwise vocabulary chunks of at least ``sqrt(chunk_size)`` columns
+    (so the GEMMs stay large) covering as many rows as fit. Forward and backward use the same plan.
+    """
+    if n_rows * vocab <= chunk_size:
+        return max(n_rows, 1), max(vocab, 1)
+    cols = min(vocab, max(chunk_size // max(n_rows, 1), math.isqrt(chunk_size)))
+    rows = min(n_rows, max(1, chunk_size // cols))
+    return rows, cols
+
+
+def _spans(total: int, step: int):
+    return [(start, min(total, start + step)) for start in range(0, total, step)]
+
+
+def _row_slice(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows of a per-row [N] tensor, or the tensor itself when it is a broadcast scalar [1]."""
+    return t if t.numel() == 1 else t[r0:r1]
+
+
+def _tile_logits(hidden, weight, bias, r0, r1, v0, v1) -> torch.Tensor:
+    """One logits tile with an eager GEMM in the hidden dtype; forward and backward call it on the
+    same slices, so the recomputed tile is the forward's tile."""
+    return F.linear(hidden[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1])
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with fp32 (or fp64) accumulation and no intermediate rounding to a's dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- host launchers ------------------------------------------------------------------------------
+
+
+def linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size: int, backend: str):
+    """Host launcher: statistics of this shard's vocabulary, ``(logprobs, entropy, lse, mean_z)``
+    fp32 ``[N]``.
+
+    ``hidden`` [N, D], ``weight`` [V, D] and ``bias`` [V] share a dtype and have unit stride along
+    D; ``local_ids`` [N] int64 shard-local (``lenkernels.distributed``). logprob is ``z_y - lse``
+    where the target is a column of this shard, 0 for ignored rows, NaN for the others.
+    """
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    outs = [torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(4)]
+    if n_rows == 0:
+        return tuple(outs)
+    if backend == "triton":
+        from lenkernels.triton.linear_stats import linear_stats_fwd as launch
+
+        launch(hidden, weight, bias, local_ids, temperature, *outs)
+        return tuple(outs)
+
+    rows, cols = tile_plan(n_rows, vocab, chunk_size)
+    if cols >= vocab:  # whole rows per tile: the token_stats kernel finishes each row itself
+        for r0, r1 in _spans(n_rows, rows):
+            logits = _tile_logits(hidden, weight, bias, r0, r1, 0, vocab)
+            ids = lkdist.chunk_ids(local_ids[r0:r1], 0, vocab, for_backward=False)
+            stats = token_stats_fwd(logits, ids, _row_slice(temperature, r0, r1), lkdist.IGNORED, backend)
+            for out, s in zip(outs, stats):
+                out[r0:r1] = s
+        outs[0] = torch.where(local_ids == lkdist.ELSEWHERE, torch.full_like(outs[0], float("nan")), outs[0])
+        return tuple(outs)
+
+    col_spans = _spans(vocab, cols)
+    if backend == "cpu":
+        from lenkernels import cpu
+
+        module = cpu.load(FAMILY)
+        state = torch.tensor([float("-inf"), 0.0, 0.0]).repeat(n_rows, 1)  # empty online-softmax states
+        z_y = torch.zeros(n_rows, dtype=torch.float32)
+        for v0, v1 in col_spans:  # column order per row: reproducible merges
+            for r0, r1 in _spans(n_rows, rows):
+                logits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
+                ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=False)
+                temp = _row_slice(temperature, r0, r1)
+                _, ent, lse, _ = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend)
+                module.linear_stats_fold(
+                    r1 - r0, lse.data_ptr(), ent.data_ptr(), logits.data_ptr(), _checks.DTYPE_CODES[logits.dtype],
+                    logits.stride(0), ids.data_ptr(), temp.data_ptr(), 0 if temp.numel() == 1 else 1,
+                    state[r0:r1].data_ptr(), z_y[r0:r1].data_ptr(), torch.get_num_threads(),
+                )  # fmt: skip
+        module.linear_stats_finalize(
+            n_rows, state.data_ptr(), z_y.data_ptr(), local_ids.data_ptr(), *(o.data_ptr() for o in outs),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return tuple(outs)
+
+    # reference: every chunk's statistics, then the same merge the vocab-parallel path uses
+    parts = torch.empty((4, len(col_spans), n_rows), dtype=torch.float32, device=hidden.device)
+    for c, (v0, v1) in enumerate(col_spans):
+        for r0, r1 in _spans(n_rows, rows):
+            logits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
+            ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=False)
+            lp, ent, lse, _ = token_stats_fwd(logits, ids, _row_slice(temperature, r0, r1), lkdist.IGNORED, backend)
+            parts[0, c, r0:r1], parts[1, c, r0:r1], parts[2, c, r0:r1] = lse, ent, lp
+            parts[3, c, r0:r1] = (ids >= 0).to(torch.float32)
+    lp, ent, lse, mean_z = lkdist.merge_stats(parts[0], parts[1], parts[2], parts[3] > 0, dim=0)
+    lp = torch.where(local_ids == lkdist.IGNORED, torch.zeros_like(lp), lp)
+    return lp, ent, lse, mean_z
+
+
+def linear_stats_bwd(
+    hidden, weight, bias, local_ids, temperature, lse, mean_z, g_logprobs, g_entropy,
+    chunk_size: int, backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+):  # fmt: skip
+    """Host launcher: ``(dhidden_acc, dweight, dbias)``.
+
+    ``dhidden_acc`` is [N, D] in fp32 (fp64 for fp64 inputs), summed over this shard's vocabulary
+    only (the caller all-reduces it under tensor parallelism and casts it); ``dweight`` [V, D] and
+    ``dbias`` [V] are in the weight dtype. Gradients not needed are None. ``lse``/``mean_z`` are
+    those of the whole vocabulary.
+    """
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    acc_dtype = _acc_dtype(hidden.dtype)
+    device = hidden.device
+    dh = torch.zeros((n_rows, dim), dtype=acc_dtype, device=device) if need_hidden else None
+    dw = torch.empty_like(weight) if need_weight else None
+    db = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
+    if n_rows == 0 or not (need_hidden or need_weight or need_bias):
+        if dw is not None:
+            dw.zero_()
+        return dh, dw, (db.to(weight.dtype) if db is not None else None)
+    g_lp = g_logprobs.reshape(-1).to(torch.float32)
+    g_h = g_entropy.reshape(-1).to(torch.float32)
+    rows, cols = tile_plan(n_rows, vocab, chunk_size)
+    row_spans = _spans(n_rows, rows)
+    buf = torch.empty((rows, cols), dtype=hidden.dtype, device=device) if backend == "triton" else None
+    for v0, v1 in _spans(vocab, cols):
+        dw_block = None
+        if need_weight:
+            dw_block = dw[v0:v1] if dw.dtype == acc_dtype else torch.empty((v1 - v0, dim), dtype=acc_dtype, device=device)
+            dw_block.zero_()
+        for r0, r1 in row_spans:
+            if backend == "triton":
+                from lenkernels.triton.linear_stats import linear_stats_bwd_tile
+
+                dlogits = buf[: r1 - r0, : v1 - v0]
+                linear_stats_bwd_tile(
+                    hidden, weight, bias, local_ids, temperature, lse, mean_z, g_lp, g_h, (r0, r1), (v0, v1), dlogits
+                )
+            else:
+                ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=True)
+                temp = _row_slice(temperature, r0, r1)
+                args = (ids, temp, lse[r0:r1], mean_z[r0:r1], g_lp[r0:r1], g_h[r0:r1])
+                dlogits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
+                if backend == "cpu":
+                    token_stats_bwd(dlogits, *args, lkdist.IGNORED, backend, dlogits)  # in place
+                else:
+                    dlogits = ref.shard_dlogits(dlogits, *args)
+            if need_hidden:
+                _accumulate_mm(dh[r0:r1], dlogits, weight[v0:v1])
+            if need_weight:
+                _accumulate_mm(dw_block, dlogits.T, hidden[r0:r1])
+            if need_bias:
+                db[v0:v1] += dlogits.sum(0, dtype=acc_dtype)
+        if need_weight and dw_block.data_ptr() != dw[v0:v1].data_ptr():
+            dw[v0:v1] = dw_block
+    return dh, dw, (db.to(weight.dtype) if db is not None else None)
+
+
+# --- torch.library registration ------------------------------------------------------------------
+
+
+def _shard_ids(ids, vocab_local, ignore_index, group_name):
+    """(shard-local ids, vocab offset [1] int64), checking ids where value checks run."""
+    device = ids.device
+    if group_name:
+        group = lkdist.resolve_group(group_name)
+        sizes = lkdist.shard_sizes(vocab_local, group, device)
+        offset = lkdist.vocab_offset(sizes, group)
+        if _checks.value_checks(device):
+            lkdist.global_vocab_check(ids, sizes, ignore_index)
+    else:
+        offset = torch.zeros(1, dtype=torch.int64, device=device)
+        if _checks.value_checks(device):
+            _checks.ids_in_range(ids, vocab_local, ignore_index)
+    return lkdist.shard_local_ids(ids, offset, vocab_local, ignore_index), offset
+
+
+@torch.library.custom_op("lenkernels::linear_stats", mutates_args=())
+def _linear_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    backend: str,
+    group_name: str,
+    reduce_hidden_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs, entropy, lse, mean_z, vocab_offset)``; ``reduce_hidden_grad`` is read by backward."""
+    local_ids, offset = _shard_ids(ids, weight.shape[0], ignore_index, group_name)
+    lp, ent, lse, mean_z = linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size, backend)
+    if group_name:
+        group = lkdist.resolve_group(group_name)
+        lp, ent, lse, mean_z = lkdist.merge_stats(lse, ent, lp, local_ids >= 0, group=group)
+        lp = torch.where(ids == ignore_index, torch.zeros_like(lp), lp)
+    return lp, ent, lse, mean_z, offset
+
+
+@_linear_stats.register_fake
+def _(hidden, weight, bias, ids, temperature, ignore_index, chunk_size, backend, group_name, reduce_hidden_grad):
+    stats = tuple(torch.empty(ids.shape, dtype=torch.float32, device=hidden.device) for _ in range(4))
+    return (*stats, torch.empty(1, dtype=torch.int64, device=hidden.device))
+
+
+@torch.library.custom_op("lenkernels::linear_stats_backward", mutates_args=())
+def _linear_stats_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor,
+    vocab_offset: torch.Tensor,
+    g_logprobs: torch.Tensor,
+    g_entropy: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    backend: str,
+    group_name: str,
+    reduce_hidden_grad: bool,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight, dbias); a gradient that is not needed comes back as an empty [0] tensor."""
+    local_ids = lkdist.shard_local_ids(ids, vocab_offset, weight.shape[0], ignore_index)
+    need_bias = need_bias and bias is not None
+    dh, dw, db = linear_stats_bwd(
+        hidden, weight, bias, local_ids, temperature, lse, mean_z, g_logprobs, g_entropy,
+        chunk_size, backend, need_hidden, need_weight, need_bias,
+    )  # fmt: skip
+    if dh is not None and group_name and reduce_hidden_grad:
+        # hidden is replicated over the group and every shard's logits depend on it: sum the
+        # shards' contributions (in fp32, before rounding to the hidden dtype)
+        torch.distributed.all_reduce(dh, group=lkdist.resolve_group(group_name))
+    empty = hidden.new_empty(0)
+    return (
+        dh.to(hidden.dtype) if dh is not None else empty,
+        dw if dw is not None else empty,
+        db if db is not None else empty,
+    )
+
+
+@_linear_stats_backward.register_fake
+def _(hidden, weight, bias, ids, temperature, lse, mean_z, vocab_offset, g_logprobs, g_entropy, ignore_index,
+      chunk_size, backend, group_name, reduce_hidden_grad, need_hidden, need_weight, need_bias):  # fmt: skip
+    empty = hidden.new_empty(0)
+    return (
+        torch.empty_like(hidden) if need_hidden else empty,
+        torch.empty_like(weight) if need_weight else empty,
+        torch.empty_like(bias) if need_bias and bias is not None else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, ids, temperature, *args = inputs
+    _, _, lse, mean_z, offset = output
+    ctx.save_for_backward(hidden, weight, bias, ids, temperature, lse, mean_z, offset)
+    ctx.args = tuple(args)  # ignore_index, chunk_size, backend, group_name, reduce_hidden_grad
+
+
+def _backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z, g_offset):
+    hidden, weight, bias, ids, temperature, lse, mean_z, offset = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    dh, dw, db = torch.ops.lenkernels.linear_stats_backward(
+        hidden, weight, bias, ids, temperature, lse, mean_z, offset, g_logprobs, g_entropy, *ctx.args,
+        need_h, need_w, need_b and bias is not None,
+    )  # fmt: skip
+    return (
+        dh if need_h else None,
+        dw if need_w else None,
+        db if need_b and bias is not None else None,
+        None, None, None, None, None, None, None,
+    )  # fmt: skip
+
+
+_linear_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def linear_logprobs_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    process_group=None,
+    reduce_hidden_grad: bool = True,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each sampled token and the entropy of its distribution, computed from
+    the last hidden state and the LM head without ever materialising the ``[N, V]`` logits.
+
+    Equivalent to ``token_logprobs_entropy(F.linear(hidden, weight, bias), ids, ...)`` (the logits
+    rounded to the hidden dtype exactly like that eager GEMM), in memory bounded by ``chunk_size``.
+
+    Args:
+        hidden: ``[..., D]`` float32, bfloat16 or float16 (float64 with ``backend="reference"``),
+            padded ``[B, T, D]`` or packed ``[N, D]``.
+        weight: ``[V, D]`` LM head (``[V_r, D]``: this rank's rows under ``process_group``), the
+            dtype and device of ``hidden``.
+        ids: ``[...]`` int32/int64 target ids, the leading shape of ``hidden``; global vocabulary
+            numbering under ``process_group``.
+        bias: optional ``[V]`` (or ``[V_r]``) bias of the LM head, the dtype of ``hidden``.
+        temperature: a positive float or a tensor broadcastable to ``ids``; applied in fp32 to the
+            rounded logits: ``z = logits / T``. Not differentiable.
+        ignore_index: rows with this id get logprob 0 and no logprob gradient (entropy still counts).
+        return_entropy: when False the second output is None.
+        process_group: vocabulary (tensor) parallelism: ``weight``/``bias`` are this rank's shard of
+            the LM head along V, shards in rank order, sizes free; every rank gets the statistics of
+            the full vocabulary. ``hidden`` and ``ids`` are the same on every rank.
+        reduce_hidden_grad: under ``process_group``, all-reduce the hidden gradient over the group
+            (default) so ``hidden.grad`` is the full-vocabulary gradient on every rank. Pass False
+            when the caller's framework already reduces it (e.g. Megatron's
+            ``copy_to_tensor_model_parallel_region``); each rank then gets its shard's part.
+        chunk_size: most logits elements held at once (rows x vocabulary columns of one tile);
+            default 2**26 on CUDA, 2**24 on CPU. Smaller saves memory, larger runs bigger GEMMs.
+        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        ``(logprobs, entropy)``: float32 of shape ``ids.shape``, differentiable in ``hidden``,
+        ``weight`` and ``bias``. Gradients come back in the dtype of their input, accumulated in
+        fp32. Deterministic: no atomics, tiles reduced in a fixed order.
+
+    Memory: the triton forward holds no logits (the online-softmax state is folded into the
+    matmul's epilogue); every other pass holds one ``rows x cols <= chunk_size`` tile of logits
+    plus fp32 accumulators of the gradients' sizes.
+
+    Example (packed layout, vocabulary split over a tensor-parallel group)::
+
+        hidden = model.model(input_ids).last_hidden_state[0, :-1]    # [N, D], N tokens in total
+        lp, ent = linear_logprobs_entropy(
+            hidden, lm_head_shard.weight, input_ids[0, 1:], temperature=0.7, process_group=tp_group
+        )
+    """
+    _checks.tensor(hidden, "hidden", min_dim=1)
+    _checks.tensor(weight, "weight")
+    name = _backend.resolve(backend, FAMILY, hidden.device)
+    _checks.logits_dtype(hidden, name, "hidden")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] (the last dim of hidden), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    _checks.same_device(hidden, "hidden", weight, "weight")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    if bias is not None:
+        _checks.tensor(bias, "bias")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        _checks.same_device(hidden, "hidden", bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] (the rows of weight), got {tuple(bias.shape)}")
+    _checks.tensor(ids, "ids", dtypes=_checks.INT_DTYPES)
+    _checks.same_device(hidden, "hidden", ids, "ids")
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ids must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got {tuple(ids.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK["cuda" if hidden.device.type == "cuda" else "cpu"]
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    group_name = lkdist.group_name(process_group)
+    temp = _checks.temperature(temperature, ids)
+
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    logprobs, entropy, _, _, _ = torch.ops.lenkernels.linear_stats(
+        h2, w, b, ids.reshape(-1), temp, ignore_index, chunk_size, name, group_name, bool(reduce_hidden_grad)
+    )
+    logprobs = logprobs.reshape(ids.shape)
+    return logprobs, (entropy.reshape(ids.shape) if return_entropy else None)
