@@ -2,6 +2,7 @@
 
 from lenkernels._backend import BackendUnavailableError, explain as explain_backend
 from lenkernels.ops.token_stats import token_entropy, token_logprobs, token_logprobs_entropy
+from lenkernels.ops.linear_stats import linear_logprobs_entropy
 from lenkernels.ops.policy_loss import PolicyLoss, kl_penalty, policy_loss, policy_loss_from_logits
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "token_entropy",
     "token_logprobs",
     "token_logprobs_entropy",
+    "linear_logprobs_entropy",
     "PolicyLoss",
     "kl_penalty",
     "policy_loss",
