@@ -104,6 +104,11 @@ def runs(keys: torch.Tensor, groups: torch.Tensor) -> Runs:
     return Runs(perm, group_of, group_offsets, run_offsets, n_runs)
 
 
+def _threads(work: int) -> int:
+    """CPU threads for ``work`` elements: one for small problems (waking a team costs more than them)."""
+    return torch.get_num_threads() if work >= 1 << 16 else 1
+
+
 def _weights_for_kernel(x: torch.Tensor | None) -> torch.Tensor | None:
     """Masks / lengths as the kernels read them: float64 (reference-only precision) becomes float32."""
     if x is None or x.dtype in WEIGHT_CODES:
@@ -188,7 +193,7 @@ def _group_step(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_
         seg.perm.data_ptr() if seg.perm is not None else 0, seg.offsets.data_ptr() if seg.offsets is not None else 0,
         seg.n_groups.data_ptr(), seg.group_size, code, float(eps), bool(norm), float(ddof),
         adv.data_ptr(), raw.data_ptr() if raw is not None else 0, w_out.data_ptr() if w_out is not None else 0,
-        torch.get_num_threads(),
+        _threads(rewards.numel() + (mask.numel() if len_mask else 0)),
     )  # fmt: skip
 
 
@@ -203,7 +208,7 @@ def _gaussian(keys, ids, adv, backend):
 
     cpu.load(FAMILY).gaussian_rank(
         keys.data_ptr(), keys.shape[0], r.perm.data_ptr(), r.group_of.data_ptr(), r.group_offsets.data_ptr(),
-        r.run_offsets.data_ptr(), r.n_runs.data_ptr(), adv.data_ptr(), torch.get_num_threads(),
+        r.run_offsets.data_ptr(), r.n_runs.data_ptr(), adv.data_ptr(), _threads(16 * keys.shape[0]),
     )  # fmt: skip
 
 
@@ -217,7 +222,7 @@ def _batch_shift_scale(x, w, code, eps, backend) -> torch.Tensor:
     stats = torch.empty(2, dtype=torch.float32, device=x.device)
     cpu.load(FAMILY).batch_shift_scale(
         x.data_ptr(), x.shape[0], w.data_ptr() if w is not None else 0, WEIGHT_CODES[w.dtype] if w is not None else 0,
-        code, float(eps), stats.data_ptr(), torch.get_num_threads(),
+        code, float(eps), stats.data_ptr(), _threads(x.shape[0]),
     )  # fmt: skip
     return stats
 
@@ -234,7 +239,7 @@ def _broadcast(adv, stats, mask, out, backend):
         adv.data_ptr(), adv.shape[0], stats.data_ptr() if stats is not None else 0,
         mask.data_ptr() if mask is not None else 0, WEIGHT_CODES[mask.dtype] if mask is not None else 0,
         mask.shape[1] if mask is not None else 0, mask.stride(0) if mask is not None else 0,
-        out.data_ptr(), out.stride(0) if mask is not None else 1, torch.get_num_threads(),
+        out.data_ptr(), out.stride(0) if mask is not None else 1, _threads(out.numel()),
     )  # fmt: skip
 
 
@@ -270,7 +275,7 @@ def group_stats_fwd(values, where, groups, group_size, mask, backend, stats, len
         mask.shape[1] if mask is not None else 0, mask.stride(0) if mask is not None else 0,
         seg.perm.data_ptr() if seg.perm is not None else 0, seg.offsets.data_ptr() if seg.offsets is not None else 0,
         seg.n_groups.data_ptr(), seg.group_size, stats.data_ptr(), lengths.data_ptr() if mask is not None else 0,
-        torch.get_num_threads(),
+        _threads(stats.numel() + (mask.numel() if mask is not None else 0)),
     )  # fmt: skip
 
 
@@ -407,7 +412,7 @@ def _check_lengths(lengths, rewards, n, name="lengths"):
 def _check_finite(x: torch.Tensor, name: str) -> None:
     """Data-dependent: where value checks run (CPU tensors, LENKERNELS_DEBUG=1), non-finite values are
     an error naming the first bad index; elsewhere they propagate NaN to their group."""
-    if _checks.value_checks(x.device):
+    if x.numel() and _checks.value_checks(x.device):
         bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(-1)
         if bool(bad.any()):
             first = int(bad.nonzero()[0])
