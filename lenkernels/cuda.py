@@ -102,7 +102,7 @@ def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, m
     temperature = temperature.to(torch.float32).contiguous()
     n_splits = module.token_stats_splits(n_rows, vocab, dtype, sm_count)
     # partial (m, S, U) states of each (row, split) when a row spans several blocks
-    partial = torch.empty(n_rows * n_splits * 3 if n_splits > 1 else 0, dtype=torch.float32, device=x.device)
+    partial = torch.empty(n_rows * n_splits * 3, dtype=torch.float32, device=x.device) if n_splits > 1 else None
     for name, out in (("logprobs", logprobs), ("entropy", entropy), ("lse", lse), ("mean_z", mean_z)):
         if not (out.is_contiguous() and out.dtype == torch.float32 and out.numel() == n_rows):
             raise ValueError(f"{name} must be a contiguous float32 tensor of {n_rows} elements")
@@ -110,7 +110,7 @@ def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, m
         x.data_ptr(), dtype, n_rows, vocab, x.stride(0), ids.data_ptr(), ids.element_size(),
         temperature.data_ptr(), 0 if temperature.numel() == 1 else 1, ignore_index,
         logprobs.data_ptr(), entropy.data_ptr(), lse.data_ptr(), mean_z.data_ptr(),
-        partial.data_ptr(), n_splits, device, stream,
+        0 if partial is None else partial.data_ptr(), n_splits, device, stream,
     )  # fmt: skip
 
 
