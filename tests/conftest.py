@@ -19,6 +19,14 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False, help="run the slow cases too")
 
 
+def pytest_configure(config):
+    from hypothesis import settings
+
+    import tests.fuzz  # noqa: F401  (registers the profiles)
+
+    settings.load_profile("slow" if config.getoption("--slow") else "ci")
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow"):
         return

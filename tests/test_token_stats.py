@@ -9,7 +9,7 @@ import torch
 
 import lenkernels as lk
 from lenkernels.reference import token_stats as ref
-from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, backend_params
+from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, backend_params, token_grad_scale
 
 BACKENDS = backend_params("token_stats")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -84,18 +84,6 @@ def test_temperature(backend, device, kind):
     assert_close(ent, ent_ref, rtol=STAT_RTOL, scale=1.0, name="entropy")
 
 
-def _grad_scale(logits, ids, temp, g_lp, g_h, ignore_index):
-    """Sum of |terms| of SPEC 1's gradient per element: the scale its fp32 error grows with."""
-    z = logits.double().cpu() / temp
-    p = torch.softmax(z, -1)
-    mean_z = (p * torch.where(torch.isneginf(z), 0, z)).sum(-1, keepdim=True)
-    valid = (ids.cpu() != ignore_index).unsqueeze(-1)
-    glp = (g_lp.double().cpu().unsqueeze(-1) * valid).abs()
-    onehot = torch.zeros_like(z).scatter_(-1, torch.where(valid, ids.cpu().unsqueeze(-1), 0), 1.0) * valid
-    ent = torch.where(p > 0, p * ((z - mean_z).abs() + 1), 0)
-    return (glp * (onehot + p) + g_h.double().cpu().unsqueeze(-1).abs() * ent) / temp
-
-
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,vocab", [((1,), 151_936), ((2, 3), 1_000), ((5,), 7)])
@@ -115,7 +103,7 @@ def test_backward_matches_reference(backend, device, dtype, lead, vocab, outputs
     x64 = logits.detach().cpu().double().requires_grad_(True)
     lp64, ent64 = ref.token_logprobs_entropy(x64, ids.cpu(), temp)
     (grad64,) = torch.autograd.grad((lp64 * g_lp.double()).sum() + (ent64 * g_h.double()).sum(), x64)
-    scale = _grad_scale(logits.cpu(), ids, temp, g_lp, g_h, -100)
+    scale = token_grad_scale(logits.cpu(), ids, temp, g_lp, g_h, -100)
     assert_close(grad, grad64, rtol=GRAD_RTOL[dtype], atol=GRAD_ATOL[dtype], scale=scale, name="dlogits")
 
 
