@@ -32,7 +32,7 @@ import torch
 from lenkernels import _build, _checks, _extensions
 
 _HOW_TO_BUILD = (
-    "the CUDA backend is compiled with nvcc: install the CUDA toolkit (nvcc 12.0 or newer) and either "
+    "the CUDA backend is compiled with nvcc: install the CUDA toolkit (nvcc) and either "
     "reinstall with `pip install -e .` or let it build on first use (set CUDA_HOME if nvcc is not on PATH)"
 )
 
@@ -55,8 +55,7 @@ def available(family: str) -> tuple[bool, str]:
     try:
         load(family)
     except ImportError as exc:
-        hint = "" if _build.find_nvcc() else " (nvcc not found)"
-        return False, f"{exc}{hint}; {_HOW_TO_BUILD}"
+        return False, f"{exc}; {_HOW_TO_BUILD}"
     return True, ""
 
 

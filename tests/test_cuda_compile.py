@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -91,7 +89,8 @@ def builds(tmp_path_factory):
         except Exception as exc:  # reported by the test, with the compiler output
             return None, str(exc)
 
-    with mock.patch.dict(os.environ, {"LENKERNELS_CACHE": str(cache)}), ThreadPoolExecutor(max_workers=3) as pool:
+    with pytest.MonkeyPatch.context() as env, ThreadPoolExecutor(max_workers=3) as pool:
+        env.setenv("LENKERNELS_CACHE", str(cache))  # a fresh build, restored afterwards
         cubins = {
             (src.name, arch): pool.submit(_run, _cubin_command(src, arch, tmp / f"{src.stem}.sm_{arch}.cubin"))
             for src in SOURCES
