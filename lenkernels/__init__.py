@@ -4,6 +4,16 @@ from lenkernels._backend import BackendUnavailableError, explain as explain_back
 from lenkernels.ops.token_stats import token_entropy, token_logprobs, token_logprobs_entropy
 from lenkernels.ops.linear_stats import linear_logprobs_entropy
 from lenkernels.ops.policy_loss import PolicyLoss, kl_penalty, policy_loss, policy_loss_from_logits
+from lenkernels.ops.phase_stats import (
+    PhaseEntropy,
+    PhaseStats,
+    SequenceStats,
+    TokenStatsWithPhases,
+    phase_entropy,
+    phase_stats,
+    sequence_stats,
+    token_stats_with_phases,
+)
 
 __version__ = "0.1.0"
 
@@ -18,4 +28,12 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "policy_loss_from_logits",
+    "PhaseEntropy",
+    "PhaseStats",
+    "SequenceStats",
+    "TokenStatsWithPhases",
+    "phase_entropy",
+    "phase_stats",
+    "sequence_stats",
+    "token_stats_with_phases",
 ]

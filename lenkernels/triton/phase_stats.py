@@ -1,0 +1,304 @@
+"""Triton kernels for phase-split statistics (SPEC 6) and per-sequence token statistics.
+
+  phase_stats_fwd_kernel     grid (S, C): one program per (sequence, value channel) walks its
+                             sequence once in BLOCK-token tiles, finding the first delimiter
+                             occurrence and summing the think and answer phases in the same pass
+  phase_stats_bwd_kernel     grid (S, C): writes d(value) = g_mean / count + g_sum of each token's
+                             phase (0 for delimiter, padding and prompt tokens)
+  sequence_stats_fwd_kernel  grid (S,): length, mean/min/max, fraction above a threshold and,
+                             optionally (WRITE_MASK), the high-value token mask of one sequence
+
+Sequences are ``cu_seqlens[s] <= t < cu_seqlens[s + 1]`` of a flat [N] layout (a padded [B, T]
+batch uses ``arange(B + 1) * T``). Reductions are per-sequence, in a fixed tile order: no atomics,
+bitwise reproducible. Sizes, strides, the delimiter length and the threshold are runtime values
+(do_not_specialize): new lengths never recompile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _bounds(cu_ptr, seq, n_tokens):
+    """[start, end) of a sequence, clamped into [0, n_tokens] (a malformed cu_seqlens stays in bounds)."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + seq), 0), n_tokens)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + seq + 1), start), n_tokens)
+    return start, end
+
+
+@triton.jit(do_not_specialize=["n_tokens", "n_seq", "channel_stride", "delim_len"])
+def phase_stats_fwd_kernel(
+    values_ptr,  # [C, N] any float dtype, channel_stride apart
+    ids_ptr,  # [N] int32/int64
+    valid_ptr,  # [N] uint8 (1 = response token)
+    cu_ptr,  # [S + 1] int64
+    delim_ptr,  # [L] int64
+    think_mean_ptr,  # [C, S] fp32 out
+    think_sum_ptr,
+    answer_mean_ptr,
+    answer_sum_ptr,
+    think_count_ptr,  # [S] int64 out (written by channel 0)
+    answer_count_ptr,
+    k_ptr,
+    found_ptr,  # [S] uint8 out
+    n_tokens,
+    n_seq,
+    channel_stride,
+    delim_len,
+    BLOCK: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    channel = tl.program_id(1).to(tl.int64)
+    start, end = _bounds(cu_ptr, seq, n_tokens)
+    length = end - start
+    values_ptr += channel * channel_stride
+    # k = sequence length until an occurrence is found. Tiles run in order, so once k is set every
+    # later token is already classified correctly: think if offset < k, answer if >= k + L.
+    k = length
+    think_sum = tl.zeros([], tl.float32)
+    answer_sum = tl.zeros([], tl.float32)
+    think_n = tl.zeros([], tl.int64)
+    answer_n = tl.zeros([], tl.int64)
+    for first in range(start, end, BLOCK):
+        pos = first + tl.arange(0, BLOCK)
+        in_seq = pos < end
+        hit = in_seq & (pos + delim_len <= end)
+        for j in range(0, delim_len):
+            tok = tl.load(ids_ptr + pos + j, mask=hit, other=-1).to(tl.int64)
+            ok = tl.load(valid_ptr + pos + j, mask=hit, other=0) != 0
+            hit = hit & ok & (tok == tl.load(delim_ptr + j))
+        offset = pos - start
+        k = tl.minimum(k, tl.min(tl.where(hit, offset, length), 0))
+        valid = tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
+        x = tl.load(values_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+        think = valid & (offset < k)
+        answer = valid & (offset >= k + delim_len)
+        think_sum += tl.sum(tl.where(think, x, 0.0), 0)
+        answer_sum += tl.sum(tl.where(answer, x, 0.0), 0)
+        think_n += tl.sum(think.to(tl.int32), 0).to(tl.int64)
+        answer_n += tl.sum(answer.to(tl.int32), 0).to(tl.int64)
+    out = channel * n_seq + seq
+    tl.store(think_sum_ptr + out, think_sum)
+    tl.store(answer_sum_ptr + out, answer_sum)
+    tl.store(think_mean_ptr + out, tl.where(think_n > 0, think_sum / tl.maximum(think_n, 1).to(tl.float32), 0.0))
+    tl.store(answer_mean_ptr + out, tl.where(answer_n > 0, answer_sum / tl.maximum(answer_n, 1).to(tl.float32), 0.0))
+    first_channel = channel == 0
+    tl.store(think_count_ptr + seq, think_n, mask=first_channel)
+    tl.store(answer_count_ptr + seq, answer_n, mask=first_channel)
+    tl.store(k_ptr + seq, k, mask=first_channel)
+    tl.store(found_ptr + seq, (k < length).to(tl.uint8), mask=first_channel)
+
+
+@triton.jit(do_not_specialize=["n_tokens", "n_seq", "channel_stride", "delim_len"])
+def phase_stats_bwd_kernel(
+    dvalues_ptr,  # [C, N] out, values dtype
+    valid_ptr,  # [N] uint8
+    cu_ptr,  # [S + 1] int64
+    k_ptr,  # [S] int64
+    think_count_ptr,
+    answer_count_ptr,
+    g_think_mean_ptr,  # [C, S] fp32, contiguous
+    g_think_sum_ptr,
+    g_answer_mean_ptr,
+    g_answer_sum_ptr,
+    n_tokens,
+    n_seq,
+    channel_stride,
+    delim_len,
+    BLOCK: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    channel = tl.program_id(1).to(tl.int64)
+    start, end = _bounds(cu_ptr, seq, n_tokens)
+    k = tl.load(k_ptr + seq)
+    think_n = tl.load(think_count_ptr + seq)
+    answer_n = tl.load(answer_count_ptr + seq)
+    g = channel * n_seq + seq
+    g_think = tl.where(
+        think_n > 0, tl.load(g_think_mean_ptr + g) / tl.maximum(think_n, 1).to(tl.float32) + tl.load(g_think_sum_ptr + g), 0.0
+    )
+    g_answer = tl.where(
+        answer_n > 0,
+        tl.load(g_answer_mean_ptr + g) / tl.maximum(answer_n, 1).to(tl.float32) + tl.load(g_answer_sum_ptr + g),
+        0.0,
+    )
+    dvalues_ptr += channel * channel_stride
+    for first in range(start, end, BLOCK):
+        pos = first + tl.arange(0, BLOCK)
+        in_seq = pos < end
+        valid = tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
+        offset = pos - start
+        grad = tl.where(valid & (offset < k), g_think, tl.where(valid & (offset >= k + delim_len), g_answer, 0.0))
+        tl.store(dvalues_ptr + pos, grad.to(dvalues_ptr.dtype.element_ty), mask=in_seq)
+
+
+@triton.jit(do_not_specialize=["n_tokens", "threshold"])
+def sequence_stats_fwd_kernel(
+    values_ptr,  # [N] any float dtype
+    valid_ptr,  # [N] uint8
+    cu_ptr,  # [S + 1] int64
+    quantile_ptr,  # [1] fp32 (read only with WRITE_MASK)
+    length_ptr,  # [S] int64 out
+    mean_ptr,  # [S] fp32 out
+    min_ptr,
+    max_ptr,
+    frac_ptr,
+    high_ptr,  # [N] uint8 out (WRITE_MASK)
+    n_tokens,
+    threshold,
+    WRITE_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    start, end = _bounds(cu_ptr, seq, n_tokens)
+    quantile = tl.load(quantile_ptr) if WRITE_MASK else 0.0
+    count = tl.zeros([], tl.int64)
+    above = tl.zeros([], tl.int64)
+    n_nan = tl.zeros([], tl.int64)
+    total = tl.zeros([], tl.float32)
+    vmin = tl.zeros([], tl.float32) + float("inf")
+    vmax = tl.zeros([], tl.float32) - float("inf")
+    for first in range(start, end, BLOCK):
+        pos = first + tl.arange(0, BLOCK)
+        in_seq = pos < end
+        valid = tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
+        x = tl.load(values_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+        count += tl.sum(valid.to(tl.int32), 0).to(tl.int64)
+        above += tl.sum((valid & (x > threshold)).to(tl.int32), 0).to(tl.int64)
+        # tl.min/tl.max do not promise NaN propagation: count NaNs and apply them at the end
+        n_nan += tl.sum((valid & (x != x)).to(tl.int32), 0).to(tl.int64)
+        total += tl.sum(tl.where(valid, x, 0.0), 0)
+        vmin = tl.minimum(vmin, tl.min(tl.where(valid & (x == x), x, float("inf")), 0))
+        vmax = tl.maximum(vmax, tl.max(tl.where(valid & (x == x), x, float("-inf")), 0))
+        if WRITE_MASK:
+            tl.store(high_ptr + pos, (valid & (x >= quantile)).to(tl.uint8), mask=in_seq)
+    nonempty = count > 0
+    n = tl.maximum(count, 1).to(tl.float32)
+    vmin = tl.where(n_nan > 0, float("nan"), vmin)
+    vmax = tl.where(n_nan > 0, float("nan"), vmax)
+    tl.store(length_ptr + seq, count)
+    tl.store(mean_ptr + seq, tl.where(nonempty, total / n, 0.0))
+    tl.store(min_ptr + seq, tl.where(nonempty, vmin, 0.0))
+    tl.store(max_ptr + seq, tl.where(nonempty, vmax, 0.0))
+    tl.store(frac_ptr + seq, tl.where(nonempty, above.to(tl.float32) / n, 0.0))
+
+
+def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, think_mean, think_sum, answer_mean, answer_sum,
+                    think_count, answer_count, k, found):  # fmt: skip
+    """Host launcher. values [C, N] (unit stride along N), ids [N], valid [N] uint8, cu_seqlens
+    [S + 1] int64, delimiter [L] int64; writes the [C, S] fp32 and [S] int64/uint8 outputs."""
+    n_channels, n_tokens = values.shape
+    n_seq = cu_seqlens.numel() - 1
+    phase_stats_fwd_kernel[(n_seq, n_channels)](
+        values_ptr=values,
+        ids_ptr=ids,
+        valid_ptr=valid,
+        cu_ptr=cu_seqlens,
+        delim_ptr=delimiter,
+        think_mean_ptr=think_mean,
+        think_sum_ptr=think_sum,
+        answer_mean_ptr=answer_mean,
+        answer_sum_ptr=answer_sum,
+        think_count_ptr=think_count,
+        answer_count_ptr=answer_count,
+        k_ptr=k,
+        found_ptr=found,
+        n_tokens=n_tokens,
+        n_seq=n_seq,
+        channel_stride=values.stride(0),
+        delim_len=delimiter.numel(),
+        BLOCK=_BLOCK,
+        num_warps=4,
+    )
+
+
+def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len, g_think_mean, g_think_sum,
+                    g_answer_mean, g_answer_sum, dvalues):  # fmt: skip
+    """Host launcher: writes dvalues [C, N] (values dtype) for every token of every sequence."""
+    n_channels, n_tokens = dvalues.shape
+    n_seq = cu_seqlens.numel() - 1
+    phase_stats_bwd_kernel[(n_seq, n_channels)](
+        valid_ptr=valid,
+        cu_ptr=cu_seqlens,
+        k_ptr=k,
+        think_count_ptr=think_count,
+        answer_count_ptr=answer_count,
+        g_think_mean_ptr=g_think_mean,
+        g_think_sum_ptr=g_think_sum,
+        g_answer_mean_ptr=g_answer_mean,
+        g_answer_sum_ptr=g_answer_sum,
+        dvalues_ptr=dvalues,
+        n_tokens=n_tokens,
+        n_seq=n_seq,
+        channel_stride=dvalues.stride(0),
+        delim_len=delim_len,
+        BLOCK=_BLOCK,
+        num_warps=4,
+    )
+
+
+def sequence_stats_fwd(values, valid, cu_seqlens, threshold, quantile, length, mean, vmin, vmax, frac, high):
+    """Host launcher. values [N], valid [N] uint8, quantile [1] fp32 or None (then high is unused)."""
+    n_seq = cu_seqlens.numel() - 1
+    write_mask = quantile is not None
+    sequence_stats_fwd_kernel[(n_seq,)](
+        values_ptr=values,
+        valid_ptr=valid,
+        cu_ptr=cu_seqlens,
+        quantile_ptr=quantile if write_mask else mean,
+        length_ptr=length,
+        mean_ptr=mean,
+        min_ptr=vmin,
+        max_ptr=vmax,
+        frac_ptr=frac,
+        high_ptr=high if write_mask else valid,
+        n_tokens=values.numel(),
+        threshold=float(threshold),
+        WRITE_MASK=write_mask,
+        BLOCK=_BLOCK,
+        num_warps=4,
+    )
+
+
+_SIZES = {"n_tokens": "i64", "n_seq": "i32", "channel_stride": "i64", "delim_len": "i32"}
+AOT_SPECS = [
+    {
+        "kernel": phase_stats_fwd_kernel,
+        "signature": {"values_ptr": f"*{dt}", "ids_ptr": f"*{it}", "valid_ptr": "*u8", "cu_ptr": "*i64",
+                      "delim_ptr": "*i64", "think_mean_ptr": "*fp32", "think_sum_ptr": "*fp32",
+                      "answer_mean_ptr": "*fp32", "answer_sum_ptr": "*fp32", "think_count_ptr": "*i64",
+                      "answer_count_ptr": "*i64", "k_ptr": "*i64", "found_ptr": "*u8", **_SIZES,
+                      "BLOCK": "constexpr"},
+        "constexprs": {"BLOCK": _BLOCK},
+        "num_warps": 4,
+    }
+    for dt, it in (("fp32", "i64"), ("bf16", "i32"), ("fp16", "i64"))
+] + [
+    {
+        "kernel": phase_stats_bwd_kernel,
+        "signature": {"dvalues_ptr": f"*{dt}", "valid_ptr": "*u8", "cu_ptr": "*i64", "k_ptr": "*i64",
+                      "think_count_ptr": "*i64", "answer_count_ptr": "*i64", "g_think_mean_ptr": "*fp32",
+                      "g_think_sum_ptr": "*fp32", "g_answer_mean_ptr": "*fp32", "g_answer_sum_ptr": "*fp32",
+                      **_SIZES, "BLOCK": "constexpr"},
+        "constexprs": {"BLOCK": _BLOCK},
+        "num_warps": 4,
+    }
+    for dt in ("fp32", "bf16", "fp16")
+] + [
+    {
+        "kernel": sequence_stats_fwd_kernel,
+        "signature": {"values_ptr": f"*{dt}", "valid_ptr": "*u8", "cu_ptr": "*i64", "quantile_ptr": "*fp32",
+                      "length_ptr": "*i64", "mean_ptr": "*fp32", "min_ptr": "*fp32", "max_ptr": "*fp32",
+                      "frac_ptr": "*fp32", "high_ptr": "*u8", "n_tokens": "i64", "threshold": "fp32",
+                      "WRITE_MASK": "constexpr", "BLOCK": "constexpr"},
+        "constexprs": {"WRITE_MASK": write_mask, "BLOCK": _BLOCK},
+        "num_warps": 4,
+    }
+    for dt in ("fp32", "bf16")
+    for write_mask in (True, False)
+]  # fmt: skip
