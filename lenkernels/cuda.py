@@ -17,9 +17,10 @@ plus sm_90 PTX; flags in ``lenkernels/_build.py``):
 - ``available(family)`` says whether the module loads and, when not, why and how to fix it;
   ``lenkernels.explain_backend(family, "cuda")`` prints it for every backend.
 
-Example::
+Example (packed layout: the N response tokens of all sequences as rows)::
 
-    lp, ent = lenkernels.token_logprobs_entropy(logits, ids, backend="cuda")  # logits on a GPU
+    logits = model(input_ids).logits[0, :-1]        # [N, V] bf16 on a GPU
+    lp, ent = lenkernels.token_logprobs_entropy(logits, input_ids[0, 1:], temperature=0.7, backend="cuda")
 """
 
 from __future__ import annotations

@@ -199,6 +199,18 @@ def test_cuda_graph_capture(module):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensor_on_another_device_than_the_current_one(module):
+    x = _rows("contiguous", torch.bfloat16, 4, 5_000).to("cuda:1")
+    ids = torch.randint(0, 5_000, (4,), device="cuda:1")
+    torch.cuda.set_device(0)
+    lp, ent = lk.token_logprobs_entropy(x, ids, backend="cuda")
+    assert torch.cuda.current_device() == 0, "the launch restores the caller's device"
+    lp_ref, ent_ref = ref.token_logprobs_entropy(x.cpu(), ids.cpu())
+    assert_close(lp, lp_ref, rtol=STAT_RTOL, scale=_lse(x, torch.tensor([1.0])).abs() + 1, name="logprobs")
+    assert_close(ent, ent_ref, rtol=STAT_RTOL, scale=1.0, name="entropy")
+
+
 def test_empty_and_backend_errors(module):
     x = torch.randn(0, 5, 100, device="cuda", requires_grad=True)
     lp, ent = lk.token_logprobs_entropy(x, torch.zeros(0, 5, dtype=torch.long, device="cuda"), backend="cuda")
