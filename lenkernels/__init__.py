@@ -3,6 +3,8 @@
 from lenkernels._backend import BackendUnavailableError, explain as explain_backend
 from lenkernels.ops.token_stats import token_entropy, token_logprobs, token_logprobs_entropy
 from lenkernels.ops.linear_stats import linear_logprobs_entropy
+from lenkernels.ops.advantages import group_advantages, group_stats
+from lenkernels import shaping
 from lenkernels.ops.policy_loss import PolicyLoss, kl_penalty, policy_loss, policy_loss_from_logits
 from lenkernels.ops.phase_stats import (
     PhaseEntropy,
@@ -28,6 +30,9 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "policy_loss_from_logits",
+    "group_advantages",
+    "group_stats",
+    "shaping",
     "PhaseEntropy",
     "PhaseStats",
     "SequenceStats",
