@@ -839,10 +839,10 @@ def _entropy_threshold(entropy: torch.Tensor, mask: Optional[torch.Tensor], q: f
     valid = torch.ones_like(entropy, dtype=torch.bool) if mask is None else mask != 0
     values = torch.where(valid, entropy.to(torch.float64), torch.full_like(entropy, math.inf, dtype=torch.float64))
     ordered = torch.sort(values.reshape(-1)).values
-    rank = (valid.sum() - 1).clamp(min=0).to(torch.float64) * q
+    rank = ((valid.sum() - 1).clamp(min=0).to(torch.float64) * q).reshape(1)
     below = rank.floor().to(torch.int64)
     above = rank.ceil().to(torch.int64)
-    return torch.lerp(ordered[below], ordered[above], rank - below.to(torch.float64)).reshape(1)
+    return torch.lerp(ordered.gather(0, below), ordered.gather(0, above), rank - below.to(torch.float64))
 
 
 def kl_penalty(

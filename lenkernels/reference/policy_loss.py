@@ -144,13 +144,14 @@ def policy_loss(
 ) -> dict:
     """SPEC 3: the loss and metrics as a dict of 0-dim tensors in ``dtype``; ``loss`` is
     differentiable in ``logprobs`` and ``entropy`` (autograd). Same arguments as
-    ``lenkernels.policy_loss`` (see its docstring for the conventions)."""
+    ``lenkernels.policy_loss`` (see its docstring for the conventions). ``out["scales"]`` holds,
+    per reduced quantity, the same reduction of the absolute terms (for error bounds)."""
     clip_low, clip_high = resolve_clip(mode, clip_low, clip_high)
     agg = agg or MODE_DEFAULTS[mode][2]
     if cu_seqlens is not None:
         n_seq, n_tok = cu_seqlens.numel() - 1, logprobs.shape[0]
         # [B, 1] is per sequence; [B] too, unless B == N (then per token, like every [N] tensor)
-        seq_adv = tuple(advantages.shape) == (n_seq, 1) or (advantages.dim() == 1 and n_seq != n_tok)
+        seq_adv = tuple(advantages.shape) == (n_seq, 1) or (tuple(advantages.shape) == (n_seq,) and n_seq != n_tok)
 
         def pad(x, fill=0.0):
             return None if x is None else unpack(x, cu_seqlens, fill)
@@ -166,6 +167,10 @@ def policy_loss(
         valid = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask != 0
     m = valid
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    if isinstance(num_tokens, torch.Tensor):
+        num_tokens = num_tokens.to(dtype).reshape(())
+    if isinstance(num_seqs, torch.Tensor):
+        num_seqs = num_seqs.to(dtype).reshape(())
 
     def clean(x):  # padded positions may hold anything (NaN, inf): never let them reach a gradient
         return torch.where(m, x.to(dtype), zero)
@@ -230,14 +235,13 @@ def policy_loss(
     if importance_weights is not None and mode != "gmpo":
         pg = pg * clean(importance_weights)
     ent = clean(entropy) if entropy is not None else None
-    kept = m
+    kept = None
     if ent is not None and (entropy_threshold is not None or top_entropy_quantile < 1.0):
         thr = entropy_threshold
         if thr is None:
             thr = entropy_quantile_threshold(ent.detach(), m, top_entropy_quantile)
-        if thr is not None:
-            kept = m & (ent.detach() >= torch.as_tensor(thr, dtype=torch.float64).to(ent.device))
-            pg = pg * kept
+        kept = m if thr is None else m & (ent.detach() >= torch.as_tensor(thr, dtype=torch.float64).to(ent.device))
+        pg = pg * kept
     total = pg
     kl = None
     if ref_logprobs is not None:
@@ -270,7 +274,12 @@ def policy_loss(
         "ratio_mean": mean(ratio_d),
         "ratio_max": torch.where(m, ratio_d, -inf).max() if m.numel() else -inf,
         "entropy_mean": None if ent is None else mean(ent).detach(),
-        "entropy_kept": mean(kept),
+        "entropy_kept": None if kept is None else mean(kept),
         "num_tokens": count,
     }
+    # the magnitude of the terms each reduction summed: an fp32 sum's error grows with it
+    absolute = {"loss": total, "pg_loss": pg, "kl_loss": kl, "entropy_loss": ent}
+    out["scales"] = {k: None if v is None else _aggregate(v.detach().abs(), *agg_args) for k, v in absolute.items()}
+    out["scales"].update(approx_kl=mean(neg_kl.detach().abs()), ratio_mean=mean(ratio_d.abs()),
+                         entropy_mean=None if ent is None else mean(ent.detach().abs()))
     return out
