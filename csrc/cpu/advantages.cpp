@@ -311,6 +311,7 @@ void broadcast_rows(const BroadcastArgs& a) {
 
 void broadcast(const BroadcastArgs& a) {
   if (a.mask) {
+    if (a.stride_o == a.T) advise_huge_pages(a.out, a.n * a.T * int64_t(sizeof(float)));
     LK_DISPATCH_WEIGHT(a.m_dtype, W, broadcast_rows<W>(a));
     return;
   }

@@ -411,9 +411,11 @@ def _check_lengths(lengths, rewards, n, name="lengths"):
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
     """Data-dependent: where value checks run (CPU tensors, LENKERNELS_DEBUG=1), non-finite values are
-    an error naming the first bad index; elsewhere they propagate NaN to their group."""
+    an error naming the first bad response; elsewhere they propagate NaN to their group. A row of
+    token rewards is checked through its sum (NaN and inf survive a sum; so does an overflow)."""
     if x.numel() and _checks.value_checks(x.device):
-        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(-1)
+        per_response = x if x.dim() == 1 else x.sum(-1, dtype=torch.float32)
+        bad = ~torch.isfinite(per_response)
         if bool(bad.any()):
             first = int(bad.nonzero()[0])
             raise ValueError(f"{name} holds a non-finite value (NaN or inf) for response {first}")
