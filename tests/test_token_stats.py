@@ -214,7 +214,9 @@ def test_empty_batch(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_bad_input(backend, device):
+def test_bad_input(backend, device, monkeypatch):
+    # value checks (ids in range, positive temperatures) need a host sync on CUDA: debug mode only
+    monkeypatch.setenv("LENKERNELS_DEBUG", "1")
     logits, ids = _inputs((4,), 100, torch.float32, device)
     with pytest.raises(ValueError, match="ids"):
         lk.token_logprobs_entropy(logits, ids[:3], backend=backend)
@@ -240,6 +242,24 @@ def test_bad_input(backend, device):
         lk.token_logprobs_entropy(torch.empty(4, 0).to(device), ids, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         lk.token_logprobs_entropy(logits, ids, backend="tpu")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bad_values_without_debug_mode_give_nan(backend, device, monkeypatch):
+    """Without debug mode a GPU kernel cannot raise: an out-of-range id or a bad temperature must
+    still never produce a plausible number (CPU tensors raise regardless)."""
+    monkeypatch.delenv("LENKERNELS_DEBUG", raising=False)
+    logits, ids = _inputs((4,), 100, torch.float32, device)
+    ids[1] = 100
+    temp = torch.tensor([1.0, 1.0, 0.0, -1.0]).to(device)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="ids"):
+            lk.token_logprobs_entropy(logits, ids, backend=backend)
+        return
+    lp, ent = lk.token_logprobs_entropy(logits, ids, temperature=temp, backend=backend)
+    lp, ent = lp.cpu(), ent.cpu()
+    assert torch.isnan(lp[1]) and torch.isfinite(lp[0])
+    assert torch.isnan(lp[2]) and torch.isnan(ent[2]) and torch.isnan(lp[3]) and torch.isnan(ent[3])
 
 
 def test_unavailable_backend_says_why():

@@ -11,6 +11,7 @@
 
 #include "cpu_utils.h"
 #include "lenkernels/softmax_state.h"
+#include "lenkernels/token_stats.h"
 
 namespace lk {
 namespace cpu {
@@ -102,12 +103,10 @@ LK_ALWAYS_INLINE bool finish_row(const FwdArgs& a, int64_t r, const SoftmaxState
   const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
   const RowStats rs = finalize(st);
   const int64_t id = a.ids[r];
-  bool ok = true;
-  float lp = 0.0f;
-  if (id != a.ignore_index) {
-    ok = id >= 0 && id < a.vocab;
-    lp = ok ? to_float(row[id]) * inv_t - rs.lse : std::numeric_limits<float>::quiet_NaN();
-  }
+  const bool in_range = id >= 0 && id < a.vocab;
+  const float z_target = in_range ? to_float(row[id]) * inv_t : 0.0f;
+  const float lp = token_logprob(z_target, rs.lse, id, a.ignore_index, a.vocab);
+  const bool ok = in_range || id == a.ignore_index;
   a.logprobs[r] = lp;
   if (a.entropy) a.entropy[r] = rs.entropy;
   a.lse[r] = rs.lse;
