@@ -10,12 +10,15 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lenkernels as lk
 from lenkernels.ops import phase_stats as ops
 from lenkernels.reference import phase_stats as ref
 from lenkernels.reference import token_stats as ref_tokens
+from tests.fuzz import examples
 from tests.utils import GRAD_RTOL, STAT_RTOL, assert_close, backend_params, nan_like
 
 BACKENDS = backend_params("phase_stats")
@@ -301,6 +304,83 @@ def test_launchers_write_every_output(backend, device):
     ops.sequence_stats_fwd(values.reshape(-1), valid, cu, 0.5, quantile, backend, seq_outs)
     assert not bool((seq_outs[0] == -7).any()) and not any(bool(torch.isnan(o).any()) for o in seq_outs[1:5])
     assert not bool(seq_outs[5][~valid].any()), "padding tokens are never high-entropy tokens"
+
+
+# --- property-based: random layouts and delimiters against the brute force -------------------------
+
+
+@st.composite
+def phase_cases(draw, layout):
+    """Sequences over a 3-letter alphabet (partial and overlapping matches everywhere), random
+    masks and delimiters of 1-4 tokens."""
+    width = draw(st.integers(1, 4))
+    delim = draw(st.lists(st.sampled_from([3, 4, 5]), min_size=width, max_size=width))
+    n_seq = draw(st.integers(0, 5))
+    seqs = draw(st.lists(st.lists(st.tuples(st.sampled_from([3, 4, 5]), st.booleans()), max_size=12),
+                         min_size=n_seq, max_size=n_seq))  # fmt: skip
+    return delim, seqs, layout, draw(st.integers(0, 2**31 - 1))
+
+
+def _check_phase_case(case, backend):
+    delim, seqs, layout, seed = case
+    if layout == "packed":
+        ids = torch.tensor([t for s in seqs for t, _ in s], dtype=torch.long)
+        mask = torch.tensor([m for s in seqs for _, m in s], dtype=torch.bool)
+        cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    else:
+        T = max([len(s) for s in seqs] + [1])
+        ids = torch.full((len(seqs), T), 3, dtype=torch.long)  # padding ids are delimiter tokens
+        mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for b, s in enumerate(seqs):
+            cols = range(len(s)) if layout == "right" else range(T - len(s), T)
+            for c, (t, m) in zip(cols, s):
+                ids[b, c], mask[b, c] = t, m
+        cu = None
+    values = torch.randn(ids.shape, generator=torch.Generator().manual_seed(seed))
+    got = lk.phase_stats(values, ids, mask, delimiter=delim, cu_seqlens=cu, backend=backend)
+    flat_ids, valid, flat_cu = _flat(ids, mask, cu)
+    v = values.reshape(-1).double()
+    for b in range(flat_cu.numel() - 1):
+        lo, hi = int(flat_cu[b]), int(flat_cu[b + 1])
+        k, found, think, answer = brute_force(flat_ids[lo:hi].tolist(), valid[lo:hi].tolist(), delim)
+        assert (int(got.delimiter_pos[b]), bool(got.found[b])) == (k, found)
+        assert (int(got.think_count[b]), int(got.answer_count[b])) == (len(think), len(answer))
+        for pos, mean, total in ((think, got.think_mean[b], got.think_sum[b]), (answer, got.answer_mean[b], got.answer_sum[b])):
+            want = v[[lo + t for t in pos]]
+            scale = float(want.abs().sum()) + 1e-30
+            assert abs(float(total) - float(want.sum())) <= STAT_RTOL * scale
+            assert abs(float(mean) - (float(want.mean()) if pos else 0.0)) <= STAT_RTOL * scale / max(len(pos), 1)
+
+
+@pytest.mark.parametrize("backend", [p.values[0] for p in BACKENDS if not p.marks])
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+def test_phase_stats_property(backend, layout):
+    # the Triton interpreter pays ~10 ms per program: fewer examples there
+    @examples(8 if backend == "triton" else 40)
+    @given(phase_cases(layout))
+    def check(case):
+        _check_phase_case(case, backend)
+
+    check()
+
+
+def test_quantile_threshold_host_and_device_paths():
+    """The host selection (CPU, eager) and the sort + gather path (GPU, compiled) both give TRL's
+    torch.quantile bitwise: ties, negatives, NaN, no valid token, levels 0 and 1."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        n = [0, 1, 2, 7, 50, 333][trial % 6]
+        x = torch.randint(-2, 5, (n,), generator=g).float() * 0.5 if trial % 2 else torch.randn(n, generator=g)
+        valid = torch.rand(n, generator=g) < [1.0, 0.5, 0.0][trial % 3]
+        if trial % 7 == 3 and n:
+            x[0] = float("nan")
+        rho = [0.0, 0.2, 0.5, 1.0, 0.37][trial % 5]
+        want = ref.top_entropy_threshold(x, valid, rho).reshape(1)
+        for host in (True, False):
+            got = ops._quantile_threshold(x, valid, 1.0 - rho, None, host_select=host)
+            assert torch.equal(got, want) or (bool(torch.isnan(got).all()) and bool(torch.isnan(want).all())), (
+                trial, host, got, want,
+            )  # fmt: skip
 
 
 # --- the fused logits path ----------------------------------------------------------------------

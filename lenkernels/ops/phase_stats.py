@@ -568,13 +568,24 @@ def _kth_across_ranks(x: torch.Tensor, valid: torch.Tensor, ranks: torch.Tensor,
     return _from_keys(lo)
 
 
-def _quantile_threshold(values: torch.Tensor, valid: torch.Tensor, level: float, process_group) -> torch.Tensor:
+def _quantile_threshold(values, valid, level: float, process_group, host_select: bool | None = None) -> torch.Tensor:
     """``torch.quantile(values[valid], level)`` (linear interpolation, float32, over every rank of
-    ``process_group``) as a ``[1]`` tensor, without a host sync; NaN when there is no valid value
-    or a valid value is NaN (TRL's threshold then selects no token)."""
+    ``process_group``) as a ``[1]`` tensor; NaN when there is no valid value or a valid value is
+    NaN (TRL's threshold then selects no token). No host sync on a device: a sort and a gather
+    (or the bisection over ranks); host memory selects the two neighbours in one O(N) pass."""
     x = values.reshape(-1).to(torch.float32)
     valid = valid.reshape(-1)
-    counts = torch.stack([valid.sum(), (valid & torch.isnan(x)).sum()])
+    on_host = process_group is None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    on_host = on_host if host_select is None else host_select and on_host
+    if on_host:
+        import numpy as np
+
+        v = valid.numpy()
+        keys = np.where(v, x.numpy(), np.float32(np.inf))  # invalid tokens order last
+        counts = torch.tensor([np.count_nonzero(v), np.count_nonzero(np.isnan(keys))])
+    else:
+        keys = torch.where(valid, x, torch.full_like(x, float("inf")))
+        counts = torch.stack([valid.sum(), torch.isnan(keys).sum()])
     if process_group is not None:
         import torch.distributed as dist
 
@@ -591,9 +602,11 @@ def _quantile_threshold(values: torch.Tensor, valid: torch.Tensor, level: float,
         neighbours = _kth_across_ranks(x, valid, ranks, process_group)
     elif x.numel() == 0:
         neighbours = torch.full((2,), float("nan"), device=x.device)
-    else:  # invalid tokens sort last (+inf); gather, not indexing: no host sync, traceable
-        ordered = torch.sort(torch.where(valid, x, torch.full_like(x, float("inf")))).values
-        neighbours = ordered.gather(0, ranks.clamp(max=x.numel() - 1))
+    elif on_host:
+        picks = ranks.clamp(max=x.numel() - 1).tolist()
+        neighbours = torch.from_numpy(np.partition(keys, picks)[picks])
+    else:
+        neighbours = torch.sort(keys).values.gather(0, ranks.clamp(max=x.numel() - 1))
     thr = neighbours[0].lerp(neighbours[1], weight)
     thr = torch.where((n == 0) | (n_nan > 0), torch.full_like(thr, float("nan")), thr)
     return thr.reshape(1)

@@ -46,8 +46,9 @@ def find_delimiter(ids, valid, cu_seqlens, delimiter):
     for j in range(width):
         shifted_ids = torch.full_like(ids, -1)
         shifted_valid = torch.zeros_like(valid)
-        shifted_ids[: n - j] = ids[j:]
-        shifted_valid[: n - j] = valid[j:]
+        if j < n:  # (a negative end would wrap around)
+            shifted_ids[: n - j] = ids[j:]
+            shifted_valid[: n - j] = valid[j:]
         match &= (shifted_ids == delimiter[j]) & shifted_valid
     cu = cu_seqlens.to(torch.int64).clamp(0, n)
     seq_len = cu[1:] - cu[:-1]
