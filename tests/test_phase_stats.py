@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -590,6 +591,14 @@ def test_empty_and_degenerate_layouts(backend, device):
     a = lk.phase_entropy(x.detach(), ids.int(), None, cu_seqlens=cu.int(), delimiter=torch.tensor([3]), backend=backend)
     b = lk.phase_entropy(x.detach(), ids, None, cu_seqlens=cu, delimiter=3, backend=backend)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # a numpy delimiter, first seen under inference_mode (a logging step), then used in training
+    delim = np.array([7, 3], dtype=np.int64)
+    with torch.inference_mode():
+        lk.phase_entropy(x.detach(), ids, None, cu_seqlens=cu, delimiter=delim, backend=backend)
+    y = x.detach().clone().requires_grad_(True)
+    st = lk.phase_entropy(y, ids, None, cu_seqlens=cu, delimiter=delim, backend=backend)
+    st.answer_mean.sum().backward()
+    assert st.found.tolist() == [False] * 6 and y.grad.tolist() == [0.0] * 4
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -17,7 +17,9 @@ marking the response tokens inside each packed sequence).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import numbers
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -350,21 +352,32 @@ def _delimiter(delimiter, device: torch.device) -> torch.Tensor:
         if _checks.value_checks(d.device) and bool((d < 0).any()):
             raise ValueError(f"delimiter token ids must be non-negative, got {d.tolist()}")
         return d
-    if isinstance(delimiter, str):
+    if isinstance(delimiter, (str, bytes)):
         raise TypeError("delimiter must be token ids, not text: pass tokenizer.encode('</think>', add_special_tokens=False)")
-    if isinstance(delimiter, int) and not isinstance(delimiter, bool):
+    if isinstance(delimiter, numbers.Integral) and not isinstance(delimiter, bool):
         delimiter = [delimiter]
-    if not isinstance(delimiter, Sequence):
+    if not isinstance(delimiter, Iterable):
         raise TypeError(f"delimiter must be a sequence of token ids or a 1-D integer tensor, got {type(delimiter).__name__}")
     ids = list(delimiter)
     if not ids:
         raise ValueError("delimiter must hold at least one token id")
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"delimiter must hold int token ids, got {type(i).__name__} ({i!r})")
-        if i < 0:
-            raise ValueError(f"delimiter token ids must be non-negative, got {ids}")
-    return torch.tensor(ids, dtype=torch.int64, device=device)
+    ids = [int(i) for i in ids]
+    if min(ids) < 0:
+        raise ValueError(f"delimiter token ids must be non-negative, got {ids}")
+    if torch.compiler.is_compiling():
+        return torch.tensor(ids, dtype=torch.int64, device=device)
+    return _delimiter_on_device(tuple(ids), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _delimiter_on_device(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # a host-to-device copy of a Python list waits for the stream: pay it once per delimiter
+    # (and make a normal tensor even when first called under inference_mode)
+    with torch.inference_mode(False):
+        return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
 def _split_phases(values, ids, mask, delimiter, cu_seqlens, backend, name):
