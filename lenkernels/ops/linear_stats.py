@@ -289,22 +289,20 @@ def _linear_stats_backward(
         # hidden is replicated over the group and every shard's logits depend on it: sum the
         # shards' contributions (in fp32, before rounding to the hidden dtype)
         torch.distributed.all_reduce(dh, group=lkdist.resolve_group(group_name))
-    empty = hidden.new_empty(0)
     return (
-        dh.to(hidden.dtype) if dh is not None else empty,
-        dw if dw is not None else empty,
-        db if db is not None else empty,
+        dh.to(hidden.dtype) if dh is not None else hidden.new_empty(0),
+        dw if dw is not None else weight.new_empty(0),
+        db if db is not None else weight.new_empty(0),
     )
 
 
 @_linear_stats_backward.register_fake
 def _(hidden, weight, bias, ids, temperature, lse, mean_z, vocab_offset, g_logprobs, g_entropy, ignore_index,
       chunk_size, backend, group_name, reduce_hidden_grad, need_hidden, need_weight, need_bias):  # fmt: skip
-    empty = hidden.new_empty(0)
     return (
-        torch.empty_like(hidden) if need_hidden else empty,
-        torch.empty_like(weight) if need_weight else empty,
-        torch.empty_like(bias) if need_bias and bias is not None else empty,
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_bias and bias is not None else weight.new_empty(0),
     )
 
 
