@@ -149,7 +149,7 @@ def test_phase_stats_matches_reference_and_brute_force(backend, device, width, l
     delim = DELIMITERS[width]
     flat_ids, valid, flat_cu = _flat(ids, mask, cu)
     values = _values(ids.shape, mask)
-    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    dev = lambda x: None if x is None else x.to(device)
     got = lk.phase_stats(dev(values), dev(ids), dev(mask), delimiter=delim, cu_seqlens=dev(cu), backend=backend)
     want = ref.phase_stats(values.reshape(-1), flat_ids, valid, flat_cu, delim)
     w_tm, w_ts, w_am, w_as, w_tc, w_ac, w_k, w_found = want
@@ -214,6 +214,31 @@ def test_delimiter_across_tile_boundaries(backend, device):
     assert got.think_count.tolist() == want[4].tolist() and got.answer_count.tolist() == want[5].tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_long_reasoning_traces(backend, device):
+    """32k-token traces (the length reasoning models produce): fp32 sums of ~30 000 terms stay
+    within the derived tolerance, the delimiter is found deep inside, and nothing is skipped."""
+    B, T = 3, 32_768
+    ids = torch.randint(10, 1000, (B, T))
+    ids[0, 30_001:30_004] = torch.tensor(DELIMITERS[3])
+    ids[1, 5:8] = torch.tensor(DELIMITERS[3])
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[2, 31_000:] = False
+    values = torch.rand(B, T) * 6
+    x = values.to(device).requires_grad_(True)
+    got = lk.phase_entropy(x, ids.to(device), mask.to(device), delimiter=DELIMITERS[3], backend=backend)
+    (got.think_mean.sum() + got.answer_mean.sum()).backward()
+    flat_ids, valid, cu = _flat(ids, mask, None)
+    want = ref.phase_stats(values.reshape(-1), flat_ids, valid, cu, DELIMITERS[3])
+    assert got.delimiter_pos.tolist() == [30_001, 5, T] and got.think_count.tolist() == want[4].tolist()
+    assert_close(got.think_sum, want[1], rtol=STAT_RTOL, scale=want[1].abs(), name="think_sum")
+    assert_close(got.answer_mean, want[2], rtol=STAT_RTOL, scale=want[2].abs(), name="answer_mean")
+    expected = torch.where(torch.arange(T) < 30_001, 1.0 / 30_001, 1.0 / (T - 30_004))
+    assert_close(x.grad[0], expected.masked_fill((torch.arange(T) >= 30_001) & (torch.arange(T) < 30_004), 0.0),
+                 rtol=1e-6, name="dvalues")  # fmt: skip
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_values(backend, device, dtype):
@@ -234,7 +259,7 @@ def test_several_statistics_share_one_split(backend, device):
     """values [C, B, T]: each channel equals its own call (bitwise), the split is shared."""
     ids, mask, _, _ = make_batch("left", 3, seed=11)
     stack = torch.stack([_values(ids.shape, mask) for _ in range(3)]).to(device)
-    args = dict(delimiter=DELIMITERS[3], backend=backend)
+    args = {"delimiter": DELIMITERS[3], "backend": backend}
     both = lk.phase_stats(stack, ids.to(device), mask.to(device), **args)
     assert both.think_mean.shape == (3, ids.shape[0]) and both.think_count.shape == (ids.shape[0],)
     for c in range(3):
@@ -255,7 +280,7 @@ def test_backward_matches_reference(backend, device, layout, dtype):
     n_seq = ids.shape[0] if cu is None else cu.numel() - 1
     cot = [torch.randn(n_seq) for _ in range(4)]  # random cotangents of the four float outputs
     x = values.to(device).requires_grad_(True)
-    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    dev = lambda t: None if t is None else t.to(device)
     st = lk.phase_stats(x, dev(ids), dev(mask), delimiter=DELIMITERS[3], cu_seqlens=dev(cu), backend=backend)
     outs = (st.think_mean, st.think_sum, st.answer_mean, st.answer_sum)
     (grad,) = torch.autograd.grad(sum((o * g.to(device)).sum() for o, g in zip(outs, cot)), x)
@@ -346,7 +371,10 @@ def _check_phase_case(case, backend):
         k, found, think, answer = brute_force(flat_ids[lo:hi].tolist(), valid[lo:hi].tolist(), delim)
         assert (int(got.delimiter_pos[b]), bool(got.found[b])) == (k, found)
         assert (int(got.think_count[b]), int(got.answer_count[b])) == (len(think), len(answer))
-        for pos, mean, total in ((think, got.think_mean[b], got.think_sum[b]), (answer, got.answer_mean[b], got.answer_sum[b])):
+        for pos, mean, total in (
+            (think, got.think_mean[b], got.think_sum[b]),
+            (answer, got.answer_mean[b], got.answer_sum[b]),
+        ):
             want = v[[lo + t for t in pos]]
             scale = float(want.abs().sum()) + 1e-30
             assert abs(float(total) - float(want.sum())) <= STAT_RTOL * scale
@@ -411,7 +439,7 @@ def test_token_stats_with_phases(backend, device, layout):
     V = 37  # small odd vocabulary: ids in the batch reach 19
     logits = torch.randn(*ids.shape, V) * 2
     temp = 0.8
-    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    dev = lambda t: None if t is None else t.to(device)
     x = logits.to(device).requires_grad_(True)
     with _OpLog(x) as log:
         out = lk.token_stats_with_phases(
@@ -434,7 +462,9 @@ def test_token_stats_with_phases(backend, device, layout):
 
     # gradient of a loss on the phase means reaches the logits through both per-token outputs
     g = [torch.randn(flat_cu.numel() - 1) for _ in range(2)]
-    loss = (out.entropy_phases.think_mean * g[0].to(device)).sum() + (out.logprob_phases.answer_mean * g[1].to(device)).sum()
+    loss = (out.entropy_phases.think_mean * g[0].to(device)).sum() + (
+        out.logprob_phases.answer_mean * g[1].to(device)
+    ).sum()
     (grad,) = torch.autograd.grad(loss, x)
     x64 = logits.double().requires_grad_(True)
     lp, ent = ref_tokens.token_logprobs_entropy(x64, ids, temp)
@@ -477,7 +507,7 @@ def _entropy_batch(layout, seed, discrete=False):
 @pytest.mark.parametrize("rho", [0.2, 0.5, 1.0, 0.0])
 def test_sequence_stats_matches_reference_and_trl(backend, device, layout, rho):
     ent, mask, cu = _entropy_batch(layout, seed=int(rho * 10) + len(layout), discrete=rho == 0.5)
-    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    dev = lambda t: None if t is None else t.to(device)
     st = lk.sequence_stats(dev(ent), dev(mask), cu_seqlens=dev(cu), threshold=1.25, top_entropy_quantile=rho,
                            backend=backend)  # fmt: skip
     flat_cu = ref.padded_offsets(*ent.shape) if cu is None else cu
@@ -550,7 +580,11 @@ def test_sequence_stats_quantile_over_ranks():
     for shape0, shape1, rho, discrete, backend in specs:
         ents, masks = [], []
         for shape in (shape0, shape1):
-            e = torch.randint(0, 4, shape, generator=g).float() * 0.75 if discrete else torch.rand(shape, generator=g) * 2
+            e = (
+                torch.randint(0, 4, shape, generator=g).float() * 0.75
+                if discrete
+                else torch.rand(shape, generator=g) * 2
+            )
             e = e - 0.5 * (torch.rand(shape, generator=g) < 0.1)  # a few negative values: generic statistics
             ents.append(e)
             masks.append(torch.rand(shape, generator=g) > 0.3)
@@ -574,7 +608,7 @@ def test_sequence_stats_quantile_over_ranks():
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_empty_and_degenerate_layouts(backend, device):
-    args = dict(delimiter=[3], backend=backend)
+    args = {"delimiter": [3], "backend": backend}
     st = lk.phase_entropy(torch.rand(0, 5).to(device), torch.zeros(0, 5, dtype=torch.long).to(device), None, **args)
     assert st.think_mean.shape == (0,) and st.found.shape == (0,)
     # packed: empty sequences at the start, middle and end; sequences of one token
@@ -623,37 +657,42 @@ def test_bad_input(backend, device):
     ids = torch.randint(0, 5, (2, 6)).to(device)
     ent = torch.rand(2, 6).to(device)
     mask = torch.ones(2, 6, dtype=torch.bool, device=device)
-    run = lambda **kw: lk.phase_entropy(  # noqa: E731
+    run = lambda **kw: lk.phase_entropy(
         kw.pop("entropy", ent), kw.pop("ids", ids), kw.pop("mask", mask), delimiter=kw.pop("delimiter", [3]),
         backend=backend, **kw,
     )  # fmt: skip
     cases = [
-        (ValueError, "entropy", dict(entropy=ent[:, :5])),
-        (TypeError, "entropy", dict(entropy=ent.long())),
-        (TypeError, "ids", dict(ids=ids.float())),
-        (ValueError, "mask", dict(mask=mask[:1])),
-        (ValueError, "delimiter", dict(delimiter=[])),
-        (ValueError, "delimiter", dict(delimiter=[3, -1])),
-        (TypeError, "delimiter", dict(delimiter="</think>")),
-        (TypeError, "delimiter", dict(delimiter=[3.0])),
-        (TypeError, "delimiter", dict(delimiter=torch.tensor([3.0]))),
-        (ValueError, "delimiter", dict(delimiter=torch.tensor([[3]]))),
-        (ValueError, "ids", dict(ids=ids.reshape(-1), entropy=ent.reshape(-1), mask=None)),  # 1-D without cu_seqlens
-        (ValueError, "ids", dict(cu_seqlens=torch.tensor([0, 12]).to(device))),  # 2-D with cu_seqlens
+        (ValueError, "entropy", {"entropy": ent[:, :5]}),
+        (TypeError, "entropy", {"entropy": ent.long()}),
+        (TypeError, "ids", {"ids": ids.float()}),
+        (ValueError, "mask", {"mask": mask[:1]}),
+        (ValueError, "delimiter", {"delimiter": []}),
+        (ValueError, "delimiter", {"delimiter": [3, -1]}),
+        (TypeError, "delimiter", {"delimiter": "</think>"}),
+        (TypeError, "delimiter", {"delimiter": [3.0]}),
+        (TypeError, "delimiter", {"delimiter": torch.tensor([3.0])}),
+        (ValueError, "delimiter", {"delimiter": torch.tensor([[3]])}),
+        (
+            ValueError,
+            "ids",
+            {"ids": ids.reshape(-1), "entropy": ent.reshape(-1), "mask": None},
+        ),  # 1-D without cu_seqlens
+        (ValueError, "ids", {"cu_seqlens": torch.tensor([0, 12]).to(device)}),  # 2-D with cu_seqlens
     ]
     if backend != "reference":
-        cases.append((TypeError, "entropy", dict(entropy=ent.double())))
+        cases.append((TypeError, "entropy", {"entropy": ent.double()}))
     for exc, name, kw in cases:
         with pytest.raises(exc, match=name):
             run(**kw)
-    flat = dict(entropy=ent.reshape(-1), ids=ids.reshape(-1), mask=None)
+    flat = {"entropy": ent.reshape(-1), "ids": ids.reshape(-1), "mask": None}
     for cu in ([0, 7, 5, 12], [0, 13], [-1, 12], [[0, 12]]):
         with pytest.raises(ValueError, match="cu_seqlens"):
-            run(cu_seqlens=torch.tensor(cu).to(device), **dict(flat))
+            run(cu_seqlens=torch.tensor(cu).to(device), **flat)
     with pytest.raises(TypeError, match="cu_seqlens"):
-        run(cu_seqlens=torch.tensor([0.0, 12.0]).to(device), **dict(flat))
-    with pytest.raises(ValueError, match="values"):
-        lk.phase_stats(torch.rand(4, 2, 5).to(device), ids, mask, delimiter=[3], backend=backend)
+        run(cu_seqlens=torch.tensor([0.0, 12.0]).to(device), **flat)
+    for shape in ((4, 2, 5), (0, 2, 6)):  # neither ids.shape nor [C >= 1, *ids.shape]
+        with pytest.raises(ValueError, match="values"):
+            lk.phase_stats(torch.rand(shape).to(device), ids, mask, delimiter=[3], backend=backend)
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         lk.sequence_stats(ent, mask, top_entropy_quantile=1.5, backend=backend)
     with pytest.raises(TypeError, match="threshold"):

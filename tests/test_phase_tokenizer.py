@@ -15,7 +15,31 @@ tokenizers = pytest.importorskip("tokenizers")
 
 BACKENDS = backend_params("phase_stats")
 
-WORDS = "let me think about it two plus two is four so the answer yes no maybe wait check again < </ > ?".split()
+WORDS = [
+    "let",
+    "me",
+    "think",
+    "about",
+    "it",
+    "two",
+    "plus",
+    "two",
+    "is",
+    "four",
+    "so",
+    "the",
+    "answer",
+    "yes",
+    "no",
+    "maybe",
+    "wait",
+    "check",
+    "again",
+    "<",
+    "</",
+    ">",
+    "?",
+]
 
 # (prompt, response): the response is what the policy generated and the mask covers
 TRACES = [
@@ -81,7 +105,7 @@ def test_phase_entropy_from_tokenized_text(backend, device, one_token, layout):
             masks.append([1] * len(r) + [0] * len(fill) if layout == "right" else [0] * len(fill) + [1] * len(r))
         ids, mask, cu = torch.tensor(rows), torch.tensor(masks), None
     entropy = torch.rand(ids.shape) * 3
-    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    dev = lambda t: None if t is None else t.to(device)
     pe = lk.phase_entropy(dev(entropy), dev(ids), dev(mask), delimiter=delim, cu_seqlens=dev(cu), backend=backend)
 
     for b, (_, response) in enumerate(TRACES):

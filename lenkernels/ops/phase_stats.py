@@ -353,11 +353,15 @@ def _delimiter(delimiter, device: torch.device) -> torch.Tensor:
             raise ValueError(f"delimiter token ids must be non-negative, got {d.tolist()}")
         return d
     if isinstance(delimiter, (str, bytes)):
-        raise TypeError("delimiter must be token ids, not text: pass tokenizer.encode('</think>', add_special_tokens=False)")
+        raise TypeError(
+            "delimiter must be token ids, not text: pass tokenizer.encode('</think>', add_special_tokens=False)"
+        )
     if isinstance(delimiter, numbers.Integral) and not isinstance(delimiter, bool):
         delimiter = [delimiter]
     if not isinstance(delimiter, Iterable):
-        raise TypeError(f"delimiter must be a sequence of token ids or a 1-D integer tensor, got {type(delimiter).__name__}")
+        raise TypeError(
+            f"delimiter must be a sequence of token ids or a 1-D integer tensor, got {type(delimiter).__name__}"
+        )
     ids = list(delimiter)
     if not ids:
         raise ValueError("delimiter must hold at least one token id")
@@ -388,11 +392,12 @@ def _split_phases(values, ids, mask, delimiter, cu_seqlens, backend, name):
     _checks.same_device(ids, "ids", values, name)
     if tuple(values.shape) == tuple(ids.shape):
         n_channels = 1
-    elif values.dim() == ids.dim() + 1 and tuple(values.shape[1:]) == tuple(ids.shape):
+    elif values.dim() == ids.dim() + 1 and tuple(values.shape[1:]) == tuple(ids.shape) and values.shape[0] > 0:
         n_channels = values.shape[0]
     else:
         raise ValueError(
-            f"{name} must have the shape of ids {tuple(ids.shape)} or [C, *ids.shape], got {tuple(values.shape)}"
+            f"{name} must have the shape of ids {tuple(ids.shape)} or [C, *ids.shape] with C >= 1, "
+            f"got {tuple(values.shape)}"
         )
     valid, cu = _layout(ids.shape, ids, "ids", mask, cu_seqlens)
     delim = _delimiter(delimiter, ids.device)
@@ -675,7 +680,9 @@ def sequence_stats(
     level = None
     if top_entropy_quantile is not None:
         if isinstance(top_entropy_quantile, bool) or not isinstance(top_entropy_quantile, (int, float)):
-            raise TypeError(f"top_entropy_quantile must be a float in [0, 1], got {type(top_entropy_quantile).__name__}")
+            raise TypeError(
+                f"top_entropy_quantile must be a float in [0, 1], got {type(top_entropy_quantile).__name__}"
+            )
         if not 0.0 <= float(top_entropy_quantile) <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
         level = 1.0 - float(top_entropy_quantile)

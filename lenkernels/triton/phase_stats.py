@@ -16,7 +16,6 @@ bitwise reproducible. Sizes, strides, the delimiter length and the threshold are
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -68,7 +67,7 @@ def phase_stats_fwd_kernel(
         pos = first + tl.arange(0, BLOCK)
         in_seq = pos < end
         hit = in_seq & (pos + delim_len <= end)
-        for j in range(0, delim_len):
+        for j in range(delim_len):
             tok = tl.load(ids_ptr + pos + j, mask=hit, other=-1).to(tl.int64)
             ok = tl.load(valid_ptr + pos + j, mask=hit, other=0) != 0
             hit = hit & ok & (tok == tl.load(delim_ptr + j))
@@ -120,7 +119,9 @@ def phase_stats_bwd_kernel(
     answer_n = tl.load(answer_count_ptr + seq)
     g = channel * n_seq + seq
     g_think = tl.where(
-        think_n > 0, tl.load(g_think_mean_ptr + g) / tl.maximum(think_n, 1).to(tl.float32) + tl.load(g_think_sum_ptr + g), 0.0
+        think_n > 0,
+        tl.load(g_think_mean_ptr + g) / tl.maximum(think_n, 1).to(tl.float32) + tl.load(g_think_sum_ptr + g),
+        0.0,
     )
     g_answer = tl.where(
         answer_n > 0,
@@ -171,10 +172,11 @@ def sequence_stats_fwd_kernel(
         count += tl.sum(valid.to(tl.int32), 0).to(tl.int64)
         above += tl.sum((valid & (x > threshold)).to(tl.int32), 0).to(tl.int64)
         # tl.min/tl.max do not promise NaN propagation: count NaNs and apply them at the end
-        n_nan += tl.sum((valid & (x != x)).to(tl.int32), 0).to(tl.int64)
+        is_num = x <= float("inf")  # false only for NaN
+        n_nan += tl.sum((valid & ~is_num).to(tl.int32), 0).to(tl.int64)
         total += tl.sum(tl.where(valid, x, 0.0), 0)
-        vmin = tl.minimum(vmin, tl.min(tl.where(valid & (x == x), x, float("inf")), 0))
-        vmax = tl.maximum(vmax, tl.max(tl.where(valid & (x == x), x, float("-inf")), 0))
+        vmin = tl.minimum(vmin, tl.min(tl.where(valid & is_num, x, float("inf")), 0))
+        vmax = tl.maximum(vmax, tl.max(tl.where(valid & is_num, x, float("-inf")), 0))
         if WRITE_MASK:
             tl.store(high_ptr + pos, (valid & (x >= quantile)).to(tl.uint8), mask=in_seq)
     nonempty = count > 0
