@@ -88,6 +88,15 @@ def _as_uint8(valid: torch.Tensor) -> torch.Tensor:
     return valid.contiguous().view(torch.uint8)
 
 
+# Tokens per CPU thread below which another thread costs more (fork/join, a descheduled
+# straggler on a busy host) than the ~0.2 ms of streaming work it would take over.
+_TOKENS_PER_THREAD = 1 << 18
+
+
+def _cpu_threads(n_elements: int) -> int:
+    return max(1, min(torch.get_num_threads(), n_elements // _TOKENS_PER_THREAD))
+
+
 def _unit_stride(values2d: torch.Tensor) -> torch.Tensor:
     return values2d if values2d.stride(-1) == 1 or values2d.shape[-1] <= 1 else values2d.contiguous()
 
@@ -111,7 +120,7 @@ def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, backend: str, out
             x.data_ptr(), _checks.DTYPE_CODES[x.dtype], x.shape[0], x.stride(0), y.data_ptr(),
             _as_uint8(valid).data_ptr(), x.shape[1], cu.data_ptr(), n_seq, delim.data_ptr(), delim.numel(),
             tm.data_ptr(), ts.data_ptr(), am.data_ptr(), as_.data_ptr(), tc.data_ptr(), ac.data_ptr(),
-            k.data_ptr(), found.data_ptr(), torch.get_num_threads(),
+            k.data_ptr(), found.data_ptr(), _cpu_threads(x.numel()),
         )  # fmt: skip
     elif backend == "triton":
         from lenkernels.triton.phase_stats import phase_stats_fwd as launch
@@ -137,7 +146,7 @@ def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len: 
         cpu.load(FAMILY).phase_stats_bwd(
             _as_uint8(valid).data_ptr(), valid.numel(), cu.data_ptr(), n_seq, k.data_ptr(), think_count.data_ptr(),
             answer_count.data_ptr(), delim_len, *(x.data_ptr() for x in g), dvalues.data_ptr(),
-            _checks.DTYPE_CODES[dvalues.dtype], dvalues.shape[0], dvalues.stride(0), torch.get_num_threads(),
+            _checks.DTYPE_CODES[dvalues.dtype], dvalues.shape[0], dvalues.stride(0), _cpu_threads(dvalues.numel()),
         )  # fmt: skip
     elif backend == "triton":
         from lenkernels.triton.phase_stats import phase_stats_bwd as launch
@@ -166,7 +175,7 @@ def sequence_stats_fwd(values, valid, cu_seqlens, threshold: float, quantile, ba
             x.data_ptr(), _checks.DTYPE_CODES[x.dtype], _as_uint8(valid).data_ptr(), x.numel(), cu.data_ptr(),
             n_seq, float(threshold), 0 if quantile is None else quantile.data_ptr(), length.data_ptr(),
             mean.data_ptr(), vmin.data_ptr(), vmax.data_ptr(), frac.data_ptr(),
-            0 if quantile is None else high.data_ptr(), torch.get_num_threads(),
+            0 if quantile is None else high.data_ptr(), _cpu_threads(x.numel()),
         )  # fmt: skip
     elif backend == "triton":
         from lenkernels.triton.phase_stats import sequence_stats_fwd as launch
