@@ -652,6 +652,29 @@ def test_deterministic(backend, device):
         assert torch.equal(a, b)
 
 
+def test_cpu_results_do_not_depend_on_threads(monkeypatch):
+    """Small inputs run on one thread; forcing every thread count over the same data must give
+    bitwise the same statistics, gradients and masks (one sequence is reduced by one thread)."""
+    ids, mask, cu, _ = make_batch("packed", 3, seed=12)
+    values = _values(ids.shape, mask)
+    runs = []
+    saved = torch.get_num_threads()
+    try:
+        for threads, grain in ((1, 1 << 30), (2, 1), (3, 7)):
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(ops, "_TOKENS_PER_THREAD", grain)
+            x = values.clone().requires_grad_(True)
+            st = lk.phase_stats(x, ids, mask, delimiter=DELIMITERS[3], cu_seqlens=cu, backend="cpu")
+            (st.think_mean.sum() + st.answer_sum.sum()).backward()
+            seq = lk.sequence_stats(values, mask, cu_seqlens=cu, top_entropy_quantile=0.3, backend="cpu")
+            runs.append((*st, x.grad, *seq))
+    finally:
+        torch.set_num_threads(saved)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_bad_input(backend, device):
     ids = torch.randint(0, 5, (2, 6)).to(device)
