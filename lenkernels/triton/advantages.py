@@ -566,7 +566,10 @@ def group_advantages(rewards, mask, lengths, seg, method, eps, norm, ddof, adv, 
     device = rewards.device
     token = rewards.dim() == 2
     T = rewards.shape[1] if token else (mask.shape[1] if mask is not None else 0)
-    len_source = 2 if lengths is not None else (1 if mask is not None and method in (OPO, REINFORCE_PP) else 0)
+    if method not in (OPO, REINFORCE_PP):  # only these weight by length
+        len_source = 0
+    else:
+        len_source = 2 if lengths is not None else (1 if mask is not None else 0)
     need_len_buf = len_source == 1
     score_buf = torch.empty(n if token else 1, dtype=torch.float32, device=device)
     len_buf = torch.empty(n if need_len_buf else 1, dtype=torch.float32, device=device)
