@@ -148,6 +148,32 @@ def vocab_parallel_inplace_backward(rank, world, group):
     assert torch.equal(grads[0], grads[1])
 
 
+@check
+def vocab_parallel_policy_loss_from_logits(rank, world, group):
+    """The fused loss under vocabulary parallelism: policy_loss_from_logits forwards the group."""
+    import lenkernels as lk
+    from tests.utils import assert_close
+
+    sizes = SHARDS[world]
+    start, stop = _shard(sizes, rank)
+    g = _gen(5)
+    b, t = 3, 5
+    logits = torch.randn(b, t, sum(sizes), generator=g) * 2
+    ids = torch.randint(0, sum(sizes), (b, t), generator=g)
+    old = torch.log_softmax(logits + 0.3 * torch.randn(logits.shape, generator=g), -1).gather(-1, ids[..., None])[..., 0]
+    adv = torch.randn(b, generator=g)
+    mask = (torch.rand(b, t, generator=g) > 0.2).float()
+    kw = {"temperature": 0.8, "entropy_coef": 0.01, "backend": "cpu"}
+    shard = logits[..., start:stop].clone().requires_grad_(True)
+    out = lk.policy_loss_from_logits(shard, ids, old, adv, mask, process_group=group, **kw)
+    (d_shard,) = torch.autograd.grad(out.loss, shard)
+    full = logits.clone().requires_grad_(True)
+    out1 = lk.policy_loss_from_logits(full, ids, old, adv, mask, **kw)
+    (d_full,) = torch.autograd.grad(out1.loss, full)
+    assert_close(out.loss, out1.loss, rtol=1e-5, atol=1e-6, name="loss")
+    assert_close(d_shard, d_full[..., start:stop], rtol=1e-5, atol=1e-5 * d_full.abs().max().item(), name="dlogits")
+
+
 def _linear_inputs(world, dtype, n=19, dim=24):
     sizes = SHARDS[world]
     vocab = sum(sizes)

@@ -29,8 +29,9 @@ SHAPES = [
     ((2, 7), 40, 257),  # padded [B, T] layout; D = 40 is no multiple of the K step (masked K tail)
     ((3,), 17, 129),  # few rows: the vocabulary is split across programs and merged; odd D
 ]
-# chunk_size: None = one tile; 700 = tiles of 26 rows x 26 columns (2-D tiling, merged vocab chunks)
-CHUNKS = [None, 700]
+# chunk_size: None = one tile; 2000 = tiles of 45 rows x 44 columns at N = 50, V = 300 (2-D tiling:
+# row chunks, and vocabulary chunks whose states are merged)
+CHUNKS = [None, 2000]
 
 
 def _inputs(lead, dim, vocab, dtype, *, bias=True, device="cpu"):
@@ -93,6 +94,8 @@ def _stat_scale(hidden, weight, bias, temperature=1.0):
 @pytest.mark.parametrize("lead,dim,vocab", SHAPES)
 @pytest.mark.parametrize("chunk", CHUNKS, ids=["one_tile", "tiled"])
 def test_forward_matches_reference(backend, device, dtype, lead, dim, vocab, chunk):
+    if backend == "triton" and chunk is not None:
+        pytest.skip("the triton forward holds no logits tile: chunk_size only shapes its backward")
     hidden, weight, bias, ids = _inputs(lead, dim, vocab, dtype, device=device)
     lp, ent = lk.linear_logprobs_entropy(hidden, weight, ids, bias=bias, chunk_size=chunk, backend=backend)
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == ids.shape
@@ -214,7 +217,7 @@ def test_deterministic(backend, device):
     runs = []
     for _ in range(2):
         h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
-        lp, ent = lk.linear_logprobs_entropy(h, w, ids, bias=b, chunk_size=1000, backend=backend)
+        lp, ent = lk.linear_logprobs_entropy(h, w, ids, bias=b, chunk_size=4000, backend=backend)  # 3 tiles
         runs.append((lp, ent, *torch.autograd.grad(lp.sum() + ent.sum(), (h, w, b))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -354,7 +357,7 @@ def test_bad_input():
 def test_opcheck(backend, device, with_bias):
     hidden, weight, bias, ids = _inputs((6,), 16, 70, torch.float32, bias=with_bias, device=device)
     temp = torch.full((1,), 0.9, device=device)
-    args = [hidden.requires_grad_(True), weight.requires_grad_(True), bias, ids, temp, -100, 300, backend, "", True]
+    args = [hidden.requires_grad_(True), weight.requires_grad_(True), bias, ids, temp, -100, 1000, backend, "", True]
     if with_bias:
         bias.requires_grad_(True)
     torch.library.opcheck(torch.ops.lenkernels.linear_stats.default, tuple(args))

@@ -19,6 +19,7 @@ tile boundaries as the forward, so it sees the forward's logits bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -65,13 +66,23 @@ def _tile_logits(hidden, weight, bias, r0, r1, v0, v1) -> torch.Tensor:
     return F.linear(hidden[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1])
 
 
+@functools.lru_cache(maxsize=None)
+def _mm_has_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``dtype`` inputs on this device."""
+    try:
+        x = torch.ones((1, 1), dtype=dtype, device=device_type)
+        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with fp32 (or fp64) accumulation and no intermediate rounding to a's dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:
+    elif a.is_cuda and _mm_has_out_dtype(a.device.type, a.dtype):
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # tensor-core GEMM with an fp32 result
+    else:  # exact upcast (low-precision products are exact in fp32); copies bounded by a tile
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
@@ -116,6 +127,8 @@ def linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size: i
         from lenkernels import cpu
 
         module = cpu.load(FAMILY)
+        # O(N) work per chunk: threads only pay off for many rows
+        threads = torch.get_num_threads() if n_rows >= 1 << 15 else 1
         state = torch.tensor([float("-inf"), 0.0, 0.0]).repeat(n_rows, 1)  # empty online-softmax states
         z_y = torch.zeros(n_rows, dtype=torch.float32)
         for v0, v1 in col_spans:  # column order per row: reproducible merges
@@ -127,11 +140,10 @@ def linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size: i
                 module.linear_stats_fold(
                     r1 - r0, lse.data_ptr(), ent.data_ptr(), logits.data_ptr(), _checks.DTYPE_CODES[logits.dtype],
                     logits.stride(0), ids.data_ptr(), temp.data_ptr(), 0 if temp.numel() == 1 else 1,
-                    state[r0:r1].data_ptr(), z_y[r0:r1].data_ptr(), torch.get_num_threads(),
+                    state[r0:r1].data_ptr(), z_y[r0:r1].data_ptr(), threads,
                 )  # fmt: skip
         module.linear_stats_finalize(
-            n_rows, state.data_ptr(), z_y.data_ptr(), local_ids.data_ptr(), *(o.data_ptr() for o in outs),
-            torch.get_num_threads(),
+            n_rows, state.data_ptr(), z_y.data_ptr(), local_ids.data_ptr(), *(o.data_ptr() for o in outs), threads
         )  # fmt: skip
         return tuple(outs)
 

@@ -31,11 +31,10 @@ import triton.language as tl
 from lenkernels import _backend
 from lenkernels.triton.utils import inverse_temperature, max_nan, merge_state, rescale_state, split_plan
 
-BLOCK_N = 64
-BLOCK_V = 128
 NUM_WARPS = 8
-# K step per dtype: the largest without register spills on sm_80 and sm_90 (checked by the AOT test)
-BLOCK_K = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
+# (BLOCK_N, BLOCK_V, BLOCK_K) per dtype: the largest tiles without register spills on sm_80 and
+# sm_90 (the AOT test checks every variant); fp32 operands take twice the registers of 16-bit ones
+TILES = {torch.bfloat16: (64, 128, 32), torch.float16: (64, 128, 32), torch.float32: (64, 64, 32)}
 _AOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FINALIZE_BLOCK = 128
 
@@ -276,9 +275,7 @@ def _common(hidden, weight, bias):
         "stride_h": hidden.stride(0),
         "stride_w": weight.stride(0),
         "HAS_BIAS": bias is not None,
-        "BLOCK_N": BLOCK_N,
-        "BLOCK_V": BLOCK_V,
-        "BLOCK_K": BLOCK_K[hidden.dtype],
+        **dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K"), TILES[hidden.dtype])),
         "DOT_PRECISION": _dot_precision(hidden.dtype),
         "UPCAST_DOT": hidden.dtype == torch.bfloat16 and _backend._triton_status()[1],
     }
@@ -289,8 +286,9 @@ def linear_stats_fwd(hidden, weight, bias, ids, temperature, logprobs, entropy, 
     ids [N] int64 shard-local, temperature [N] or [1] fp32; writes the four [N] fp32 outputs."""
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
-    row_tiles = triton.cdiv(n_rows, BLOCK_N)
-    n_splits, tiles_per_split = split_plan(row_tiles, triton.cdiv(vocab, BLOCK_V), hidden.device)
+    block_n, block_v, _ = TILES[hidden.dtype]
+    row_tiles = triton.cdiv(n_rows, block_n)
+    n_splits, tiles_per_split = split_plan(row_tiles, triton.cdiv(vocab, block_v), hidden.device)
     state = torch.empty((n_rows, n_splits, 4), dtype=torch.float32, device=hidden.device)
     linear_stats_fwd_kernel[(row_tiles, n_splits)](
         ids_ptr=ids,
@@ -326,7 +324,8 @@ def linear_stats_bwd_tile(
     shard (``rows``/``cols`` are the pairs). All other tensors are whole ([N, D], [V, D], [N]);
     writes dlogits [r1 - r0, v1 - v0] (hidden dtype, unit stride along the vocabulary)."""
     (r0, r1), (v0, v1) = rows, cols
-    linear_stats_bwd_kernel[(triton.cdiv(r1 - r0, BLOCK_N), triton.cdiv(v1 - v0, BLOCK_V))](
+    block_n, block_v, _ = TILES[hidden.dtype]
+    linear_stats_bwd_kernel[(triton.cdiv(r1 - r0, block_n), triton.cdiv(v1 - v0, block_v))](
         ids_ptr=ids,
         temp_ptr=temperature,
         lse_ptr=lse,
@@ -351,6 +350,9 @@ def _aot_signature(dt: str, extra: dict) -> dict:
     return {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", **extra}
 
 
+# every dtype and dot precision with a bias (the longer code path); bf16 without one as well
+_AOT_VARIANTS = [("bf16", "ieee", False), ("bf16", "ieee", True), ("fp16", "ieee", True), ("fp32", "ieee", True),
+                 ("fp32", "tf32", True)]  # fmt: skip
 _TILE = {"HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
          "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr"}  # fmt: skip
 _STRIDES = {"dim": "i32", "stride_h": "i64", "stride_w": "i64", "temp_stride": "i32"}
@@ -360,12 +362,11 @@ AOT_SPECS = [
         "kernel": linear_stats_fwd_kernel,
         "signature": _aot_signature(dt, {"ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32", **_SIZES,
                                          "tiles_per_split": "i32", "n_splits": "i32", **_TILE}),
-        "constexprs": {"HAS_BIAS": has_bias, "BLOCK_N": BLOCK_N, "BLOCK_V": BLOCK_V, "BLOCK_K": BLOCK_K[_AOT_DTYPES[dt]],
-                       "DOT_PRECISION": "ieee", "UPCAST_DOT": False},
+        "constexprs": {"HAS_BIAS": has_bias, **dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K"), TILES[_AOT_DTYPES[dt]])),
+                       "DOT_PRECISION": precision, "UPCAST_DOT": False},
         "num_warps": NUM_WARPS,
     }
-    for dt in ("bf16", "fp16", "fp32")
-    for has_bias in (False, True)
+    for dt, precision, has_bias in _AOT_VARIANTS
 ] + [
     {
         "kernel": linear_stats_finalize_kernel,
@@ -384,10 +385,9 @@ AOT_SPECS = [
                                          "col_start": "i32", "col_stop": "i32", **_STRIDES, "stride_d": "i64",
                                          "g_lp_stride": "i64",
                                          "g_h_stride": "i64", **_TILE}),
-        "constexprs": {"HAS_BIAS": has_bias, "BLOCK_N": BLOCK_N, "BLOCK_V": BLOCK_V, "BLOCK_K": BLOCK_K[_AOT_DTYPES[dt]],
-                       "DOT_PRECISION": "ieee", "UPCAST_DOT": False},
+        "constexprs": {"HAS_BIAS": has_bias, **dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K"), TILES[_AOT_DTYPES[dt]])),
+                       "DOT_PRECISION": precision, "UPCAST_DOT": False},
         "num_warps": NUM_WARPS,
     }
-    for dt in ("bf16", "fp16", "fp32")
-    for has_bias in (False, True)
+    for dt, precision, has_bias in _AOT_VARIANTS
 ]  # fmt: skip
