@@ -104,6 +104,14 @@ LK_TARGET_CLONES float row_sum_any(int code, const void* x, int64_t n) {
   return out;
 }
 
+// out[i] = base[rows[i]] as float, for i < n: one dtype dispatch per group, not per element.
+void gather(int code, const void* base, const int64_t* rows, int64_t n, float* out) {
+  LK_DISPATCH_WEIGHT(code, W, {
+    const W* x = static_cast<const W*>(base);
+    for (int64_t i = 0; i < n; ++i) out[i] = as_float(x[rows[i]]);
+  });
+}
+
 float load_one(int code, const void* base, int64_t i) {
   float out = 0.0f;
   LK_DISPATCH_WEIGHT(code, W, out = as_float(static_cast<const W*>(base)[i]));
@@ -158,18 +166,22 @@ void group_advantages(const GroupArgs& a) {
       s.resize(size);
       w.resize(size);
       rows.resize(size);
-      for (int64_t i = 0; i < size; ++i) {
-        const int64_t row = a.perm ? a.perm[gs + i] : gs + i;
-        rows[i] = row;
-        s[i] = a.T ? row_sum_any(a.r_dtype, row_ptr(a.rewards, a.r_dtype, row, a.stride_r), a.T)
-                   : load_one(a.r_dtype, a.rewards, row);
-        if (a.lengths) {
-          w[i] = load_one(a.l_dtype, a.lengths, row);
-        } else if (a.mask) {
-          w[i] = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, row, a.stride_m), a.Tm);
-        } else {
-          w[i] = 1.0f;
+      for (int64_t i = 0; i < size; ++i) rows[i] = a.perm ? a.perm[gs + i] : gs + i;
+      if (a.T) {
+        for (int64_t i = 0; i < size; ++i) {
+          s[i] = row_sum_any(a.r_dtype, row_ptr(a.rewards, a.r_dtype, rows[i], a.stride_r), a.T);
         }
+      } else {
+        gather(a.r_dtype, a.rewards, rows.data(), size, s.data());
+      }
+      if (a.lengths) {
+        gather(a.l_dtype, a.lengths, rows.data(), size, w.data());
+      } else if (a.mask) {
+        for (int64_t i = 0; i < size; ++i) {
+          w[i] = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, rows[i], a.stride_m), a.Tm);
+        }
+      } else {
+        std::fill(w.begin(), w.end(), 1.0f);
       }
       const float n = float(size);
       const float shift = s[0];  // all-equal group: mean == shift exactly

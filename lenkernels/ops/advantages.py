@@ -54,7 +54,7 @@ MASK_DTYPES = tuple(WEIGHT_CODES) + (torch.float64,)
 
 class Segments(NamedTuple):
     perm: torch.Tensor | None  # [B] int64 sorted position -> response; None for contiguous groups
-    offsets: torch.Tensor | None  # [B + 1] int64 group starts (B past the last group)
+    offsets: torch.Tensor | None  # int64 group starts, then B (padded with B to B + 1 entries on a GPU)
     n_groups: torch.Tensor  # [1] int64
     group_size: int  # > 0 for contiguous groups, else 0
     bound: int  # host-side upper bound of the group count
@@ -63,15 +63,22 @@ class Segments(NamedTuple):
 class Runs(NamedTuple):
     perm: torch.Tensor  # [B] int64: responses sorted by (group, score)
     group_of: torch.Tensor  # [B] int64 group index of each sorted position
-    group_offsets: torch.Tensor  # [B + 1] int64
-    run_offsets: torch.Tensor  # [B + 1] int64: runs of equal (group, score)
+    group_offsets: torch.Tensor  # int64, as Segments.offsets
+    run_offsets: torch.Tensor  # int64 starts of the runs of equal (group, score), as Segments.offsets
     n_runs: torch.Tensor  # [1] int64
 
 
 def _starts_to_offsets(new: torch.Tensor):
-    """Segment starts (bool [B], first True) -> (segment index per position, offsets [B + 1], count [1])."""
+    """Segment starts (bool [B], first True) -> (segment index per position, offsets, count [1]).
+
+    offsets[g] is the first position of segment g and offsets[count] = B. On a GPU offsets has B + 1
+    entries (B past the last segment) so its size does not depend on the data (no host sync); on the
+    CPU, where a data-dependent size costs nothing, it is read from the starts directly."""
     seg = torch.cumsum(new, 0) - 1
     n = new.shape[0]
+    if new.device.type == "cpu":
+        ends = torch.full((1,), n, dtype=torch.int64)
+        return seg, torch.cat([new.nonzero().reshape(-1), ends]), seg[-1:] + 1
     offsets = torch.searchsorted(seg, torch.arange(n + 1, device=new.device))
     return seg, offsets, seg[-1:] + 1
 
