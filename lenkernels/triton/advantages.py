@@ -4,7 +4,8 @@
 Segmented layout, prepared on the device by ``lenkernels/ops/advantages.py`` (sorts and scans, no
 host sync):
   perm[B]          sorted position -> response index (responses stably sorted by group id)
-  offsets[B + 1]   group g owns sorted positions offsets[g] .. offsets[g + 1] - 1 (B past the last)
+  offsets          group g owns sorted positions offsets[g] .. offsets[g + 1] - 1 (offsets[n_groups] = B;
+                   B + 1 entries on a GPU, so no size depends on the data)
   n_groups[1]      number of groups, a device scalar: grids are bounded on the host, programs loop
                    ``for g in range(pid, n_groups, num_programs)``
 Contiguous groups (an int group size) need neither perm nor offsets (``CONTIGUOUS``).
@@ -167,7 +168,7 @@ def group_advantages_kernel(
     mask_ptr,  # [B, T] response mask (any dtype, used as weights), or a dummy
     lengths_ptr,  # [B] response lengths (any dtype), or a dummy
     perm_ptr,  # [B] int64 sorted position -> response (unused when CONTIGUOUS)
-    offsets_ptr,  # [B + 1] int64 group starts (unused when CONTIGUOUS)
+    offsets_ptr,  # int64 group starts, offsets[n_groups] = B (unused when CONTIGUOUS)
     n_groups_ptr,  # [1] int64
     score_buf_ptr,  # [B] fp32 scratch (sorted order): scores of [B, T] token rewards
     len_buf_ptr,  # [B] fp32 scratch (sorted order): lengths from the mask
@@ -287,8 +288,8 @@ def gaussian_rank_kernel(
     scores_ptr,  # [B] fp32, response order
     perm_ptr,  # [B] int64: responses sorted by (group, score)
     group_of_ptr,  # [B] int64: group index of each sorted position
-    group_offsets_ptr,  # [B + 1] int64
-    run_offsets_ptr,  # [B + 1] int64: runs of equal (group, score)
+    group_offsets_ptr,  # int64 group starts, as offsets_ptr above
+    run_offsets_ptr,  # int64 starts of the runs of equal (group, score)
     n_runs_ptr,  # [1] int64
     adv_ptr,  # [B] fp32 out, response order
     BLOCK: tl.constexpr,
