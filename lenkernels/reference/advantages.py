@@ -32,9 +32,12 @@ def group_ids(groups, n: int, device=None) -> torch.Tensor:
 
 
 def _members(ids: torch.Tensor):
-    """Index tensors of each group's members, in response order."""
-    for g in torch.unique(ids):
-        yield (ids == g).nonzero().reshape(-1)
+    """Index tensors of each group's members, in response order (one stable sort, then a split)."""
+    if ids.numel() == 0:
+        return
+    sorted_ids, order = torch.sort(ids, stable=True)
+    counts = torch.unique_consecutive(sorted_ids, return_counts=True)[1]
+    yield from torch.split(order, counts.tolist())
 
 
 def _std(x: torch.Tensor, unbiased: bool) -> torch.Tensor:
