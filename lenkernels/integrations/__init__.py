@@ -121,8 +121,7 @@ class ModulePatch:
                     self._swaps[id(original)] = (original, rep.new)
                     self._owners.append((owner, rep.name, original))
                     setattr(owner, rep.name, rep.new)
-                    if isinstance(owner, type):
-                        done.append(f"{rep.owner}.{rep.name}")
+                    done.append(f"{rep.owner}.{rep.name}")
                 done += self._rebind(self._swaps)
                 return sorted(set(done))
             except BaseException:
@@ -181,4 +180,6 @@ def _aggregate(loss_mat: torch.Tensor, loss_mask: torch.Tensor, **agg) -> torch.
     x = _rows(loss_mat)
     mask = _rows(loss_mask)
     minus_one = torch.full((x.shape[0],), -1.0, dtype=torch.float32, device=x.device)
-    return policy_loss(x, x.detach(), minus_one, mask, mode="reinforce", **agg).loss
+    # .clone(): the op's loss is a view of an output saved for its backward, and trainers update
+    # their losses in place (verl: ``policy_loss -= entropy_coeff * entropy_loss``)
+    return policy_loss(x, x.detach(), minus_one, mask, mode="reinforce", **agg).loss.clone()

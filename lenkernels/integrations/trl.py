@@ -426,7 +426,7 @@ def grpo_loss(
                 per_token_kl = kl_penalty(lp.detach(), ref_per_token_logps, "k3", clamp=False, backend=backend)
 
     out = policy_loss(lp, old, advantages, mask, mode=mode, importance_weights=weight, backend=backend, **agg, **kw)
-    loss = out.loss
+    loss = out.loss.clone()  # a view of a saved output otherwise: in-place updates would break backward
     if kl_term is not None:
         loss = loss + float(beta) * kl_term
     policy = loss.detach()

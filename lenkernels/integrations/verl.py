@@ -255,6 +255,12 @@ def _floats(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return out
 
 
+def _fresh(loss: torch.Tensor) -> torch.Tensor:
+    """verl adds the entropy and KL terms to the policy loss in place (``policy_loss -= ...``);
+    the fused op's loss is a view of an output its backward saved, so hand out a copy."""
+    return loss.clone()
+
+
 def _loss(mode: str, old_log_prob, log_prob, advantages, response_mask, agg: str, config, rollout_is_weights,
           **kw) -> PolicyLoss:  # fmt: skip
     info = _batch_info(config)
@@ -305,7 +311,7 @@ def compute_policy_loss_vanilla(
         "actor/ppo_kl": out.approx_kl,
         "actor/pg_clipfrac_lower": out.clip_frac_dual,
     })  # fmt: skip
-    return out.loss, metrics
+    return _fresh(out.loss), metrics
 
 
 def compute_policy_loss_gspo(
@@ -330,7 +336,7 @@ def compute_policy_loss_gspo(
         "actor/ppo_kl": out.approx_kl,
         "actor/pg_clipfrac_lower": 0.0,
     })  # fmt: skip
-    return out.loss, metrics
+    return _fresh(out.loss), metrics
 
 
 def compute_policy_loss_sapo(
@@ -351,7 +357,7 @@ def compute_policy_loss_sapo(
                 rollout_is_weights, tau_pos=float(_cfg(config, "tau_pos", 1.0)),
                 tau_neg=float(_cfg(config, "tau_neg", 1.05)))  # fmt: skip
     metrics = _floats({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": out.approx_kl, "actor/pg_clipfrac_lower": 0.0})
-    return out.loss, metrics
+    return _fresh(out.loss), metrics
 
 
 def compute_policy_loss_gpg(
@@ -368,7 +374,7 @@ def compute_policy_loss_gpg(
     config = _require(config, "gpg")
     out = _loss("reinforce", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                 rollout_is_weights)  # fmt: skip
-    return out.loss, {}
+    return _fresh(out.loss), {}
 
 
 def compute_policy_loss_reinforce(
@@ -387,7 +393,7 @@ def compute_policy_loss_reinforce(
     config = _require(config, "reinforce")
     out = _loss("reinforce", rollout_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                 rollout_is_weights)  # fmt: skip
-    return out.loss, _floats({"actor/ppo_kl": out.approx_kl})
+    return _fresh(out.loss), _floats({"actor/ppo_kl": out.approx_kl})
 
 
 def compute_policy_loss_geo_mean(
@@ -407,9 +413,19 @@ def compute_policy_loss_geo_mean(
     the band with A > 0 / A < 0 (verl's definition). Example: ``get_policy_loss_fn("geo_mean")(...)``."""
     config = _require(config, "geo_mean")
     low, high = _clip_ratios(config)
-    out = policy_loss(log_prob, old_log_prob, advantages, response_mask, mode="gmpo", clip_low=low, clip_high=high,
-                      importance_weights=rollout_is_weights, agg="seq-mean-token-mean",
-                      num_seqs=log_prob.shape[0])  # fmt: skip
+    adv = advantages
+    if rollout_is_weights is not None:
+        # verl multiplies each sequence's loss by the geometric mean of its weights; a positive
+        # factor per sequence is the same as scaling that sequence's advantages by it (the signs,
+        # which steer GMPO's clip, are kept), which every backend computes alike (the CPU kernel
+        # drops GMPO's importance weights at the time of writing)
+        with torch.no_grad():
+            valid = (response_mask != 0).to(torch.float32)
+            log_w = torch.where(valid > 0, torch.log(rollout_is_weights.to(torch.float32) + 1e-10), 0.0)
+            seq_w = torch.exp(log_w.sum(-1) / (valid.sum(-1) + 1e-8))
+        adv = advantages * (seq_w if advantages.dim() == 1 else seq_w[:, None])
+    out = policy_loss(log_prob, old_log_prob, adv, response_mask, mode="gmpo", clip_low=low, clip_high=high,
+                      agg="seq-mean-token-mean", num_seqs=log_prob.shape[0])  # fmt: skip
     with torch.no_grad():
         # verl counts a token as clipped when its log-ratio leaves the band, on either side; the
         # fused op's clip fractions count only the side that binds, so these two are computed here
@@ -421,7 +437,7 @@ def compute_policy_loss_geo_mean(
         high_frac = (outside & (adv > 0)).sum() / count
         low_frac = (outside & (adv < 0)).sum() / count
     metrics = _floats({"actor/pg_clipfrac": high_frac, "actor/ppo_kl": out.approx_kl, "actor/pg_clipfrac_lower": low_frac})
-    return out.loss, metrics
+    return _fresh(out.loss), metrics
 
 
 def compute_policy_loss_cispo(
@@ -446,7 +462,7 @@ def compute_policy_loss_cispo(
         "actor/ppo_kl": out.approx_kl,
         "actor/pg_clipfrac_lower": 0.0,
     })  # fmt: skip
-    return out.loss, metrics
+    return _fresh(out.loss), metrics
 
 
 POLICY_LOSSES = {
