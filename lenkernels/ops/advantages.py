@@ -22,7 +22,7 @@ from lenkernels import _backend, _checks
 from lenkernels.reference import advantages as ref
 
 FAMILY = "advantages"
-_backend.register_family(FAMILY, ("triton", "cpu", "reference"))
+_backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
 
 # codes shared with csrc/include/lenkernels/advantages.h and lenkernels/triton/advantages.py
 METHODS = {
@@ -186,6 +186,11 @@ def _group_step(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_
 
         tk.group_advantages(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_out)
         return
+    if backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.group_advantages(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_out)
+        return
     from lenkernels import cpu
 
     n = rewards.shape[0]
@@ -211,6 +216,11 @@ def _gaussian(keys, ids, adv, backend):
 
         tk.gaussian_rank(keys, r, adv)
         return
+    if backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.gaussian_rank(keys, r, adv)
+        return
     from lenkernels import cpu
 
     cpu.load(FAMILY).gaussian_rank(
@@ -224,6 +234,10 @@ def _batch_shift_scale(x, w, code, eps, backend) -> torch.Tensor:
         from lenkernels.triton import advantages as tk
 
         return tk.batch_shift_scale(x, w, code, eps)
+    if backend == "cuda":
+        from lenkernels import cuda
+
+        return cuda.batch_shift_scale(x, w, code, eps)
     from lenkernels import cpu
 
     stats = torch.empty(2, dtype=torch.float32, device=x.device)
@@ -239,6 +253,11 @@ def _broadcast(adv, stats, mask, out, backend):
         from lenkernels.triton import advantages as tk
 
         tk.broadcast(adv, stats, mask, out)
+        return
+    if backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.broadcast(adv, stats, mask, out)
         return
     from lenkernels import cpu
 
@@ -273,6 +292,11 @@ def group_stats_fwd(values, where, groups, group_size, mask, backend, stats, len
         from lenkernels.triton import advantages as tk
 
         tk.group_stats(values, where, mask, seg, stats, lengths if mask is not None else None)
+        return
+    if backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.group_stats(values, where, mask, seg, stats, lengths if mask is not None else None)
         return
     from lenkernels import cpu
 

@@ -29,7 +29,7 @@ from lenkernels.ops.token_stats import token_logprobs_entropy
 from lenkernels.reference import phase_stats as ref
 
 FAMILY = "phase_stats"
-_backend.register_family(FAMILY, ("triton", "cpu", "reference"))
+_backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
 
 
 class PhaseStats(NamedTuple):
@@ -126,6 +126,10 @@ def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, backend: str, out
         from lenkernels.triton.phase_stats import phase_stats_fwd as launch
 
         launch(x, ids.contiguous(), _as_uint8(valid), cu, delim, tm, ts, am, as_, tc, ac, k, found.view(torch.uint8))
+    elif backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.phase_stats_fwd(x, ids, valid, cu, delim, tm, ts, am, as_, tc, ac, k, found.view(torch.uint8))
     else:
         for out, val in zip(outs, ref.phase_stats_forward(x, ids, valid, cu, delim)):
             out.copy_(val)
@@ -152,6 +156,10 @@ def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len: 
         from lenkernels.triton.phase_stats import phase_stats_bwd as launch
 
         launch(_as_uint8(valid), cu, k, think_count, answer_count, delim_len, *g, dvalues)
+    elif backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.phase_stats_bwd(valid, cu, k, think_count, answer_count, delim_len, *g, dvalues)
     else:
         grad = ref.phase_stats_backward(dvalues, valid, cu, k, think_count, answer_count, delim_len, *g)
         seq, _, _ = ref._segments(cu, valid.numel())
@@ -182,6 +190,11 @@ def sequence_stats_fwd(values, valid, cu_seqlens, threshold: float, quantile, ba
 
         launch(x, _as_uint8(valid), cu, threshold, quantile, length, mean, vmin, vmax, frac,
                None if quantile is None else high.view(torch.uint8))  # fmt: skip
+    elif backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.sequence_stats_fwd(x, valid, cu, threshold, quantile, length, mean, vmin, vmax, frac,
+                                None if quantile is None else high.view(torch.uint8))  # fmt: skip
     else:
         res = ref.sequence_stats(x, valid, cu, threshold, quantile)
         for out, val in zip((length, mean, vmin, vmax, frac), res[:5]):

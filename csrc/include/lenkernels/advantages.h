@@ -77,6 +77,15 @@ LK_HOST_DEVICE float passk_advantage(bool is_best, float r_max, float r_second, 
   return norm ? scaled(d, std, eps) : d;
 }
 
+// The runner-up of pass@k: a tied maximum counts twice (r_second = r_max), a group of one compares
+// with its baseline 0; `below` is the largest score under the maximum.
+LK_HOST_DEVICE float passk_runner_up(float n, int64_t n_top, float r_max, float below) {
+  return n <= 1.0f ? 0.0f : (n_top >= 2 ? r_max : below);
+}
+
+// Unbiased std of the k selected members of a group statistic (group_stats), 0 with fewer than two.
+LK_HOST_DEVICE float selected_std(float m2, float k) { return k >= 2.0f ? sqrtf(m2 / (k - 1.0f)) : 0.0f; }
+
 // --- weighted moments, merged associatively (Chan et al.) -----------------------------------------
 // (w, mean, m2) of a set of weighted values; disjoint chunks merge in a fixed order, so the batch
 // statistics of batch/reinforce_pp_baseline are bitwise reproducible.
