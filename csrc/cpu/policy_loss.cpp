@@ -102,15 +102,10 @@ LK_TARGET_CLONES void sequence_tile(const Args& a, const Tile& tile, double* out
   out[kSeqKept] = kept;
 }
 
-SeqValues sequence_values(const Args& a, const double* sums) {
-  const float n = float(sums[kSeqTokens]);
-  if (a.pp.mode == kGSPO || a.pp.mode == kLUSPO) return gspo_sequence(n, float(sums[kSeqLogRatio]), CpuExp{});
-  if (a.pp.mode == kGMPO) {
-    const float kept = a.thr ? float(sums[kSeqKept]) : n;
-    return gmpo_sequence(n, float(sums[kSeqLogRatio]), float(sums[kSeqAdvantage]), float(sums[kSeqLogWeight]), kept,
-                         a.w.p != nullptr, CpuExp{});
-  }
-  return SeqValues{n, 0.0f, 1.0f, 1.0f};
+SeqValues merged_values(const Args& a, const double* sums) {
+  return sequence_values(a.pp.mode, float(sums[kSeqTokens]), float(sums[kSeqLogRatio]), float(sums[kSeqAdvantage]),
+                         float(sums[kSeqLogWeight]), float(sums[kSeqKept]), a.thr != nullptr, a.w.p != nullptr,
+                         CpuExp{});
 }
 
 // --- forward token pass (Partial layout) ------------------------------------------------------------
@@ -120,6 +115,7 @@ LK_ALWAYS_INLINE void forward_tile_impl(const Args& a, const Tile& tile, const S
   const int64_t b = tile.seq, s = a.start(b);
   PolicyParams pp = a.pp;
   pp.mode = MODE;  // a constant: the compiler keeps only this mode's branch
+  const KLChoice kl = kl_choice(a.kl_est, false, a.kl_clamp);  // the forward reports the plain estimate
   double s_p = 0, s_k = 0, s_h = 0, s_n = 0, low = 0, high = 0, dual = 0, nlr = 0, s_r = 0, kept = 0;
   float r_min = kInf, r_max = -kInf;
   for (int64_t t = tile.begin; t < tile.end; ++t) {
@@ -137,11 +133,11 @@ LK_ALWAYS_INLINE void forward_tile_impl(const Args& a, const Tile& tile, const S
       s_p += p;
       kept += 1;
     }
-    if (a.ref.p) s_k += kl_estimator(lp, a.ref.at(b, s, t), a.kl_est, false, a.kl_clamp, CpuExp{}).value;
+    if (a.ref.p) s_k += kl_estimator(lp, a.ref.at(b, s, t), kl, CpuExp{}).value;
     s_n += 1;
-    low += (pt.flags & kFlagLow) ? 1 : 0;
-    high += (pt.flags & kFlagHigh) ? 1 : 0;
-    dual += (pt.flags & kFlagDual) ? 1 : 0;
+    low += pt.low;
+    high += pt.high;
+    dual += pt.dual;
     nlr += old - lp;
     s_r += pt.ratio;
     r_min = std::min(r_min, pt.ratio);
@@ -221,7 +217,7 @@ void forward(const Args& a, float* stats, float* seq) {
       for (int k = 0; k < kNumSeqPartials; ++k) per_seq[tiles[i].seq * kNumSeqPartials + k] += sums[i * kNumSeqPartials + k];
     }
     for (int64_t b = 0; b < a.n_seqs; ++b) {
-      values[b] = sequence_values(a, &per_seq[b * kNumSeqPartials]);
+      values[b] = merged_values(a, &per_seq[b * kNumSeqPartials]);
       seq[b * kNumSeqValues + kSeqN] = values[b].n;
       seq[b * kNumSeqValues + kSeqX] = values[b].x;
       seq[b * kNumSeqValues + kSeqY] = values[b].y;
@@ -263,6 +259,7 @@ LK_ALWAYS_INLINE void backward_tile_impl(const Args& a, const Tile& tile, const 
   PolicyParams pp = a.pp;
   pp.mode = MODE;
   const float gu = g * agg_token_weight(a.agg, sv.n);
+  const KLChoice kl = kl_choice(a.kl_est, a.kl_straight, a.kl_clamp);
   for (int64_t t = tile.begin; t < tile.end; ++t) {
     float d_lp = 0.0f, d_h = 0.0f;
     if (a.valid(b, s, t)) {
@@ -272,7 +269,7 @@ LK_ALWAYS_INLINE void backward_tile_impl(const Args& a, const Tile& tile, const 
         if (a.w.p) d *= a.w.at(b, s, t);
         if (!a.kept(b, s, t)) d = 0.0f;
       }
-      if (a.ref.p) d += a.kl_coef * kl_estimator(lp, a.ref.at(b, s, t), a.kl_est, a.kl_straight, a.kl_clamp, CpuExp{}).grad;
+      if (a.ref.p) d += a.kl_coef * kl_estimator(lp, a.ref.at(b, s, t), kl, CpuExp{}).grad;
       d_lp = gu * d;
       d_h = -gu * a.entropy_coef;
     }
@@ -304,13 +301,15 @@ void backward(const Args& a, const float* stats, const float* seq, const float* 
 // --- KL estimator, elementwise ------------------------------------------------------------------
 
 LK_TARGET_CLONES void kl_chunk(const float* lp, const float* ref, float* out, int64_t n, int est, bool clamp) {
-  for (int64_t i = 0; i < n; ++i) out[i] = kl_estimator(lp[i], ref[i], est, false, clamp, CpuExp{}).value;
+  const KLChoice kl = kl_choice(est, false, clamp);
+  for (int64_t i = 0; i < n; ++i) out[i] = kl_estimator(lp[i], ref[i], kl, CpuExp{}).value;
 }
 
 LK_TARGET_CLONES void kl_grad_chunk(const float* lp, const float* ref, const float* g, float* dlp, float* dref,
                                     int64_t n, int est, bool straight, bool clamp) {
+  const KLChoice kl = kl_choice(est, straight, clamp);
   for (int64_t i = 0; i < n; ++i) {
-    const float d = g[i] * kl_estimator(lp[i], ref[i], est, straight, clamp, CpuExp{}).grad;
+    const float d = g[i] * kl_estimator(lp[i], ref[i], kl, CpuExp{}).grad;
     dlp[i] = d;
     dref[i] = -d;
   }
@@ -336,8 +335,8 @@ Args parse(const pybind11::dict& d) {
   a.mask = opt_ptr<const uint8_t>(d, "mask");
   a.mask_rs = d["mask_rs"].cast<int64_t>();
   a.thr = opt_ptr<const double>(d, "threshold");
-  a.pp = PolicyParams{d["mode"].cast<int>(),      d["lo"].cast<float>(),      d["hi"].cast<float>(),
-                      d["dual"].cast<bool>(),     d["dual_c"].cast<float>(),  d["tau_pos"].cast<float>(),
+  a.pp = PolicyParams{d["mode"].cast<int>(),           d["lo"].cast<float>(),      d["hi"].cast<float>(),
+                      d["dual"].cast<bool>() ? 1 : 0, d["dual_c"].cast<float>(),  d["tau_pos"].cast<float>(),
                       d["tau_neg"].cast<float>()};
   a.agg = d["agg"].cast<int>();
   a.kl_est = d["kl_est"].cast<int>();

@@ -118,34 +118,44 @@ LK_HOST_DEVICE float expm1mx_accurate(float x, Exp exp_fn) {
   return small ? 0.5f * s * s * p : (exp_fn(x) - 1.0f) - x;
 }
 
-// SPEC 2: KL estimator of the token and its derivative in logprob (d/d ref = -that).
-// delta = ref - logprob. `straight_through` (the trailing "+"): the value of `est`, the gradient of k2.
-// `clamp` applies verl's k3 clamps (delta to +-20, the estimate to [-10, 10]); TRL's k3 has none.
+// SPEC 2: which estimator, decided once per call. `straight_through` (the trailing "+"): the value
+// of `est`, the gradient of k2. `clamp` applies verl's k3 clamps (delta to +-20, the estimate to
+// [-10, 10]); TRL's k3 has none.
+struct KLChoice {
+  int est;
+  bool straight_through, clamp;
+};
+
+LK_HOST_DEVICE KLChoice kl_choice(int est, bool straight_through, bool clamp) {
+  return KLChoice{est, straight_through, clamp};
+}
+
+// The token's estimate and its derivative in logprob (d/d ref = -that); delta = ref - logprob.
+// Only the chosen estimator is evaluated (the branches are uniform across tokens).
 template <class Exp>
-LK_HOST_DEVICE ValueGrad kl_estimator(float logprob, float ref_logprob, int est, bool straight_through, bool clamp,
-                                      Exp exp_fn) {
+LK_HOST_DEVICE ValueGrad kl_estimator(float logprob, float ref_logprob, const KLChoice& c, Exp exp_fn) {
   const float delta = ref_logprob - logprob;
   float value, d_delta;
-  if (est == kK1) {
+  if (c.est == kK1) {
     value = -delta;
     d_delta = -1.0f;
-  } else if (est == kAbs) {
+  } else if (c.est == kAbs) {
     value = fabsf(delta);
     d_delta = signf(delta);
-  } else if (est == kK2) {
+  } else if (c.est == kK2) {
     value = 0.5f * delta * delta;
     d_delta = delta;
-  } else if (clamp) {
+  } else if (c.clamp) {
     const float dc = clampf(delta, -kK3DeltaBound, kK3DeltaBound);
     const float v = expm1mx_accurate(dc, exp_fn);
     value = v > kK3ValueMax ? kK3ValueMax : v;
-    const bool pass = (fabsf(delta) <= kK3DeltaBound) & (v <= kK3ValueMax);
+    const bool pass = (fabsf(delta) <= kK3DeltaBound) && (v <= kK3ValueMax);
     d_delta = pass ? expm1_accurate(dc, exp_fn) : 0.0f;
   } else {
     value = expm1mx_accurate(delta, exp_fn);
     d_delta = expm1_accurate(delta, exp_fn);
   }
-  if (straight_through) d_delta = delta;
+  if (c.straight_through) d_delta = delta;
   return ValueGrad{value, -d_delta};
 }
 
@@ -157,32 +167,31 @@ LK_HOST_DEVICE ValueGrad token_ratio(float l, Exp exp_fn) {
   return ValueGrad{r, pass ? r : 0.0f};
 }
 
-constexpr int kFlagLow = 1, kFlagHigh = 2, kFlagDual = 4;
-
+// Clip indicators are 0/1 floats, summed into the clip fractions.
 struct ClipResult {
   float value;
   float d_ratio;  // d value / d x
-  int flags;
+  float low, high, dual;
 };
 
 // PPO clip on a ratio x: max(-A x, -A clip(x, lo, hi)); with dual clip, for A < 0, min(that, -A c).
 // A clip is "active" when the clipped branch wins strictly (its gradient is then zero).
-LK_HOST_DEVICE ClipResult ppo_clip(float x, float a, float lo, float hi, bool dual, float dual_c) {
+LK_HOST_DEVICE ClipResult ppo_clip(float x, float a, float lo, float hi, int dual, float dual_c) {
   const float xc = clampf(x, lo, hi);
   const float l_unclipped = -a * x;
   const float l_clipped = -a * xc;
   const bool clipped = l_clipped > l_unclipped;
   float value = clipped ? l_clipped : l_unclipped;
   float grad = clipped ? 0.0f : -a;
-  int flags = clipped ? (a > 0.0f ? kFlagHigh : kFlagLow) : 0;
+  float on_dual = 0.0f;
   if (dual) {
     const float l_dual = -a * dual_c;
-    const bool active = (a < 0.0f) & (value > l_dual);
+    const bool active = (a < 0.0f) && (value > l_dual);
     value = active ? l_dual : value;
     grad = active ? 0.0f : grad;
-    flags |= active ? kFlagDual : 0;
+    on_dual = active ? 1.0f : 0.0f;
   }
-  return ClipResult{value, grad, flags};
+  return ClipResult{value, grad, (clipped && a < 0.0f) ? 1.0f : 0.0f, (clipped && a > 0.0f) ? 1.0f : 0.0f, on_dual};
 }
 
 // GMPO (verl geo_mean): sign-aware token clip of the log-ratio, sgn(A) * min(sgn(A) l, sgn(A) clamp(l, lo, hi))
@@ -190,7 +199,7 @@ LK_HOST_DEVICE ClipResult ppo_clip(float x, float a, float lo, float hi, bool du
 struct GmpoToken {
   float log_ratio;
   bool pass;
-  int flags;
+  float low, high;
 };
 
 LK_HOST_DEVICE GmpoToken gmpo_token(float l, float a, float lo, float hi) {
@@ -198,8 +207,8 @@ LK_HOST_DEVICE GmpoToken gmpo_token(float l, float a, float lo, float hi) {
   const float lc = clampf(l, lo, hi);
   const bool clipped = sgn * lc < sgn * l;
   const float lmin = sgn == 0.0f ? 0.0f : (clipped ? lc : l);
-  const int flags = clipped ? (a > 0.0f ? kFlagHigh : kFlagLow) : 0;
-  return GmpoToken{lmin, (!clipped) & (sgn != 0.0f), flags};
+  return GmpoToken{lmin, !clipped && sgn != 0.0f, (clipped && a < 0.0f) ? 1.0f : 0.0f,
+                   (clipped && a > 0.0f) ? 1.0f : 0.0f};
 }
 
 LK_HOST_DEVICE float gmpo_log_weight(float w) { return logf(w + kLogWeightEps); }
@@ -229,10 +238,23 @@ LK_HOST_DEVICE SeqValues gmpo_sequence(float n, float sum_log_ratio, float sum_a
   return SeqValues{n, value * kept * inv_n, value, ratio};
 }
 
+// A sequence's values from its merged SeqPartial sums, for any mode (token-local modes need only n).
+template <class Exp>
+LK_HOST_DEVICE SeqValues sequence_values(int mode, float n, float sum_log_ratio, float sum_advantage,
+                                         float sum_log_weight, float kept, bool has_threshold, bool has_weights,
+                                         Exp exp_fn) {
+  if (mode == kGSPO || mode == kLUSPO) return gspo_sequence(n, sum_log_ratio, exp_fn);
+  if (mode == kGMPO) {
+    return gmpo_sequence(n, sum_log_ratio, sum_advantage, sum_log_weight, has_threshold ? kept : n, has_weights,
+                         exp_fn);
+  }
+  return SeqValues{n, 0.0f, 1.0f, 1.0f};
+}
+
 struct PolicyParams {
   int mode;
   float lo, hi;  // ratio bounds 1 - eps_low, 1 + eps_high (GMPO: log-space bounds -eps_low, eps_high)
-  bool dual;
+  int dual;      // 1: dual clip at dual_c
   float dual_c;
   float tau_pos, tau_neg;
 };
@@ -241,7 +263,7 @@ struct PolicyTerm {
   float value;  // P
   float grad;   // dP/d logprob (GMPO: the whole sequence's factor, already weighted; see gmpo_sequence)
   float ratio;  // the importance ratio the mode uses (for the ratio statistics)
-  int flags;
+  float low, high, dual;  // clip indicators (0/1)
 };
 
 // SPEC 3: the policy term of one token. `seq` holds the sequence's values (GSPO, LUSPO, GMPO).
@@ -253,18 +275,18 @@ LK_HOST_DEVICE PolicyTerm policy_term(const PolicyParams& p, float logprob, floa
     // s_{b,t} = sg(s_b) exp(logprob - sg(logprob)): value s_b, d/dlogprob = s_b (zero above the clamp)
     const ClipResult c = ppo_clip(seq.ratio, a, p.lo, p.hi, p.dual, p.dual_c);
     const float scale = p.mode == kLUSPO ? seq.n : 1.0f;
-    return PolicyTerm{c.value * scale, c.d_ratio * seq.ratio * seq.y * scale, seq.ratio, c.flags};
+    return PolicyTerm{c.value * scale, c.d_ratio * seq.ratio * seq.y * scale, seq.ratio, c.low, c.high, c.dual};
   }
   if (p.mode == kGMPO) {
     const GmpoToken g = gmpo_token(l, a, p.lo, p.hi);
-    return PolicyTerm{seq.y, g.pass ? seq.x : 0.0f, seq.ratio, g.flags};
+    return PolicyTerm{seq.y, g.pass ? seq.x : 0.0f, seq.ratio, g.low, g.high, 0.0f};
   }
   const ValueGrad r = token_ratio(l, exp_fn);
   if (p.mode == kCISPO) {
     // -sg(clip(r)) A logprob; the clip flags count weights outside the range whatever the sign of A
     const float rc = clampf(r.value, p.lo, p.hi);
-    const int flags = (r.value < p.lo ? kFlagLow : 0) | (r.value > p.hi ? kFlagHigh : 0);
-    return PolicyTerm{-rc * a * logprob, -rc * a, r.value, flags};
+    return PolicyTerm{-rc * a * logprob, -rc * a, r.value, r.value < p.lo ? 1.0f : 0.0f, r.value > p.hi ? 1.0f : 0.0f,
+                      0.0f};
   }
   if (p.mode == kSAPO) {
     // -sigma(z) 4/tau A with z = tau (r - 1); d/dr = -4 sigma(z) sigma(-z) A. sigma(-z) = e sigma(z)
@@ -272,11 +294,11 @@ LK_HOST_DEVICE PolicyTerm policy_term(const PolicyParams& p, float logprob, floa
     const float tau = a > 0.0f ? p.tau_pos : p.tau_neg;
     const float e = exp_fn(clampf(-tau * (r.value - 1.0f), -kSapoExpBound, kSapoExpBound));
     const float sig = 1.0f / (1.0f + e);
-    return PolicyTerm{-sig * (4.0f / tau) * a, -4.0f * (e * sig) * sig * a * r.grad, r.value, 0};
+    return PolicyTerm{-sig * (4.0f / tau) * a, -4.0f * (e * sig) * sig * a * r.grad, r.value, 0.0f, 0.0f, 0.0f};
   }
-  if (p.mode == kReinforce) return PolicyTerm{-a * logprob, -a, r.value, 0};
+  if (p.mode == kReinforce) return PolicyTerm{-a * logprob, -a, r.value, 0.0f, 0.0f, 0.0f};
   const ClipResult c = ppo_clip(r.value, a, p.lo, p.hi, p.dual, p.dual_c);
-  return PolicyTerm{c.value, c.d_ratio * r.grad, r.value, c.flags};
+  return PolicyTerm{c.value, c.d_ratio * r.grad, r.value, c.low, c.high, c.dual};
 }
 
 LK_HOST_DEVICE bool mode_uses_sequences(int mode) { return mode == kGSPO || mode == kLUSPO || mode == kGMPO; }
