@@ -653,7 +653,9 @@ def policy_loss(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> PolicyLoss:
-    """Policy loss of SPEC 3 with its metrics, fused: one pass forward, one pass backward.
+    """Policy loss of SPEC 3 with its metrics, fused. Forward: one pass over the tokens (two for
+    gspo/luspo/gmpo and the seq-mean-* aggregations, which need per-sequence sums first) and a
+    one-program reduction of fixed-order partial sums; backward: one pass. No host sync.
 
     Per valid token (``l = logprob - old_logprob``, ``r = exp(clamp(l, -20, 20))``):
     ``T = w * e * P + kl_coef * K - entropy_coef * H``, aggregated by ``agg``. ``P`` by ``mode``:
