@@ -14,6 +14,10 @@ Common arguments:
     groups: ``[B]`` int group ids in any order (responses to one prompt), or an int group size.
     score: the base reward added to the shaping term; defaults to ``correct`` as 0/1.
     backend: for the per-group kernels, as in ``lenkernels.group_advantages``.
+    NaN: a NaN length, target, correctness, ``finished`` flag, mask entry or split metric only reaches
+        the result through comparisons, so it is a ValueError on CPU tensors (and on CUDA with
+        ``LENKERNELS_DEBUG=1``), as for ``group_advantages``' rewards; NaN scores and entropies
+        propagate into the result.
 
 Functions and the paper each default comes from:
     laser, laser_d, laser_d_targets, difficulty_buckets   LASER / LASER-D (Liu et al., 2025, arXiv:2505.15612)
@@ -66,7 +70,7 @@ COUNT, SUM, MEAN, STD, MIN, MAX = range(6)
 
 
 def _vector(x, name: str, n: int | None = None, device=None) -> torch.Tensor:
-    _checks.tensor(x, name)
+    _real(x, name)
     if x.dim() != 1 or (n is not None and x.shape[0] != n):
         want = f"({n},)" if n is not None else "[B]"
         raise ValueError(f"{name} must have shape {want}, one value per response, got {tuple(x.shape)}")
@@ -75,8 +79,26 @@ def _vector(x, name: str, n: int | None = None, device=None) -> torch.Tensor:
     return x.detach()
 
 
+def _real(x, name: str, **kwargs) -> torch.Tensor:
+    _checks.tensor(x, name, **kwargs)
+    if x.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got {x.dtype}")
+    return x
+
+
+def _no_nan(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Inputs that only reach the result through comparisons (lengths, targets, correctness, a split
+    metric) would turn a NaN into a plausible reward: where value checks run (CPU tensors,
+    LENKERNELS_DEBUG=1) a NaN there is an error, as for ``group_advantages``' rewards."""
+    if x.is_floating_point() and x.numel() and _checks.value_checks(x.device):
+        bad = torch.isnan(x)
+        if bool(bad.any()):
+            raise ValueError(f"{name} holds NaN (at flat index {int(bad.reshape(-1).nonzero()[0])})")
+    return x
+
+
 def _correct(correct) -> torch.Tensor:
-    return _vector(correct, "correct") != 0
+    return _no_nan(_vector(correct, "correct"), "correct") != 0
 
 
 def _score(score, correct: torch.Tensor, name: str = "score") -> torch.Tensor:
@@ -88,12 +110,12 @@ def _score(score, correct: torch.Tensor, name: str = "score") -> torch.Tensor:
 
 
 def _mask(mask, n: int, device) -> torch.Tensor:
-    _checks.tensor(mask, "mask")
+    _real(mask, "mask")
     if mask.dim() != 2 or mask.shape[0] != n:
         raise ValueError(f"mask must have shape [B, T] with B = {n}, got {tuple(mask.shape)}")
     if mask.device != torch.device(device):
         raise ValueError(f"mask is on {mask.device} but correct is on {device}; they must share a device")
-    return mask.detach()
+    return _no_nan(mask.detach(), "mask")
 
 
 def _lengths(lengths, mask, n: int, device) -> torch.Tensor:
@@ -101,7 +123,7 @@ def _lengths(lengths, mask, n: int, device) -> torch.Tensor:
     if (lengths is None) == (mask is None):
         raise ValueError("pass exactly one of lengths ([B]) or mask ([B, T]) to give the response lengths")
     if lengths is not None:
-        return _vector(lengths, "lengths", n, device).to(torch.float32)
+        return _no_nan(_vector(lengths, "lengths", n, device), "lengths").to(torch.float32)
     return _mask(mask, n, device).sum(-1, dtype=torch.float32)
 
 
@@ -113,7 +135,7 @@ def _group_columns(columns, groups, where=None, lengths=None, mask=None, backend
     if (lengths is None) == (mask is None):
         raise ValueError("pass exactly one of lengths ([B]) or mask ([B, T]) to give the response lengths")
     if lengths is not None:
-        length = _vector(lengths, "lengths", n, device).to(torch.float32)
+        length = _no_nan(_vector(lengths, "lengths", n, device), "lengths").to(torch.float32)
         values = torch.stack([*columns, length], 1)
         stats, _ = group_stats(values, groups, where=where, backend=backend)
         return stats, length
@@ -161,7 +183,7 @@ def laser(
     _checks.choice(mode, "mode", LASER_MODES)
     alpha = _number(alpha, "alpha")
     if isinstance(target_length, torch.Tensor):
-        target = _vector(target_length, "target_length", n, device).to(torch.float32)
+        target = _no_nan(_vector(target_length, "target_length", n, device), "target_length").to(torch.float32)
     else:
         target = torch.full((n,), _number(target_length, "target_length"), dtype=torch.float32, device=device)
     out = _score(score, ok)
@@ -315,7 +337,7 @@ def dler_rewards(
         length = _lengths(lengths, mask, n, device)
     keep = length <= target
     if finished is not None:
-        keep = keep & (_vector(finished, "finished", n, device) != 0)
+        keep = keep & (_no_nan(_vector(finished, "finished", n, device), "finished") != 0)
     s = _score(score, ok)
     return torch.where(keep, s, torch.zeros_like(s))
 
@@ -380,6 +402,7 @@ def dapo_overlong(
     ref = lengths if lengths is not None else mask
     if ref is None:
         raise ValueError("pass exactly one of lengths ([B]) or mask ([B, T]) to give the response lengths")
+    _checks.tensor(ref, "lengths" if lengths is not None else "mask")
     n = ref.shape[0] if ref.dim() else 0
     length = _lengths(lengths, mask, n, ref.device)
     max_length = _number(max_length, "max_length", positive=True)
@@ -591,7 +614,7 @@ def canon_advantages(
     Two group_stats kernels (the split needs the group mean first). float32 ``[B]``."""
     r = _vector(rewards, "rewards").to(torch.float32)
     n, device = r.shape[0], r.device
-    m = _vector(metric, "metric", n, device).to(torch.float32)
+    m = _no_nan(_vector(metric, "metric", n, device), "metric").to(torch.float32)
     mu = _number(mu, "mu")
     stats, _ = group_stats(m, groups, backend=backend)
     upper = m > stats[:, 0, MEAN]
@@ -642,8 +665,8 @@ def ceeh_advantages(
     (alpha 0.4, kappa 2). ``entropy`` broadcasts to ``advantages`` (per token ``[B, T]`` or per
     response ``[B]``), ``difficulty`` d_q is per response ``[B]``. The entropy is detached (sg): the
     bonus is not differentiated. float32, the shape of ``advantages``."""
-    a = _checks.tensor(advantages, "advantages", min_dim=1).detach().to(torch.float32)
-    h = _checks.tensor(entropy, "entropy").detach().to(torch.float32)
+    a = _real(advantages, "advantages", min_dim=1).detach().to(torch.float32)
+    h = _real(entropy, "entropy").detach().to(torch.float32)
     d = _vector(difficulty, "difficulty", a.shape[0], a.device).to(torch.float32)
     _checks.same_device(a, "advantages", h, "entropy")
     if h.dim() == 1 and a.dim() == 2 and h.shape[0] == a.shape[0]:

@@ -618,7 +618,7 @@ def group_stats(
         raise TypeError(f"values must be a floating tensor, got {values.dtype}")
     if values.dim() > 2:
         raise ValueError(f"values must be [B] or [B, C], got shape {tuple(values.shape)}")
-    v = values.detach().reshape(values.shape[0], -1)
+    v = values.detach() if values.dim() == 2 else values.detach()[:, None]  # (a reshape fails for B = 0)
     n = v.shape[0]
     ids, group_size = _check_groups(groups, n, values)
     mask = _check_mask(mask, values, n, ref_name="values")
@@ -626,7 +626,7 @@ def group_stats(
     if where is not None:
         _checks.tensor(where, "where")
         _checks.same_device(values, "values", where, "where")
-        where = where.reshape(n, -1) if where.dim() == 1 else where
+        where = where[:, None] if where.dim() == 1 else where
         if tuple(where.shape) != (n, cols):
             raise ValueError(f"where must have shape ({n}, {cols}) (one column per statistic column), got {tuple(where.shape)}")
         where = where.detach()

@@ -18,6 +18,7 @@ marking the response tokens inside each packed sequence).
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -699,6 +700,8 @@ def sequence_stats(
     _check_values(entropy, "entropy", name)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    if math.isnan(threshold):
+        raise ValueError("threshold must be a number, got nan (every comparison with it is False)")
     level = None
     if top_entropy_quantile is not None:
         if isinstance(top_entropy_quantile, bool) or not isinstance(top_entropy_quantile, (int, float)):
