@@ -105,7 +105,7 @@ def selective_log_softmax(
         )
     # K ids per row: one kernel pass gives log p of the first id; the others differ from it by
     # their logit gap, (z_k - z_0) / T, whose gradient adds e_k - e_0 to e_0 - p: exactly e_k - p.
-    safe = index if row_mask is None else torch.where(row_mask != 0, index, torch.zeros_like(index))
+    safe = (index if row_mask is None else torch.where(row_mask != 0, index, torch.zeros_like(index))).long()
     first = token_logprobs(logits, safe[..., 0], temperature=temperature)
     picked = torch.gather(logits, -1, safe).to(torch.float32)
     gap = picked - picked[..., :1]
@@ -368,7 +368,9 @@ def grpo_loss(
                 weights.append(_log_ratio_weights(lp.detach(), old, mask, sequence).clamp(max=eps_high))
     else:
         if delta is not None and not float(delta) >= 1.0 + eps_high:
-            raise NotImplementedError(f"delta={delta} below 1 + epsilon_high has no fused form (it is a dual clip above)")
+            raise NotImplementedError(
+                f"delta={delta} below 1 + epsilon_high has no fused form (it is a dual clip above)"
+            )
         mode = "gspo" if sequence else "ppo"
         kw.update(clip_low=eps_low, clip_high=eps_high, clip_dual=None if delta is None else float(delta))
 
@@ -392,7 +394,9 @@ def grpo_loss(
             normaliser = max(float(num_items_in_batch), 1.0)
         normaliser = normaliser / num_processes
         if training:
-            normaliser = normaliser * gradient_accumulation_steps / (steps_per_generation or gradient_accumulation_steps)
+            normaliser = (
+                normaliser * gradient_accumulation_steps / (steps_per_generation or gradient_accumulation_steps)
+            )
         agg = {"agg": "token-mean", "num_tokens": normaliser}
         divisor = 1
 
@@ -451,7 +455,7 @@ _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attentio
 _TRAINER_ATTRS = ("loss_type", "importance_sampling_level", "epsilon_low", "epsilon_high", "beta", "top_entropy_quantile",
                   "off_policy_mask_threshold", "use_vllm", "vllm_importance_sampling_correction", "entropy_coef",
                   "use_adaptive_entropy", "_entropy_bonus_enabled", "aux_loss_enabled", "max_completion_length",
-                  "accelerator", "args", "_metrics", "model")  # fmt: skip
+                  "current_gradient_accumulation_steps", "accelerator", "args", "_metrics", "model")  # fmt: skip
 _ORIGINAL: dict = {}
 
 
@@ -543,7 +547,9 @@ def grpo_compute_loss(self, model, inputs):
         if mode == "train" and self.accelerator.sync_gradients:
             metrics["entropy_coef"].append(self.entropy_coef)
     if self.aux_loss_enabled:
-        loss = loss + self.router_aux_loss_coef * aux_loss / (self.current_gradient_accumulation_steps if training else 1.0)
+        loss = loss + self.router_aux_loss_coef * aux_loss / (
+            self.current_gradient_accumulation_steps if training else 1.0
+        )
         metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
     with torch.no_grad():
         _log_metrics(self, metrics, out, per_token_logps.detach(), old, advantages, mask, entropies)
@@ -614,7 +620,8 @@ def _check_trainer() -> None:
     if problems:
         raise RuntimeError(
             "this TRL's GRPOTrainer differs from the one lenkernels' fused loss was written for (TRL 1.16): "
-            + "; ".join(problems) + ". Pass exclude=('_compute_loss',) to patch only the token statistics."
+            + "; ".join(problems)
+            + ". Pass exclude=('_compute_loss',) to patch only the token statistics."
         )
 
 

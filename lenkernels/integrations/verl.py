@@ -155,7 +155,7 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     return _lk_kl_penalty(logprob, ref_logprob, kl_penalty, clamp=True)
 
 
-def _as_count(value, name: str, device) -> Any:
+def _as_count(value, device) -> Any:
     """A verl global normaliser (int, float or tensor) in the form policy_loss takes."""
     if value is None or not isinstance(value, torch.Tensor):
         return value
@@ -173,11 +173,11 @@ def _agg_kwargs(loss_agg_mode: str, device, dp_size=1, batch_num_tokens=None, gl
     if loss_agg_mode == "token-mean":
         if batch_num_tokens is None and dp_size > 1:
             raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
-        kw["num_tokens"] = _as_count(batch_num_tokens, "batch_num_tokens", device)
+        kw["num_tokens"] = _as_count(batch_num_tokens, device)
     elif loss_agg_mode.startswith("seq-mean"):
         if global_batch_size is None and dp_size > 1:
             raise ValueError("global_batch_size is required when dp_size > 1")
-        kw["num_seqs"] = _as_count(global_batch_size, "global_batch_size", device)
+        kw["num_seqs"] = _as_count(global_batch_size, device)
         if loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is not None:
             kw["norm_length"] = float(loss_scale_factor)
     return kw
@@ -242,8 +242,13 @@ def _clip_ratios(config) -> tuple[float, float]:
     return float(clip if low is None else low), float(clip if high is None else high)
 
 
+_BATCH_INFO = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
 def _batch_info(config) -> dict:
-    return dict(_cfg(config, "global_batch_info", None) or {})
+    """``config.global_batch_info`` (verl's actor fills it each step): the agg_loss arguments."""
+    info = _cfg(config, "global_batch_info", None) or {}
+    return {k: info[k] for k in _BATCH_INFO if k in info}
 
 
 def _floats(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
@@ -436,7 +441,9 @@ def compute_policy_loss_geo_mean(
         adv = advantages.reshape(-1, 1) if advantages.dim() == 1 else advantages
         high_frac = (outside & (adv > 0)).sum() / count
         low_frac = (outside & (adv < 0)).sum() / count
-    metrics = _floats({"actor/pg_clipfrac": high_frac, "actor/ppo_kl": out.approx_kl, "actor/pg_clipfrac_lower": low_frac})
+    metrics = _floats(
+        {"actor/pg_clipfrac": high_frac, "actor/ppo_kl": out.approx_kl, "actor/pg_clipfrac_lower": low_frac}
+    )
     return _fresh(out.loss), metrics
 
 
@@ -527,7 +534,9 @@ def compute_grpo_outcome_advantage(
 
     Example: ``adv, ret = compute_grpo_outcome_advantage(token_level_rewards, response_mask, uid)``.
     """
-    adv = _outcome(token_level_rewards, response_mask, index, "grpo", epsilon, norm_by_std=bool(norm_adv_by_std_in_grpo))
+    adv = _outcome(
+        token_level_rewards, response_mask, index, "grpo", epsilon, norm_by_std=bool(norm_adv_by_std_in_grpo)
+    )
     return adv, adv
 
 
@@ -731,4 +740,3 @@ def patched(exclude=()):
 def is_patched() -> bool:
     """Whether ``patch()`` is in effect in this process."""
     return _PATCH.active
-
