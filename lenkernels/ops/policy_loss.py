@@ -24,7 +24,7 @@ from lenkernels.ops.token_stats import token_logprobs_entropy
 from lenkernels.reference import policy_loss as ref
 
 FAMILY = "policy_loss"
-_backend.register_family(FAMILY, ("triton", "cpu", "reference"))
+_backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
 
 MODES = ref.MODES
 AGGS = ref.AGGS
@@ -269,6 +269,10 @@ def policy_loss_fwd(inputs, params, backend: str):
         from lenkernels import cpu
 
         cpu.load(FAMILY).policy_loss_fwd(_cpu_args(t, cfg), stats.data_ptr(), seq.data_ptr())
+    elif backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.policy_loss_fwd(t, cfg, stats, seq)
     else:
         from lenkernels.triton.policy_loss import policy_loss_fwd as launch
 
@@ -313,6 +317,13 @@ def policy_loss_bwd(inputs, params, backend: str, stats, seq, g_stats, need_dent
         d_lp = d_lp.to(logprobs.dtype)
         d_ent = d_ent.to(entropy.dtype) if need_dentropy else empty
         return d_lp, d_ent
+    if backend == "cuda":
+        from lenkernels import cuda
+
+        d_lp = alloc(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+        d_ent = alloc(entropy.shape, dtype=entropy.dtype, device=logprobs.device) if need_dentropy else None
+        cuda.policy_loss_bwd(t, cfg, stats, seq, g_stats, d_lp, d_ent)
+        return d_lp, (d_ent if need_dentropy else empty)
     from lenkernels.triton.policy_loss import policy_loss_bwd as launch
 
     d_lp = alloc(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
@@ -479,6 +490,10 @@ def kl_penalty_fwd(logprobs, ref_logprobs, estimator: str, clamp: bool, backend:
         cpu.load(FAMILY).kl_penalty_fwd(
             lp.data_ptr(), rf.data_ptr(), out.data_ptr(), lp.numel(), _KL_CODES[base], clamp, torch.get_num_threads()
         )
+    elif backend == "cuda":
+        from lenkernels import cuda
+
+        cuda.kl_penalty_fwd(logprobs, ref_logprobs, _KL_CODES[base], clamp, out)
     else:
         from lenkernels.triton.policy_loss import kl_penalty_fwd as launch
 
@@ -512,6 +527,13 @@ def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator: str, clamp: bool, ba
             clamp, torch.get_num_threads(),
         )  # fmt: skip
         return d_lp.to(logprobs.dtype), d_rf.to(ref_logprobs.dtype)
+    if backend == "cuda":
+        from lenkernels import cuda
+
+        d_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+        d_rf = torch.empty(ref_logprobs.shape, dtype=ref_logprobs.dtype, device=logprobs.device)
+        cuda.kl_penalty_bwd(logprobs, ref_logprobs, grad, est, straight, clamp, d_lp, d_rf)
+        return d_lp, d_rf
     from lenkernels.triton.policy_loss import kl_penalty_bwd as launch
 
     d_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
