@@ -1,17 +1,22 @@
 """The CUDA C++ backend without a GPU (nvcc only; skipped, saying so, where nvcc is absent):
 
-- every ``csrc/cuda/*.cu`` compiles for sm_80 and sm_90 with the build's flags and ``ptxas -v``,
-  with no error, no warning (``-Werror all-warnings``) and no register spill;
-- the extension module (kernels + pybind11 binding) builds and links through ``_build.build``;
-- the kernels' per-thread code (``csrc/cuda/token_stats.h``), replayed on the host block by block and
-  thread by thread (``tests/cuda_host_replay.cu``), matches the float64 reference: this checks which
-  elements every thread reads and writes (row edges, split ranges, misaligned and in-place rows)
-  before the code ever meets a GPU. tests/test_cuda_backend.py runs the real kernels on a GPU.
+- every ``csrc/cuda/*.cu`` compiles for sm_80 and sm_90 with the build's own command and
+  ``ptxas -v``, with no error, no warning (``-Werror all-warnings``) and no register spill: one nvcc
+  run per module (every run of this file compiles afresh) builds the extension (kernels + pybind11
+  binding) and reports every kernel of both architectures; it lands in the extension cache, keyed by
+  the source hash, where ``_build.build`` finds it (and tests/test_cuda_ops.py loads it);
+- the token-statistics kernels' per-thread code (``csrc/cuda/token_stats.h``), replayed on the host
+  block by block and thread by thread (``tests/cuda_host_replay.cu``), matches the float64 reference:
+  this checks which elements every thread reads and writes (row edges, split ranges, misaligned and
+  in-place rows) before the code ever meets a GPU. The O(N) families' kernels run on the host through
+  ``lenkernels.cuda.host_emulation`` in tests/test_cuda_ops.py; tests/test_cuda_backend.py and
+  tests/test_cuda_ops.py run the real kernels on a GPU.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import subprocess
 import sys
@@ -36,16 +41,12 @@ REPLAY_SOURCE = Path(__file__).resolve().parent / "cuda_host_replay.cu"
 H100_SMS = 132  # the split plan is replayed as an H100 would run it
 
 
-def _cubin_command(source: Path, arch: int, out: Path) -> list[str]:
-    """The build's own nvcc command (``_build.cuda_compile_command``) narrowed to one architecture's
-    cubin, with ptxas reporting registers and spills and every warning an error."""
-    full = _build.cuda_compile_command(source.stem, [source], out, NVCC)
-    drop = set(_build.CUDA_GENCODE) | {"-shared", str(source), "-o", str(out)}
-    flags = [a for a in full[1:] if a not in drop]
-    return [
-        NVCC, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin",
-        "-Xptxas=-v,-warn-spills", "-Werror=all-warnings", str(source), "-o", str(out),
-    ]  # fmt: skip
+def _module_command(name: str, out: Path) -> list[str]:
+    """The build's own nvcc command for a module (``_build.cuda_compile_command``: every architecture,
+    host code and binding), with ptxas reporting registers and spills and every warning an error. The
+    architectures compile one after the other (no ``--threads``): each report stays contiguous."""
+    full = _build.cuda_compile_command(name, _build.cuda_modules()[name], out, NVCC)
+    return [a for a in full if not a.startswith("--threads")] + ["-Xptxas=-v,-warn-spills", "-Werror=all-warnings"]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -73,10 +74,9 @@ def _parse_ptxas(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    """Every compilation at once (the two cores work in parallel): cubins per source and arch, the
-    full extension modules into a fresh cache, and the host replay library."""
+    """Every compilation at once (the two cores work in parallel): each extension module with its
+    ptxas report, and the host replay library."""
     tmp = tmp_path_factory.mktemp("cuda")
-    cache = tmp / "cache"
     replay = tmp / "replay.so"
     replay_cmd = [
         NVCC, "-O2", "-std=c++17", "-Xcompiler=-fPIC", "-shared", "-Werror=all-warnings",
@@ -84,42 +84,53 @@ def builds(tmp_path_factory):
     ]  # fmt: skip
 
     def build_module(name):
+        """(nvcc process, module path or None, error): the module lands where ``_build.build`` keeps
+        it (named by the source hash), so ``_build.build`` returns it without compiling again."""
+        sources = _build.cuda_modules()[name]
+        target = _build.cache_dir() / f"{name}-{_build.source_hash(sources)}" / f"{name}{_build.ext_suffix()}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.parent / f"{name}.partial{_build.ext_suffix()}"
+        proc = _run(_module_command(name, partial))
+        if proc.returncode != 0:
+            return proc, None, proc.stdout + proc.stderr
+        os.replace(partial, target)
         try:
-            return _build.build(name, "cuda"), ""
-        except Exception as exc:  # reported by the test, with the compiler output
-            return None, str(exc)
+            return proc, _build.build(name, "cuda"), ""
+        except Exception as exc:  # reported by the test
+            return proc, None, str(exc)
 
-    with pytest.MonkeyPatch.context() as env, ThreadPoolExecutor(max_workers=3) as pool:
-        env.setenv("LENKERNELS_CACHE", str(cache))  # a fresh build, restored afterwards
-        cubins = {
-            (src.name, arch): pool.submit(_run, _cubin_command(src, arch, tmp / f"{src.stem}.sm_{arch}.cubin"))
-            for src in SOURCES
-            for arch in ARCHS
-        }
+    with ThreadPoolExecutor(max_workers=2) as pool:
         modules = {name: pool.submit(build_module, name) for name in _build.cuda_modules()}
         replay_proc = pool.submit(_run, replay_cmd)
+        done = {name: f.result() for name, f in modules.items()}
         return {
-            "cubins": {key: f.result() for key, f in cubins.items()},
-            "modules": {name: f.result() for name, f in modules.items()},
+            "compiles": {_build.cuda_modules()[name][0].name: proc for name, (proc, _, _) in done.items()},
+            "modules": {name: (path, error) for name, (_, path, error) in done.items()},
             "replay": (replay_proc.result(), replay),
         }
 
 
 def test_there_are_cuda_sources():
-    assert "token_stats.cu" in [p.name for p in SOURCES]
+    names = {p.name for p in SOURCES}
+    assert {"token_stats.cu", "policy_loss.cu", "advantages.cu", "phase_stats.cu"} <= names
+
+
+def _kernels(builds, source: str, arch: int) -> list[dict]:
+    proc = builds["compiles"][source]
+    return [k for k in _parse_ptxas(proc.stdout + proc.stderr) if k["arch"] == arch]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_source_compiles_without_warnings_or_spills(builds, arch):
     for src in SOURCES:
-        proc = builds["cubins"][(src.name, arch)]
+        proc = builds["compiles"][src.name]
         output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"{src.name} sm_{arch} failed:\n{output[-6000:]}"
+        assert proc.returncode == 0, f"{src.name} failed:\n{output[-6000:]}"
         warnings = [line for line in output.splitlines() if re.search(r"warning", line, re.IGNORECASE)]
-        assert not warnings, f"{src.name} sm_{arch}:\n" + "\n".join(warnings)
-        kernels = _parse_ptxas(output)
+        assert not warnings, f"{src.name}:\n" + "\n".join(warnings)
+        assert {k["arch"] for k in _parse_ptxas(output)} == set(ARCHS), f"{src.name}: not every architecture built"
+        kernels = _kernels(builds, src.name, arch)
         assert kernels, f"{src.name} sm_{arch}: ptxas reported no kernel:\n{output[-3000:]}"
-        assert {k["arch"] for k in kernels} == {arch}
         unparsed = [k["kernel"] for k in kernels if k["spills"] is None or k["registers"] is None]
         assert not unparsed, f"ptxas output not understood for {unparsed}:\n{output[-3000:]}"
         spills = [f"{k['kernel']}: {k['spills']} spill bytes" for k in kernels if k["spills"] > 0]
@@ -128,11 +139,28 @@ def test_every_source_compiles_without_warnings_or_spills(builds, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_token_stats_kernels_for_every_dtype(builds, arch):
-    proc = builds["cubins"][("token_stats.cu", arch)]
-    names = [k["kernel"] for k in _parse_ptxas(proc.stdout + proc.stderr)]
+    names = [k["kernel"] for k in _kernels(builds, "token_stats.cu", arch)]
     for kernel in ("token_stats_fwd_kernel", "token_stats_finalize_kernel", "token_stats_bwd_kernel"):
         for dtype in ("If", "I13__nv_bfloat16", "I6__half"):  # mangled template arguments
             assert any(kernel + dtype in n for n in names), f"{kernel}<{dtype}> missing for sm_{arch}: {names}"
+
+
+# every kernel of the O(N) families (one instance each: dtypes are runtime codes there)
+FAMILY_KERNELS = {
+    "policy_loss.cu": ("policy_loss_seq_kernel", "policy_loss_fwd_kernel", "policy_loss_finalize_kernel",
+                       "policy_loss_bwd_kernel", "kl_penalty_fwd_kernel", "kl_penalty_bwd_kernel"),
+    "advantages.cu": ("advantages_row_sums_kernel", "group_advantages_kernel", "gaussian_rank_kernel",
+                      "batch_moments_kernel", "advantages_broadcast_kernel", "group_stats_kernel"),
+    "phase_stats.cu": ("phase_stats_fwd_kernel", "phase_stats_bwd_kernel", "sequence_stats_fwd_kernel"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", sorted(FAMILY_KERNELS))
+def test_family_kernels_built(builds, source, arch):
+    names = [k["kernel"] for k in _kernels(builds, source, arch)]
+    for kernel in FAMILY_KERNELS[source]:
+        assert sum(f"{len(kernel)}{kernel}" in n for n in names) == 1, f"{kernel} missing for sm_{arch}: {names}"
 
 
 def test_extension_modules_build_and_link(builds):
@@ -153,8 +181,14 @@ def test_extension_modules_build_and_link(builds):
         assert proc.returncode == 0, proc.stderr[-4000:]
         source_hash, *symbols = proc.stdout.split()
         assert source_hash == _build.source_hash(sources)
-        if name == "_cuda_token_stats":
-            assert {"token_stats_fwd", "token_stats_bwd", "token_stats_splits"} <= set(symbols)
+        expected = {
+            "_cuda_token_stats": {"token_stats_fwd", "token_stats_bwd", "token_stats_splits"},
+            "_cuda_policy_loss": {"policy_loss_fwd", "policy_loss_bwd", "policy_loss_splits", "kl_penalty_fwd",
+                                  "kl_penalty_bwd"},
+            "_cuda_advantages": {"group_advantages", "gaussian_rank", "batch_shift_scale", "broadcast", "group_stats"},
+            "_cuda_phase_stats": {"phase_stats_fwd", "phase_stats_bwd", "sequence_stats_fwd"},
+        }  # fmt: skip
+        assert expected.get(name, set()) <= set(symbols), f"{name}: {symbols}"
 
 
 # --- the kernels replayed on the host ---------------------------------------------------------------
