@@ -8,6 +8,7 @@ Needs ``pip install trl`` (tested with 1.16).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import types
@@ -394,3 +395,58 @@ def test_patched_trainer_runs_the_fused_loss_and_falls_back():
     with pytest.raises(ValueError, match="does not replace"):
         lk_trl.patch(exclude=("compute_loss",))
     assert not lk_trl.is_patched()
+
+
+def test_real_grpo_trainer_with_the_patch(tmp_path, monkeypatch):
+    """TRL's own GRPOTrainer (tiny random Qwen2, a word-level tokenizer built here, a length-penalised
+    rule reward, beta > 0 with its reference model, mu = 2) trains two steps unpatched and patched:
+    the same logged losses and metrics and the same weights, with the fused loss really in use."""
+    pytest.importorskip("datasets", reason="GRPOTrainer needs the datasets package")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from trl import GRPOConfig
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i + 3 for i in range(61)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
+                                        eos_token="<eos>")  # fmt: skip
+    prompts = Dataset.from_dict({"prompt": [" ".join(f"w{(7 * i + j) % 61}" for j in range(4)) for i in range(8)]})
+
+    def reward(completions, **kwargs):
+        return [c.split().count("w1") - 0.1 * len(c.split()) for c in completions]
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "model")  # the reference model is loaded from a path
+    calls = []
+    fused = lk_trl.grpo_loss
+    monkeypatch.setattr(lk_trl, "grpo_loss", lambda *a, **k: calls.append(k["loss_type"]) or fused(*a, **k))
+
+    def train(patch: bool, loss_type: str):
+        args = GRPOConfig(
+            output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=4,
+            num_generations=4, max_completion_length=8, logging_steps=1, save_strategy="no", seed=0,
+            loss_type=loss_type, beta=0.02, num_iterations=2, epsilon_high=0.28, learning_rate=1e-2,
+            disable_tqdm=True,
+        )  # fmt: skip
+        trainer = GRPOTrainer(model=str(tmp_path / "model"), reward_funcs=reward, args=args, train_dataset=prompts,
+                              processing_class=tokenizer)  # fmt: skip
+        with lk_trl.patched() if patch else contextlib.nullcontext():
+            trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        return logs, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    for loss_type in ("dapo", "grpo"):
+        logs_t, weights_t = train(False, loss_type)
+        logs, weights = train(True, loss_type)
+        assert calls.count(loss_type) == 2, calls  # the fused loss ran on both steps
+        assert len(logs) == len(logs_t) == 2
+        for ours, theirs in zip(logs, logs_t):
+            assert ours.keys() == theirs.keys()
+            for key in theirs.keys() - {"step_time"}:  # losses, grad norm, kl, entropy, clip ratios, rewards
+                assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-6), (loss_type, key, ours, theirs)
+        for name, w in weights_t.items():
+            close(weights[name], w, f"{loss_type} {name}", rtol=1e-4)

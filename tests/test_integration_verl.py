@@ -491,3 +491,25 @@ def test_patched_bypass_mode_dispatches_to_the_drop_ins():
         close(ours[0], theirs[0], f"{loss_type} loss", scale=float(adv.abs().max()))
         close(ours[2], theirs[2], f"{loss_type} d log_prob")
         same_metrics(ours[1], theirs[1])
+
+
+@pytest.mark.slow
+def test_ray_worker_setup_hook_patches_every_worker():
+    """The one-line swap for a verl run: Ray calls patch() in each worker process it starts (verl's
+    ``+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=lenkernels.integrations.verl.patch``)."""
+    ray = pytest.importorskip("ray", reason="ray is not installed")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "lenkernels.integrations.verl.patch"})  # fmt: skip
+    try:
+
+        @ray.remote
+        def probe():
+            import verl.trainer.ppo.core_algos as worker_core
+            import verl.utils.torch_functional as worker_F
+
+            return worker_F.logprobs_from_logits.__module__, worker_core.get_policy_loss_fn("vanilla").__module__
+
+        assert ray.get(probe.remote()) == (lk_verl.__name__, lk_verl.__name__)
+    finally:
+        ray.shutdown()
+    assert not lk_verl.is_patched()  # only the workers were patched

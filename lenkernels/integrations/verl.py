@@ -10,11 +10,17 @@ Use one function directly, or swap them all into an installed verl::
     ...                      # verl now runs lenkernels' kernels
     lk_verl.unpatch()
 
-``patch()`` replaces the functions on their modules, on every loaded verl module that imported
-them with ``from ... import``, and in ``POLICY_LOSS_REGISTRY`` / ``ADV_ESTIMATOR_REGISTRY``.
-verl captures ``entropy_from_logits`` when an actor engine is built (``torch.compile`` of it), so
-patch before the workers build their engines: for Ray workers,
-``ray.init(runtime_env={"worker_process_setup_hook": "lenkernels.integrations.verl.patch"})``.
+For a verl training run the swap is one command-line override: Ray then calls ``patch()`` in
+every worker process before any actor is built::
+
+    python -m verl.trainer.main_ppo ... \
+        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=lenkernels.integrations.verl.patch
+
+(``ray.init(runtime_env={"worker_process_setup_hook": "lenkernels.integrations.verl.patch"})`` in
+a custom driver). ``patch()`` replaces the functions on their modules, on every loaded verl module
+that imported them with ``from ... import``, and in ``POLICY_LOSS_REGISTRY`` /
+``ADV_ESTIMATOR_REGISTRY``. verl captures ``entropy_from_logits`` when an actor engine is built
+(``torch.compile`` of it), so the patch must come before that, as the setup hook does.
 
 What is covered (``PATCHED_NAMES``): ``logprobs_from_logits``, ``entropy_from_logits``,
 ``entropy_from_logits_with_chunking``, ``kl_penalty``, ``agg_loss``; the policy losses
@@ -502,7 +508,15 @@ def _groups(index, n: int, device) -> tuple[torch.Tensor, np.ndarray]:
     except TypeError:  # mixed label types: compare them as strings
         _, inverse, counts = np.unique(labels.astype(str), return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1).astype(np.int64)
-    return torch.from_numpy(inverse).to(device), counts[inverse]
+    return _to_device(torch.from_numpy(inverse), device), counts[inverse]
+
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Host data to ``device`` without waiting for the GPU's queue (pinned, asynchronous copy)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _outcome(token_level_rewards, response_mask, index, method: str, eps: float, **kw) -> torch.Tensor:
@@ -578,7 +592,7 @@ def compute_rloo_vectorized_outcome_advantage(
     ids, sizes = _groups(index, token_level_rewards.shape[0], token_level_rewards.device)
     adv = group_advantages(token_level_rewards, ids, method="rloo", eps=epsilon, mask=response_mask)
     if (sizes == 1).any():  # host-side labels: no device sync
-        single = torch.from_numpy(sizes == 1).to(adv.device)
+        single = _to_device(torch.from_numpy(sizes == 1), adv.device)
         adv = torch.where(single[:, None], torch.zeros_like(adv), adv)
     return adv, adv
 
