@@ -513,3 +513,14 @@ def test_ray_worker_setup_hook_patches_every_worker():
     finally:
         ray.shutdown()
     assert not lk_verl.is_patched()  # only the workers were patched
+
+
+def test_importing_the_integrations_imports_no_trainer():
+    """verl and TRL are optional: the integration modules import neither (only patch() does)."""
+    import subprocess
+
+    code = ("import sys, lenkernels.integrations.verl, lenkernels.integrations.trl; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('verl', 'trl')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
