@@ -19,7 +19,10 @@ kernel forward, one backward) and logs the metrics TRL logs. Configurations it d
 controller, ``delta < 1 + epsilon_high``) run TRL's original method. TRL computes the advantages
 inline in ``_generate_and_score_completions`` (which also generates and scores), so ``patch()``
 leaves them to TRL; :func:`grpo_advantages` gives the same numbers for a subclass or a custom
-loop.
+loop (``multi_objective_aggregation="sum_then_normalize"``, TRL's default). TRL 1.16's
+``GRPOTrainer`` computes its log-probabilities and entropies inside the model's fused LM head
+(``add_fused_lm_head``), which ``patch()`` keeps; the patched ``trl.trainer.utils`` functions
+serve TRL's other trainers and user code.
 
 Statistics are float32 whatever the logits dtype, as TRL's fused CUDA kernel returns them (its
 eager CPU path returns the logits dtype).
