@@ -79,7 +79,7 @@ def temperature(temperature, ids: torch.Tensor, name: str = "temperature") -> to
         raise TypeError(f"{name} must be a float or a tensor, got {type(temperature).__name__}")
     if not isinstance(temperature, torch.Tensor):
         t = float(temperature)
-        if not (t > 0.0 and math.isfinite(t)):
+        if not (t > 0.0 and t < math.inf):  # comparisons, not math.isfinite: traceable as a SymFloat
             raise ValueError(f"{name} must be a positive finite number, got {temperature}")
         return torch.full((1,), t, dtype=torch.float32, device=ids.device)
     if not temperature.is_floating_point():

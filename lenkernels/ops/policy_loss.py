@@ -847,7 +847,9 @@ def policy_loss(
         norm_const, float(norm_length or 0.0), float(dp_size), name,
     )  # fmt: skip
     fields = {k: stats[_STAT[k]].detach() for k in PolicyLoss._fields if k != "loss"}
-    fields["loss"] = stats[_STAT["loss"]]
+    # a fresh tensor, not a view of the saved stats: trainers update the loss in place
+    # (verl: ``policy_loss -= entropy_coeff * entropy_loss``)
+    fields["loss"] = stats[_STAT["loss"]].clone()
     if ref_logprobs is None:
         fields["kl_loss"] = None
     if entropy is None:
