@@ -63,3 +63,20 @@ def test_bounded_specializations():
     assert not unbounded, f"kernels without a bound here (add one, with the reason): {unbounded}"
     too_many = {name: (n, BOUNDS[name]) for name, n in counts.items() if n > BOUNDS[name]}
     assert not too_many, f"kernels recompiled per size or value (keys, bound): {too_many}"
+
+
+def test_program_ids_are_64_bit():
+    """Offsets past 2^31 elements need 64-bit index arithmetic: every program id (and program count)
+    in every Triton kernel is widened before it is multiplied into an offset."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "lenkernels" / "triton"
+    narrow = []
+    for path in sorted(root.glob("*.py")):
+        source = path.read_text()
+        for match in re.finditer(r"tl\.(program_id|num_programs)\(\s*\d\s*\)", source):
+            if not source[match.end() :].startswith(".to(tl.int64)"):
+                line = source.count("\n", 0, match.start()) + 1
+                narrow.append(f"{path.name}:{line}: {match.group(0)}")
+    assert not narrow, "32-bit program ids: " + ", ".join(narrow)
