@@ -521,7 +521,7 @@ def group_advantages(
         unbiased: unbiased (n - 1) group std, as verl and TRL; False for the population std.
         task_ids: ``[B]`` int task ids for the gaussian method's second pass.
         out: optional float32 buffer of the result's shape (rows of unit stride) to write into.
-        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         float32 ``[B]``, or ``[B, T]`` with a mask. Bitwise deterministic: group sums run in a fixed

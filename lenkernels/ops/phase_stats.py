@@ -462,7 +462,7 @@ def phase_stats(
             1-D integer tensor; one token or several.
         cu_seqlens: packed layout only: int32/int64 ``[B + 1]`` non-decreasing offsets into ``[N]``
             (tokens outside ``[cu_seqlens[0], cu_seqlens[-1])`` belong to no sequence).
-        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         :class:`PhaseStats`: ``think_mean``, ``think_sum``, ``answer_mean``, ``answer_sum``
@@ -544,7 +544,7 @@ def token_stats_with_phases(
         mask: response tokens (shape of ``ids``); default ``ids != ignore_index``.
         delimiter, cu_seqlens: as in :func:`phase_stats`.
         temperature, ignore_index, inplace_backward: as in ``token_logprobs_entropy``.
-        backend: used for both steps (``"cuda"`` is not available for the phase split yet).
+        backend: used for both steps (the logits pass and the phase split).
 
     Returns:
         :class:`TokenStatsWithPhases`: ``logprobs`` and ``entropy`` (float32, shape of ``ids``),
@@ -679,7 +679,7 @@ def sequence_stats(
         process_group: with ``top_entropy_quantile``, the quantile is taken over the response tokens
             of every rank of this group (exact, like TRL's gather; 33 small all_reduces, no host
             sync); ranks may hold different shapes.
-        backend: ``None``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        backend: ``None``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         :class:`SequenceStats`: ``length`` (int64 ``[B]``, response tokens), ``entropy_mean``,

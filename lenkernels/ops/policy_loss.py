@@ -743,7 +743,7 @@ def policy_loss(
             global normalisation.
         cu_seqlens: ``[B + 1]`` int offsets of the packed sequences (non-decreasing, within [0, N];
             tokens outside every sequence are ignored).
-        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         :class:`PolicyLoss`: 0-dim float32 tensors on the input device; ``loss`` is differentiable
@@ -890,7 +890,7 @@ def kl_penalty(
             ``"+"`` (``"k3+"``): that value with the gradient of k2 (verl's straight-through form).
         clamp: verl's k3 clamps (delta to [-20, 20], value to [-10, 10]); False: TRL's plain k3.
             k3 is evaluated with a series near delta = 0, where fp32 ``exp(d) - d - 1`` cancels.
-        backend: ``None``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        backend: ``None``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         float32 tensor of ``logprobs.shape``.
