@@ -189,7 +189,8 @@ def _run_advantages(c, backend, device):
     assert_close(result, expected, rtol=STAT_RTOL, scale=scale, name=f"{want['method']} advantages")
     if want["mask"] is not None:
         assert bool((result.cpu()[want["mask"] == 0] == 0).all()), "masked tokens must be exactly 0"
-    if want["method"] in ("grpo", "dr_grpo", "rloo", "batch") and want["lengths"] is None:
+    degenerate = want["method"] == "batch" and want["eps"] == 0 and float(s.std()) == 0  # 0 / 0: NaN, as the reference
+    if want["method"] in ("grpo", "dr_grpo", "rloo", "batch") and not degenerate:
         # all-equal groups (of two or more: one member has baseline 0) give exactly 0, also with
         # eps = 0: no rounding leftover of the mean
         for idx in ref._members(ids):
@@ -198,7 +199,7 @@ def _run_advantages(c, backend, device):
                 assert bool((values == 0).all()), f"all-equal group {idx.tolist()} got {values.tolist()}"
 
 
-@examples(150)
+@examples(300)
 @given(case=advantage_cases(), backend=st.sampled_from(CHEAP))
 def test_fuzz_group_advantages(case, backend):
     _run_advantages(case, *backend)
@@ -256,7 +257,7 @@ def _run_stats(c, backend, device):
     assert_close(stats, expected, rtol=STAT_RTOL, scale=big.expand_as(expected), name="group_stats")
 
 
-@examples(100)
+@examples(200)
 @given(case=stats_cases(), backend=st.sampled_from(CHEAP))
 def test_fuzz_group_stats(case, backend):
     _run_stats(case, *backend)
@@ -427,7 +428,7 @@ def _run_shaping(name, data, backend, device):
     assert_close(got, expected, rtol=STAT_RTOL, scale=scale, name=name)
 
 
-@examples(150)
+@examples(300)
 @given(name=st.sampled_from(SHAPERS), backend=st.sampled_from(CHEAP), data=st.data())
 def test_fuzz_shaping(name, backend, data):
     _run_shaping(name, data, *backend)

@@ -143,7 +143,7 @@ def _run(c, backend, device):
         assert_close(d, grads[name], rtol=GRAD_RTOL[c["dtype"]], atol=atol, scale=scales[name], name=f"d{name}")
 
 
-@examples(60)
+@examples(100)
 @given(case=linear_cases(), backend=st.sampled_from(CHEAP))
 def test_fuzz_linear_logprobs_entropy(case, backend):
     _run(case, *backend)

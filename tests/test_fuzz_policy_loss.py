@@ -250,7 +250,7 @@ def _run_case(case, backend, device):
     _check(got, want, backend, device, g=0.7 + case["seed"] % 3)
 
 
-@examples(150)
+@examples(300)
 @given(case=loss_cases(), backend=st.sampled_from(CHEAP))
 def test_fuzz_policy_loss_compiled_and_reference(case, backend):
     _run_case(case, *backend)
@@ -283,7 +283,7 @@ def kl_cases(draw):
     }
 
 
-@examples(100)
+@examples(200)
 @given(kl_cases())
 def test_fuzz_kl_penalty(c):
     backend, device = c["backend"]
