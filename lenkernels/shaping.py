@@ -16,8 +16,10 @@ Common arguments:
     backend: for the per-group kernels, as in ``lenkernels.group_advantages``.
     NaN: a NaN length, target, correctness, ``finished`` flag, mask entry or split metric only reaches
         the result through comparisons, so it is a ValueError on CPU tensors (and on CUDA with
-        ``LENKERNELS_DEBUG=1``), as for ``group_advantages``' rewards; NaN scores and entropies
-        propagate into the result.
+        ``LENKERNELS_DEBUG=1``), as for ``group_advantages``' rewards; on CUDA without debug mode it
+        makes every float output of the call NaN (no host sync). NaN scores and entropies propagate
+        into the result. ``difficulty_buckets`` returns integers: NaN correctness raises only where
+        value checks run.
 
 Functions and the paper each default comes from:
     laser, laser_d, laser_d_targets, difficulty_buckets   LASER / LASER-D (Liu et al., 2025, arXiv:2505.15612)
@@ -35,6 +37,8 @@ Functions and the paper each default comes from:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -97,6 +101,37 @@ def _no_nan(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def _nan_guard(*names: str):
+    """Where value checks do not run (CUDA tensors outside debug mode) a NaN in one of the arguments
+    ``names`` cannot raise (see ``_no_nan``): it makes every floating output NaN instead, through a
+    device-side ``any`` (no host sync). Integer and bool outputs (buckets, masks) cannot carry it."""
+
+    def wrap(fn):
+        positional = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            given = {**dict(zip(positional, args)), **kwargs}
+            xs = [given.get(name) for name in names]
+            xs = [x for x in xs if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()
+                  and not _checks.value_checks(x.device)]  # fmt: skip
+            if not xs:
+                return out
+            bad = torch.stack([torch.isnan(x).any() for x in xs]).any()
+
+            def poison(y):
+                if isinstance(y, torch.Tensor) and y.is_floating_point():
+                    return torch.where(bad.to(y.device), torch.full_like(y, math.nan), y)
+                return y
+
+            return tuple(poison(y) for y in out) if isinstance(out, tuple) else poison(out)
+
+        return guarded
+
+    return wrap
+
+
 def _correct(correct) -> torch.Tensor:
     return _no_nan(_vector(correct, "correct"), "correct") != 0
 
@@ -155,6 +190,7 @@ def _number(x, name: str, *, positive: bool = False) -> float:
 # --- LASER / LASER-D ---------------------------------------------------------------------------
 
 
+@_nan_guard("correct", "lengths", "mask", "target_length")
 def laser(
     correct: torch.Tensor,
     *,
@@ -219,6 +255,7 @@ def _bucket_targets(target_lengths, device) -> torch.Tensor:
     return torch.tensor([_number(v, "target_lengths") for v in target_lengths], dtype=torch.float32, device=device)
 
 
+@_nan_guard("correct", "lengths", "mask", "target_lengths")
 def laser_d(
     correct: torch.Tensor,
     groups,
@@ -246,6 +283,7 @@ def laser_d(
     return laser(ok, target_length=target, lengths=length, alpha=alpha, mode=mode, score=score)
 
 
+@_nan_guard("correct", "lengths", "mask", "grid")
 def laser_d_targets(
     correct: torch.Tensor,
     groups,
@@ -304,6 +342,7 @@ def laser_d_targets(
 # --- DLER --------------------------------------------------------------------------------------
 
 
+@_nan_guard("correct", "lengths", "mask", "finished")
 def dler_rewards(
     correct: torch.Tensor,
     *,
@@ -342,6 +381,7 @@ def dler_rewards(
     return torch.where(keep, s, torch.zeros_like(s))
 
 
+@_nan_guard("correct", "mask", "finished")
 def dler_advantages(
     correct: torch.Tensor,
     groups,
@@ -366,6 +406,7 @@ def dler_advantages(
 # --- Kimi k1.5, DAPO ----------------------------------------------------------------------------
 
 
+@_nan_guard("correct", "lengths", "mask")
 def kimi_length_reward(
     correct: torch.Tensor,
     groups,
@@ -388,6 +429,7 @@ def kimi_length_reward(
     return _score(score, ok) + _number(weight, "weight") * reward
 
 
+@_nan_guard("lengths", "mask")
 def dapo_overlong(
     *,
     lengths: torch.Tensor | None = None,
@@ -470,6 +512,7 @@ class HAPOHistory:
         self.min_length.scatter_reduce_(0, ids, value, reduce="amin")
 
 
+@_nan_guard("correct", "lengths", "mask")
 def hapo_reward(
     correct: torch.Tensor,
     prompt_ids: torch.Tensor,
@@ -506,6 +549,7 @@ def hapo_reward(
 # --- GRPO-lambda, ConciseR, DOT -------------------------------------------------------------------
 
 
+@_nan_guard("correct", "lengths", "mask")
 def grpo_lambda(
     correct: torch.Tensor,
     groups,
@@ -545,6 +589,7 @@ def grpo_lambda(
     return torch.where(top, shaped, ok.to(torch.float32))
 
 
+@_nan_guard("correct", "lengths", "mask")
 def concise_r(
     correct: torch.Tensor,
     groups,
@@ -566,6 +611,7 @@ def concise_r(
     return torch.where(all_correct, shaped, ok.to(torch.float32))
 
 
+@_nan_guard("correct", "lengths", "mask")
 def dot_truncation(
     correct: torch.Tensor,
     groups,
@@ -599,6 +645,7 @@ def dot_truncation(
 # --- CANON, PEAR, CEEH -----------------------------------------------------------------------------
 
 
+@_nan_guard("metric")
 def canon_advantages(
     rewards: torch.Tensor,
     groups,
@@ -630,6 +677,7 @@ def canon_advantages(
     return mu * inter + (1.0 - mu) * intra
 
 
+@_nan_guard("correct")
 def pear_reward(
     correct: torch.Tensor,
     think_entropy: torch.Tensor,

@@ -718,11 +718,16 @@ def test_bad_arguments_raise_naming_them(api, backend, device, sweep, monkeypatc
 
 
 @pytest.mark.parametrize("api,backend,device", _params())
-def test_nan_input_propagates_or_raises(api, backend, device, monkeypatch):
+@pytest.mark.parametrize("checks", ["value_checks", "no_value_checks"])
+def test_nan_input_propagates_or_raises(api, backend, device, checks, monkeypatch):
     """A NaN in any floating input (or float lengths) either raises ValueError naming the argument
-    or reaches the result as NaN/inf: never a plausible finite result."""
+    or reaches the result as NaN/inf: never a plausible finite result. ``no_value_checks`` runs the
+    path of CUDA tensors outside debug mode (no data-dependent check may sync the host there), on
+    whatever device is at hand."""
+    if checks == "no_value_checks":
+        monkeypatch.setattr(lk._checks, "value_checks", lambda device: False)
     if device == "cuda":
-        monkeypatch.delenv("LENKERNELS_DEBUG", raising=False)  # the kernels' own NaN paths
+        monkeypatch.delenv("LENKERNELS_DEBUG", raising=False)
     wrong = []
     for bad in _nan_mutations(api):
         kw = bad.apply(api.good(device, None if backend == "none" else backend))
