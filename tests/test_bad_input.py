@@ -974,3 +974,47 @@ def test_groups_of_one(backend, device):
     assert torch.equal(kimi, correct.float())
     concise = shaping.concise_r(correct, singles, lengths=lengths, max_length=8, backend=backend)
     assert torch.allclose(concise, torch.where(correct, 1 + (1 - lengths / 8), 0.0).float())
+
+
+OUT_OF_RANGE = {
+    "token_logprobs_entropy": (_token, "ids", lambda out: out[0]),
+    "linear_logprobs_entropy": (_linear, "ids", lambda out: out[0]),
+    "token_stats_with_phases": (_token_phases, "ids", lambda out: out.logprobs),
+    "hapo_reward": (_hapo, "prompt_ids", lambda out: out),
+}
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_RANGE))
+@pytest.mark.parametrize("checks", ["value_checks", "no_value_checks"])
+def test_out_of_range_ids_raise_or_give_nan(name, checks, monkeypatch):
+    """An id outside the vocabulary (a prompt id outside the history) raises ValueError naming it
+    where value checks run; without them (CUDA outside debug mode: no host sync) the kernels, the
+    Triton ones included, give NaN for exactly that row and the right numbers elsewhere."""
+    make, arg, pick = OUT_OF_RANGE[name]
+    api = next(a for a in APIS if a.name == name)
+    if checks == "no_value_checks":
+        monkeypatch.setattr(lk._checks, "value_checks", lambda device: False)
+    for backend, device in _matrix(api):
+        clean = api.good(device, None if backend == "none" else backend)
+        expected = pick(api.call(dict(clean)))
+        kw = dict(clean)
+        ids = kw[arg].clone()
+        flat = ids.view(-1)
+        flat[1] = 10**6 if name != "hapo_reward" else 99
+        kw[arg] = ids
+        try:
+            got = pick(api.call(kw))
+        except ValueError as exc:
+            assert arg in str(exc), exc
+            continue
+        except (RuntimeError, IndexError) as exc:
+            # the reference backend (plain PyTorch, not a hot path) indexes with the id: an indexing
+            # error (a device-side assert on CUDA) is an error too, never a number
+            assert backend == "reference" and checks == "no_value_checks", exc
+            continue
+        assert checks == "no_value_checks" or backend == "none", f"{name} ({backend}): no error with value checks"
+        got, want = got.reshape(-1), expected.reshape(-1)
+        assert bool(torch.isnan(got[1])), f"{name} ({backend}): {got[1]} for an out-of-range id"
+        rest = torch.ones_like(got, dtype=torch.bool)
+        rest[1] = False
+        assert torch.equal(got[rest], want[rest]), f"{name} ({backend}): other rows changed"
