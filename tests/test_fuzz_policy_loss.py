@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -111,12 +110,6 @@ def _build(c, device):
 
     valid = torch.rand(shape, generator=g) >= c["masked_share"]
     kind = c["mask"]
-    if cu is not None and c["entropy"] == "quantile" and (int(cu[0]) > 0 or int(cu[-1]) < shape[0]):
-        # known bug (reported): the top-entropy quantile counts packed tokens outside every sequence
-        # when they are not masked; keep them masked until it is fixed (see the xfail below)
-        valid[: int(cu[0])] = False
-        valid[int(cu[-1]) :] = False
-        kind = "bool" if kind == "none" else kind
     mask = None
     if kind != "none":
         mask = valid.to({"bool": torch.bool, "float": torch.float32, "int64": torch.int64, "uint8": torch.uint8}[kind])
@@ -363,7 +356,6 @@ def test_fuzz_policy_loss_from_logits(c):
     assert_close(d_x, e_x, rtol=tol, atol=GRAD_ATOL[c["dtype"]] + 1e-6 * float(e_x.abs().max()) + 1e-30, name="dlogits")
 
 
-@pytest.mark.xfail(strict=True, reason="policy_loss's top-entropy quantile counts packed tokens outside every sequence")
 def test_packed_quantile_ignores_tokens_outside_sequences():
     """Tokens outside [cu_seqlens[0], cu_seqlens[-1]) belong to no sequence (the documented contract):
     they must not move the (1 - rho) entropy quantile either."""

@@ -839,7 +839,12 @@ def policy_loss(
                 value = _number(entropy_threshold, "entropy_threshold")
                 threshold = torch.full((1,), value, dtype=torch.float64, device=logprobs.device)
         elif rho < 1.0:
-            threshold = _entropy_threshold(entropy.detach(), mask, 1.0 - rho)
+            valid = mask
+            if cu_seqlens is not None:  # packed tokens outside every sequence are no one's tokens
+                t = torch.arange(logprobs.shape[0], device=logprobs.device)
+                inside = (t >= cu_seqlens[0]) & (t < cu_seqlens[-1])
+                valid = inside if mask is None else inside & (mask != 0)
+            threshold = _entropy_threshold(entropy.detach(), valid, 1.0 - rho)
 
     stats, _ = torch.ops.lenkernels.policy_loss(
         logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, entropy, importance_weights, threshold,
