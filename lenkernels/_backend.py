@@ -26,6 +26,8 @@ def register_family(family: str, backends: tuple[str, ...]) -> None:
 
 
 def implemented_backends(family: str) -> tuple[str, ...]:
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {family!r}")
     return _FAMILIES[family]
 
 

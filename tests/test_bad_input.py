@@ -743,7 +743,6 @@ def test_nan_input_propagates_or_raises(api, backend, device, checks, monkeypatc
     assert not wrong, f"{api.name} ({backend}):\n  " + "\n  ".join(wrong)
 
 
-@pytest.mark.xfail(strict=True, reason="lenkernels._backend.implemented_backends raises KeyError for an unknown family")
 def test_explain_backend_unknown_family():
     with pytest.raises(ValueError, match="family"):
         lk.explain_backend("no_such_family")
