@@ -975,11 +975,11 @@ def test_groups_of_one(backend, device):
     assert torch.allclose(concise, torch.where(correct, 1 + (1 - lengths / 8), 0.0).float())
 
 
-OUT_OF_RANGE = {
-    "token_logprobs_entropy": (_token, "ids", lambda out: out[0]),
-    "linear_logprobs_entropy": (_linear, "ids", lambda out: out[0]),
-    "token_stats_with_phases": (_token_phases, "ids", lambda out: out.logprobs),
-    "hapo_reward": (_hapo, "prompt_ids", lambda out: out),
+OUT_OF_RANGE = {  # function: (the id argument, the output its row goes to)
+    "token_logprobs_entropy": ("ids", lambda out: out[0]),
+    "linear_logprobs_entropy": ("ids", lambda out: out[0]),
+    "token_stats_with_phases": ("ids", lambda out: out.logprobs),
+    "hapo_reward": ("prompt_ids", lambda out: out),
 }
 
 
@@ -989,10 +989,12 @@ def test_out_of_range_ids_raise_or_give_nan(name, checks, monkeypatch):
     """An id outside the vocabulary (a prompt id outside the history) raises ValueError naming it
     where value checks run; without them (CUDA outside debug mode: no host sync) the kernels, the
     Triton ones included, give NaN for exactly that row and the right numbers elsewhere."""
-    make, arg, pick = OUT_OF_RANGE[name]
+    arg, pick = OUT_OF_RANGE[name]
     api = next(a for a in APIS if a.name == name)
     if checks == "no_value_checks":
         monkeypatch.setattr(lk._checks, "value_checks", lambda device: False)
+    else:
+        monkeypatch.setenv("LENKERNELS_DEBUG", "1")  # value checks on CUDA tensors too
     for backend, device in _matrix(api):
         clean = api.good(device, None if backend == "none" else backend)
         expected = pick(api.call(dict(clean)))
