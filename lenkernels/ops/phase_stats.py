@@ -432,6 +432,15 @@ def _split_phases(values, ids, mask, delimiter, cu_seqlens, backend, name):
 # --- public API --------------------------------------------------------------------------------
 
 
+def _phase_result(cls, values, ids, mask, delimiter, cu_seqlens, backend, name):
+    """The split as ``cls`` (PhaseStats or PhaseEntropy); values shaped like ids give [B] fields."""
+    squeeze = isinstance(values, torch.Tensor) and isinstance(ids, torch.Tensor) and values.dim() == ids.dim()
+    tm, ts, am, as_, tc, ac, k, found = _split_phases(values, ids, mask, delimiter, cu_seqlens, backend, name)
+    if squeeze:
+        tm, ts, am, as_ = tm[0], ts[0], am[0], as_[0]
+    return cls(tm, ts, tc, am, as_, ac, k, found)
+
+
 def phase_stats(
     values: torch.Tensor,
     ids: torch.Tensor,
@@ -481,11 +490,7 @@ def phase_stats(
                          cu_seqlens=cu_seqlens)              # means/sums [2, B]
         think_lp, think_kl = st.think_mean
     """
-    squeeze = isinstance(values, torch.Tensor) and isinstance(ids, torch.Tensor) and values.dim() == ids.dim()
-    tm, ts, am, as_, tc, ac, k, found = _split_phases(values, ids, mask, delimiter, cu_seqlens, backend, "values")
-    if squeeze:
-        tm, ts, am, as_ = tm[0], ts[0], am[0], as_[0]
-    return PhaseStats(tm, ts, tc, am, as_, ac, k, found)
+    return _phase_result(PhaseStats, values, ids, mask, delimiter, cu_seqlens, backend, "values")
 
 
 def phase_entropy(
@@ -513,11 +518,7 @@ def phase_entropy(
         pe = phase_entropy(entropy, ids, attention_mask, delimiter=[522, 26865, 29])
         pear_penalty = (pe.think_mean - pe.answer_mean).clamp(min=0)     # [B]
     """
-    squeeze = isinstance(entropy, torch.Tensor) and isinstance(ids, torch.Tensor) and entropy.dim() == ids.dim()
-    tm, ts, am, as_, tc, ac, k, found = _split_phases(entropy, ids, mask, delimiter, cu_seqlens, backend, "entropy")
-    if squeeze:
-        tm, ts, am, as_ = tm[0], ts[0], am[0], as_[0]
-    return PhaseEntropy(tm, ts, tc, am, as_, ac, k, found)
+    return _phase_result(PhaseEntropy, entropy, ids, mask, delimiter, cu_seqlens, backend, "entropy")
 
 
 def token_stats_with_phases(
