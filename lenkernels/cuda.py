@@ -90,12 +90,14 @@ def _ids(ids: torch.Tensor) -> torch.Tensor:
     return ids.contiguous()
 
 
-def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z):
+def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z, max_z=None, log_s=None):
     """Host launcher of the forward.
 
     x: [N, V] float32/bfloat16/float16, unit stride along V, any row stride; ids: [N] int32/int64;
-    temperature: fp32 [1] or [N]; writes logprobs, entropy, lse, mean_z (fp32 [N], contiguous).
-    Out-of-range ids give NaN logprobs (checked on the host only with LENKERNELS_DEBUG=1).
+    temperature: fp32 [1] or [N]; writes logprobs, entropy, lse, mean_z (fp32 [N], contiguous), and
+    when given max_z, log_s: each row's online-softmax state (``lse = max_z + log_s``, kept apart for
+    ``lenkernels.distributed.merge_stats``). Out-of-range ids give NaN logprobs (checked on the host
+    only with LENKERNELS_DEBUG=1).
     """
     _check_rows(x, "logits")
     n_rows, vocab = x.shape
@@ -109,13 +111,16 @@ def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, m
     n_splits = module.token_stats_splits(n_rows, vocab, dtype, sm_count)
     # partial (m, S, U) states of each (row, split) when a row spans several blocks
     partial = torch.empty(n_rows * n_splits * 3, dtype=torch.float32, device=x.device) if n_splits > 1 else None
-    for name, out in (("logprobs", logprobs), ("entropy", entropy), ("lse", lse), ("mean_z", mean_z)):
-        if not (out.is_contiguous() and out.dtype == torch.float32 and out.numel() == n_rows):
+    outs = (("logprobs", logprobs), ("entropy", entropy), ("lse", lse), ("mean_z", mean_z), ("max_z", max_z),
+            ("log_s", log_s))  # fmt: skip
+    for name, out in outs:
+        if out is not None and not (out.is_contiguous() and out.dtype == torch.float32 and out.numel() == n_rows):
             raise ValueError(f"{name} must be a contiguous float32 tensor of {n_rows} elements")
     module.token_stats_fwd(
         x.data_ptr(), dtype, n_rows, vocab, x.stride(0), ids.data_ptr(), ids.element_size(),
         temperature.data_ptr(), 0 if temperature.numel() == 1 else 1, ignore_index,
         logprobs.data_ptr(), entropy.data_ptr(), lse.data_ptr(), mean_z.data_ptr(),
+        0 if max_z is None else max_z.data_ptr(), 0 if log_s is None else log_s.data_ptr(),
         0 if partial is None else partial.data_ptr(), n_splits, device, stream,
     )  # fmt: skip
 

@@ -3,17 +3,21 @@ reductions.
 
 Vocabulary parallelism. Each rank of a process group holds one shard of the vocabulary (the last
 dimension of the logits, or the rows of the LM head), shards in rank order, sizes free. Every rank
-reduces its shard to per-row statistics ``(lse_r, H_r)`` and, on the rank whose shard holds the
-target id, ``logprob_r = z_y - lse_r``. Those are online-softmax states ``(m, S, U) = (lse_r, 1,
--H_r)`` (DESIGN.md "Kernel design notes"), merged with two all-reduces::
+reduces its shard to its per-row online-softmax state (DESIGN.md "Kernel design notes") in the form
+``(m_r, log S_r, H_r)`` (max of the shard's z, log of its sum of exp(z - m_r), entropy) and, on the
+rank whose shard holds the target id, ``logprob_r = (z_y - m_r) - log S_r``. Two all-reduces merge
+them::
 
-    M = max_r lse_r                                     (all-reduce MAX)
-    w_r = exp(lse_r - M)
-    S = sum_r w_r,  U = sum_r w_r (lse_r - M - H_r),  a = logprob_y + lse_y - M   (all-reduce SUM)
+    M = max_r m_r                                                    (all-reduce MAX)
+    c_r = (m_r - M) + log S_r,  w_r = exp(c_r)
+    S = sum_r w_r,  U = sum_r w_r (c_r - H_r),  a = (logprob_y + log S_y) + (m_y - M)   (all-reduce SUM)
     lse = M + log S,  H = log S - U / S,  mean_z = M + U / S,  logprob = a - log S
 
-``H`` stays a sum of two non-negative terms (no cancellation) and the logprob never adds a large
-``lse`` back to a small one. The same merge combines vocabulary chunks inside one process
+Every term is small: ``a = z_y - M`` and ``c_r`` are differences formed before anything of the
+size of the logits is added, so the logprob keeps fp32's relative precision at any |z| (summaries
+by ``lse_r`` would not: fp32 rounds ``lse_r = m_r + log S_r`` by half an ulp of |z|, ~4e-4 at
+|z| = 1e4, and every ``lse_r - M`` and the logprob inherit it). ``H`` stays a sum of two
+non-negative terms (no cancellation). The same merge combines vocabulary chunks inside one process
 (``merge_stats`` with ``dim=0``). Backward needs nothing beyond the merged ``lse`` and ``mean_z``:
 SPEC 1's gradient of a shard's logits only reads them.
 
@@ -108,52 +112,62 @@ def chunk_ids(local_ids: torch.Tensor, start: int, stop: int, *, for_backward: b
 # --- merging per-shard statistics ----------------------------------------------------------------
 
 
-def _weighted_terms(lse, entropy, logprob, held, m):
-    """Per-part summands (w, w * (lse - M - H), a, hits) against the merged max ``m``."""
-    shift = lse - m
-    # a fully masked part (lse = -inf) weighs 0 even when every part is masked (shift NaN)
-    w = torch.where(torch.isneginf(lse), torch.zeros_like(lse), torch.exp(shift))
-    u = torch.where(w > 0, w * (shift - entropy), torch.zeros_like(w))
-    a = torch.where(held, logprob + shift, torch.zeros_like(logprob))
+def _weighted_terms(max_z, log_s, entropy, logprob, held, m):
+    """Per-part summands (w, w * (c - H), a, hits) against the merged max ``m``, where
+    ``c = (max_z - m) + log_s`` is the log of the part's mass relative to ``exp(m)``."""
+    rel = max_z - m
+    c = rel + log_s
+    # a fully masked part (max_z = -inf) weighs 0 even when every part is masked (rel NaN)
+    w = torch.where(torch.isneginf(max_z), torch.zeros_like(c), torch.exp(c))
+    u = torch.where(w > 0, w * (c - entropy), torch.zeros_like(w))
+    # z_y - m, from two small terms: (logprob + log_s) = z_y - max_z of the part
+    a = torch.where(held, (logprob + log_s) + rel, torch.zeros_like(logprob))
     return torch.stack([w, u, a, held.to(w.dtype)])
 
 
-def _finish(m, sums):
+def _finish(m, sums, state: bool):
     s, u, a, hits = sums.unbind(0)
     log_s = torch.log(s)
     ratio = u / s
     lse = m + log_s
     logprob = torch.where(hits > 0, a - log_s, torch.full_like(a, float("nan")))
-    return logprob, log_s - ratio, lse, m + ratio
+    out = (logprob, log_s - ratio, lse, m + ratio)
+    return (*out, m, log_s) if state else out
 
 
-def merge_stats(lse, entropy, logprob, held, *, dim: int | None = None, group=None):
+def merge_stats(max_z, log_s, entropy, logprob, held, *, dim: int | None = None, group=None, state: bool = False):
     """Merges per-part row statistics into those of the union of the parts.
 
     Args:
-        lse, entropy, logprob: fp32 statistics of each part (``logprob = z_y - lse`` of the part;
-            read only where ``held``).
+        max_z, log_s: fp32 online-softmax state of each part: the max of its z and
+            ``log sum exp(z - max_z)`` (``lse = max_z + log_s``, kept apart: fp32 cannot hold their
+            sum exactly at |z| = 1e4). ``token_stats_fwd(..., state=True)`` returns them. A fully
+            masked part has ``max_z = -inf``.
+        entropy, logprob: fp32 statistics of each part (``logprob = (z_y - max_z) - log_s`` of the
+            part; read only where ``held``).
         held: bool, whether the part holds the row's target id.
         dim: merge the parts stacked along this dimension (vocabulary chunks in one process), or
         group: ``None`` with ``dim`` given, else the process group whose ranks hold one part each
-            (two all-reduces on ``lse.device``; no host sync).
+            (two all-reduces on ``max_z.device``; no host sync).
+        state: also return the merged ``(max_z, log_s)`` (to merge the result again).
 
     Returns:
-        ``(logprob, entropy, lse, mean_z)`` of the merged vocabulary. ``logprob`` is NaN where no
-        part held the target: the caller zeroes the ignored rows.
+        ``(logprob, entropy, lse, mean_z)`` of the merged vocabulary, then ``(max_z, log_s)`` with
+        ``state``. ``logprob`` is NaN where no part held the target: the caller zeroes the ignored
+        rows.
     """
     if group is None:
         if dim is None:
             raise ValueError("merge_stats needs dim (local parts) or group (one part per rank)")
-        m = lse.amax(dim)
+        m = max_z.amax(dim)
         # NaN never vanishes: a NaN part makes its weight and so S NaN below
-        terms = _weighted_terms(lse, entropy, logprob, held, m.unsqueeze(dim))
-        return _finish(m, terms.sum(dim + 1 if dim >= 0 else dim))
-    m = lse.clone()
+        terms = _weighted_terms(max_z, log_s, entropy, logprob, held, m.unsqueeze(dim))
+        return _finish(m, terms.sum(dim + 1 if dim >= 0 else dim), state)
+    m = max_z.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    sums = _weighted_terms(lse, entropy, logprob, held, m)
+    sums = _weighted_terms(max_z, log_s, entropy, logprob, held, m)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return _finish(m, sums)
+    return _finish(m, sums, state)
 
 
 def global_vocab_check(ids: torch.Tensor, sizes: torch.Tensor, ignore_index: int, name: str = "ids") -> None:

@@ -80,10 +80,10 @@ int lk_replay_split_count(int64_t n_rows, int64_t vocab, int64_t elem_bytes, int
 
 int lk_replay_fwd(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, const void* ids,
                   int id_bytes, const float* temperature, int64_t temp_stride, int64_t ignore_index, float* logprobs,
-                  float* entropy, float* lse, float* mean_z, int n_splits) {
+                  float* entropy, float* lse, float* mean_z, float* max_z, float* log_s, int n_splits) {
   std::vector<float> partial(n_splits > 1 ? n_rows * n_splits * 3 : 0);
   const FwdParams p{logits, n_rows, vocab, row_stride, ids, id_bytes, temperature, temp_stride, ignore_index,
-                    logprobs, entropy, lse, mean_z, partial.data(), n_splits};
+                    logprobs, entropy, lse, mean_z, max_z, log_s, partial.data(), n_splits};
   try {
     LK_CUDA_DISPATCH_DTYPE(dtype, T, forward<T>(p));
   } catch (...) {

@@ -158,8 +158,9 @@ def test_degenerate_rows_match_cpu_backend(module):
     from lenkernels import cpu as cpu_loader
 
     cpu_loader.load("token_stats").token_stats_fwd(
-        logits.data_ptr(), 0, 7, vocab, vocab, ids.data_ptr(), temp.data_ptr(), 0, -100, *(o.data_ptr() for o in cpu), 1
-    )
+        logits.data_ptr(), 0, 7, vocab, vocab, ids.data_ptr(), temp.data_ptr(), 0, -100, *(o.data_ptr() for o in cpu),
+        0, 0, 1,
+    )  # fmt: skip
     for name, a, b in zip(("logprobs", "entropy", "lse", "mean_z"), got, cpu):
         assert_close(a, b, rtol=1e-5, scale=20.0, name=name)
     assert got[0][6].item() == 0.0 and math.isnan(got[0][5].item())
@@ -220,7 +221,7 @@ def test_empty_and_backend_errors(module):
     with pytest.raises(lk.BackendUnavailableError, match="cuda"):
         lk.token_logprobs_entropy(torch.randn(2, 10), torch.zeros(2, dtype=torch.long), backend="cuda")
     with pytest.raises(ValueError, match="n_splits"):
-        module.token_stats_fwd(0, 0, 1, 10, 10, 0, 8, 0, 0, -100, 0, 0, 0, 0, 0, 0, 0, 0)
+        module.token_stats_fwd(0, 0, 1, 10, 10, 0, 8, 0, 0, -100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def test_matches_triton_backend(module):

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import subprocess
@@ -201,7 +202,7 @@ def replay(builds):
     lib = ctypes.CDLL(str(path))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.lk_replay_split_count.argtypes = [i64, i64, i64, i64]
-    lib.lk_replay_fwd.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.lk_replay_fwd.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.lk_replay_bwd.argtypes = [
         ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i32,
     ]  # fmt: skip
@@ -212,13 +213,15 @@ def _splits(lib, x: torch.Tensor) -> int:
     return lib.lk_replay_split_count(x.shape[0], x.shape[1], x.element_size(), H100_SMS)
 
 
-def _replay_fwd(lib, x, ids, temp, ignore_index=-100, n_splits=None):
+def _replay_fwd(lib, x, ids, temp, ignore_index=-100, n_splits=None, state=False):
+    """(logprobs, entropy, lse, mean_z), then the rows' states (max_z, log_s) with ``state``."""
     n_rows, vocab = x.shape
     n_splits = _splits(lib, x) if n_splits is None else n_splits
-    outs = [nan_like(torch.empty(n_rows)) for _ in range(4)]
+    outs = [nan_like(torch.empty(n_rows)) for _ in range(6 if state else 4)]
+    ptrs = [o.data_ptr() for o in outs] + [None, None] * (not state)  # null: no state wanted
     rc = lib.lk_replay_fwd(
         x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), ids.data_ptr(), ids.element_size(),
-        temp.data_ptr(), 0 if temp.numel() == 1 else 1, ignore_index, *(o.data_ptr() for o in outs), n_splits,
+        temp.data_ptr(), 0 if temp.numel() == 1 else 1, ignore_index, *ptrs, n_splits,
     )  # fmt: skip
     assert rc == 0
     return outs
@@ -282,6 +285,52 @@ def test_replay_forward_matches_reference(replay, dtype, n_rows, vocab, layout, 
     assert_close(lse, lse_ref, rtol=STAT_RTOL, scale=1.0, name="lse")
     assert_close(mean_z, lse_ref - ent_ref, rtol=STAT_RTOL, scale=lse_ref.abs() + 1, name="mean_z")
     assert lp[0] == 0
+
+
+# (dtype, base, spread, quantum, temperature): logits around ±base on a grid where every x / T is
+# exact in fp32 (tests/test_hardening_large_logits.py), |z| up to 1e4
+LARGE = [
+    (torch.float32, 1e4, 3.0, 2.0**-9, 1.0),
+    (torch.float32, 30.0, 0.03, 2.0**-12, 0.01),
+    (torch.float32, 100.0, 0.03, 2.0**-12, 0.01),
+    (torch.bfloat16, 1e3, 8.0, None, 1.0),
+]
+
+
+@pytest.mark.parametrize("n_splits", [1, 3])
+@pytest.mark.parametrize(
+    "dtype,base,spread,quantum,temp", LARGE, ids=[f"{str(c[0])[6:]}-{c[1]:g}-T{c[4]:g}" for c in LARGE]
+)
+def test_replay_large_logits(replay, dtype, base, spread, quantum, temp, n_splits):
+    """logprob = (z_y - m) - log S, and the tile fold forms (x / T - m) before scaling to base 2:
+    exact to STAT_RTOL relative to |logprob| + 1 at |z| = 1e4 (z_y - lse was ~4e-4 off there, and
+    x * log2(e) / T - m * log2(e) ~1e-3); the state outputs add up to the float64 lse."""
+    gen = torch.Generator().manual_seed(0)
+    n_rows, vocab = 4, 20_000
+    noise = torch.randn(n_rows, vocab, generator=gen) * spread
+    if quantum is not None:
+        noise = torch.round(noise / quantum) * quantum
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None]
+    x = (base * sign + noise).to(dtype)
+    x[2] = x[2].float().max().to(dtype)  # all equal: logprob exactly -log V
+    ids = torch.randint(0, vocab, (n_rows,), generator=gen)
+    temps = torch.full((n_rows,), temp)
+    lp, ent, lse, mean_z, max_z, log_s = _replay_fwd(replay, x, ids, temps, n_splits=n_splits, state=True)
+    lp_ref, ent_ref = ref.token_logprobs_entropy(x, ids, temps)
+    lse_ref = torch.logsumexp(x.double() / temps.double().unsqueeze(-1), -1)
+    assert_close(lp, lp_ref, rtol=STAT_RTOL, scale=1.0, name="logprobs")
+    assert_close(ent, ent_ref, rtol=STAT_RTOL, scale=1.0, name="entropy")
+    assert abs(lp[2].item() + math.log(vocab)) <= STAT_RTOL * (math.log(vocab) + 1)
+    assert_close(max_z.double() + log_s.double(), lse_ref, rtol=STAT_RTOL, scale=1.0, name="max_z + log_s")
+    assert_close(lse, lse_ref, rtol=STAT_RTOL, scale=0.0, name="lse")
+    # backward: p = exp(z - lse) loses only the rounding of lse (|lse| * 2^-24 relative), no NaN
+    g_lp, g_h = torch.randn(n_rows, generator=gen), torch.randn(n_rows, generator=gen)
+    dlogits = nan_like(x)
+    _replay_bwd(replay, x, ids, temps, lse, mean_z, g_lp, g_h, dlogits, n_splits=n_splits)
+    expected = ref.token_stats_backward(x, ids, temps, g_lp, g_h, -100)
+    rtol = GRAD_RTOL[dtype] + 4 * lse_ref.abs().max().item() * 2.0**-24
+    scale = _grad_scale(x, ids, temps, g_lp, g_h, -100)
+    assert_close(dlogits, expected, rtol=rtol, atol=GRAD_ATOL[dtype], scale=scale, name="dlogits")
 
 
 def test_replay_split_plan(replay):

@@ -238,6 +238,58 @@ for _backend in BACKENDS:
         check(_fn)
 
 
+def _vp_large_logits(backend, rank, world, group):
+    """Logits of size 1e4 (and of 30 at T = 0.01): the merged logprob keeps fp32's relative
+    precision, because shards are merged from their (max, log S) states and never from an lse
+    rounded at the size of the logits (tests/test_hardening_large_logits.py has the single-process
+    contract). Logits on a grid where every z = x / T is exact in fp32."""
+    from lenkernels.reference import linear_stats as ref_linear
+    from lenkernels.reference import token_stats as ref
+    from tests.utils import STAT_RTOL, assert_close
+
+    import lenkernels as lk
+
+    sizes = SHARDS[world]
+    vocab, n = sum(sizes), 6
+    start, stop = _shard(sizes, rank)
+    g = _gen(7)
+    for base, spread, quantum, temp in ((1e4, 3.0, 2.0**-9, 1.0), (30.0, 0.03, 2.0**-12, 0.01)):
+        noise = torch.round(torch.randn(n, vocab, generator=g) * spread / quantum) * quantum
+        logits = base * torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0) + noise
+        logits[0] = logits[0].max() - torch.arange(vocab) % 3  # every shard of comparable mass
+        logits[1] = logits[1].max()  # all equal: logprob -log V
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        ids[2] = -100
+        lp, ent = lk.token_logprobs_entropy(logits[:, start:stop].clone(), ids, temperature=temp,
+                                            process_group=group, backend=backend)  # fmt: skip
+        lp_ref, ent_ref = ref.token_logprobs_entropy(logits, ids, temp)
+        assert_close(lp, lp_ref, rtol=STAT_RTOL, scale=1.0, name=f"logprobs at {base:g}, T = {temp:g}")
+        assert_close(ent, ent_ref, rtol=STAT_RTOL, scale=1.0, name=f"entropy at {base:g}, T = {temp:g}")
+        assert abs(lp[1].item() + math.log(vocab)) <= STAT_RTOL * (math.log(vocab) + 1)
+
+    # LM head with logits near +-1e4: exact GEMM sums (small integers times multiples of 1/16)
+    d = 12
+    hidden = torch.randint(-3, 4, (n, d), generator=g).float()
+    hidden[:, 0] = 1000.0 * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    weight = torch.randint(-16, 17, (vocab, d), generator=g) / 16.0
+    weight[:, 0] = 10.0
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    lp, ent = lk.linear_logprobs_entropy(hidden, weight[start:stop], ids, chunk_size=100, process_group=group,
+                                         backend=backend)  # fmt: skip
+    lp_ref, ent_ref = ref_linear.linear_logprobs_entropy(hidden, weight, ids)
+    assert_close(lp, lp_ref, rtol=STAT_RTOL, scale=1.0, name="linear logprobs at 1e4")
+    assert_close(ent, ent_ref, rtol=STAT_RTOL, scale=1.0, name="linear entropy at 1e4")
+
+
+for _backend in BACKENDS:
+
+    def _fn(rank, world, group, _b=_backend):
+        _vp_large_logits(_b, rank, world, group)
+
+    _fn.__name__ = f"vocab_parallel_large_logits_{_backend}"
+    check(_fn)
+
+
 @check
 def vocab_parallel_out_of_range_ids(rank, world, group):
     import lenkernels as lk

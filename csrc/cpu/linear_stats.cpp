@@ -3,7 +3,7 @@
 // token_stats kernel; when the vocabulary is cut into several column chunks, these kernels carry
 // each row's online-softmax state across the chunks:
 //   fold:     state[r] = merge(state[r], state of chunk r), and z_y from the chunk that holds it
-//   finalize: state -> logprob, entropy, lse, mean_z (SPEC 1)
+//   finalize: state -> logprob, entropy, lse, mean_z (SPEC 1), and the state's (max z, log S)
 // Chunks are folded in column order, so results do not depend on the thread count.
 #include <cmath>
 
@@ -16,8 +16,8 @@ namespace {
 
 struct FoldArgs {
   int64_t n_rows;
-  const float *lse, *entropy;  // [n_rows] statistics of this chunk alone
-  const void* logits;          // [n_rows, cols] chunk of logits, row stride row_stride
+  const float *max_z, *log_s, *entropy;  // [n_rows] statistics of this chunk alone
+  const void* logits;                    // [n_rows, cols] chunk of logits, row stride row_stride
   int dtype;
   int64_t row_stride;
   const int64_t* chunk_ids;  // [n_rows] column of the target in this chunk, or < 0
@@ -33,7 +33,8 @@ void fold_impl(const FoldArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(a.threads)
   for (int64_t r = 0; r < a.n_rows; ++r) {
     float* st = a.state + 3 * r;
-    const SoftmaxState merged = merge(SoftmaxState{st[0], st[1], st[2]}, state_from_stats(a.lse[r], a.entropy[r]));
+    const SoftmaxState chunk = state_from_stats(a.max_z[r], a.log_s[r], a.entropy[r]);
+    const SoftmaxState merged = merge(SoftmaxState{st[0], st[1], st[2]}, chunk);
     st[0] = merged.m;
     st[1] = merged.s;
     st[2] = merged.u;
@@ -52,6 +53,7 @@ struct FinalizeArgs {
   const float* z_y;
   const int64_t* local_ids;  // [n_rows] shard-local ids
   float *logprobs, *entropy, *lse, *mean_z;
+  float *max_z, *log_s;  // null, or [n_rows] each: the merged state (vocabulary-parallel merge)
   int threads;
 };
 
@@ -60,10 +62,12 @@ void finalize_rows(const FinalizeArgs& a) {
   for (int64_t r = 0; r < a.n_rows; ++r) {
     const float* st = a.state + 3 * r;
     const RowStats rs = finalize(SoftmaxState{st[0], st[1], st[2]});
-    a.logprobs[r] = target_logprob(a.local_ids[r], a.z_y[r], rs.lse);
+    a.logprobs[r] = target_logprob(a.local_ids[r], a.z_y[r], rs);
     a.entropy[r] = rs.entropy;
     a.lse[r] = rs.lse;
     a.mean_z[r] = rs.mean_z;
+    if (a.max_z) a.max_z[r] = rs.m;
+    if (a.log_s) a.log_s[r] = rs.log_s;
   }
 }
 
@@ -75,11 +79,13 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_cpu_linear_stats, m) {
   m.doc() = "lenkernels CPU kernels: online-softmax state carried across vocabulary chunks (raw pointers)";
-  m.def("linear_stats_fold", [](int64_t n_rows, uintptr_t lse, uintptr_t entropy, uintptr_t logits, int dtype,
-                                int64_t row_stride, uintptr_t chunk_ids, uintptr_t temperature, int64_t temp_stride,
-                                uintptr_t state, uintptr_t z_y, int threads) {
+  m.def("linear_stats_fold", [](int64_t n_rows, uintptr_t max_z, uintptr_t log_s, uintptr_t entropy,
+                                uintptr_t logits, int dtype, int64_t row_stride, uintptr_t chunk_ids,
+                                uintptr_t temperature, int64_t temp_stride, uintptr_t state, uintptr_t z_y,
+                                int threads) {
     using namespace lk::cpu;
-    FoldArgs a{n_rows, ptr<const float>(lse), ptr<const float>(entropy), reinterpret_cast<const void*>(logits),
+    FoldArgs a{n_rows, ptr<const float>(max_z), ptr<const float>(log_s), ptr<const float>(entropy),
+               reinterpret_cast<const void*>(logits),
                dtype, row_stride, ptr<const int64_t>(chunk_ids), ptr<const float>(temperature), temp_stride,
                ptr<float>(state), ptr<float>(z_y), threads_for(threads)};
     py::gil_scoped_release release;
@@ -87,11 +93,11 @@ PYBIND11_MODULE(_cpu_linear_stats, m) {
   });
   m.def("linear_stats_finalize", [](int64_t n_rows, uintptr_t state, uintptr_t z_y, uintptr_t local_ids,
                                     uintptr_t logprobs, uintptr_t entropy, uintptr_t lse, uintptr_t mean_z,
-                                    int threads) {
+                                    uintptr_t max_z, uintptr_t log_s, int threads) {
     using namespace lk::cpu;
     FinalizeArgs a{n_rows, ptr<const float>(state), ptr<const float>(z_y), ptr<const int64_t>(local_ids),
                    ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
-                   threads_for(threads)};
+                   ptr<float>(max_z), ptr<float>(log_s), threads_for(threads)};
     py::gil_scoped_release release;
     finalize_rows(a);
   });

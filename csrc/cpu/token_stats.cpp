@@ -1,5 +1,6 @@
 // Token log-probabilities and entropy from logits on the CPU (SPEC 1).
-//   forward:  one read of each [V] row -> logprob, entropy, lse, mean_z   (fp32, [N] each)
+//   forward:  one read of each [V] row -> logprob, entropy, lse, mean_z   (fp32, [N] each), and
+//             optionally the row's state (max z, log S) for merging vocabulary parts
 //   backward: one read + one write of each row -> dlogits in the logits dtype (may alias logits)
 // A row is cut into fixed kChunk-element chunks; each chunk is scaled into an L1-resident fp32
 // buffer, reduced to an online-softmax state, and the states are merged left to right.  The chunk
@@ -93,6 +94,7 @@ struct FwdArgs {
   const float* temperature;
   int64_t temp_stride, ignore_index;
   float *logprobs, *entropy, *lse, *mean_z;
+  float *max_z, *log_s;  // null, or [N] each: the row's state (lenkernels/distributed.py merge_stats)
   int threads;
 };
 
@@ -105,12 +107,14 @@ LK_ALWAYS_INLINE bool finish_row(const FwdArgs& a, int64_t r, const SoftmaxState
   const int64_t id = a.ids[r];
   const bool in_range = id >= 0 && id < a.vocab;
   const float z_target = in_range ? to_float(row[id]) * inv_t : 0.0f;
-  const float lp = token_logprob(z_target, rs.lse, id, a.ignore_index, a.vocab);
+  const float lp = token_logprob(z_target, rs, id, a.ignore_index, a.vocab);
   const bool ok = in_range || id == a.ignore_index;
   a.logprobs[r] = lp;
   if (a.entropy) a.entropy[r] = rs.entropy;
   a.lse[r] = rs.lse;
   a.mean_z[r] = rs.mean_z;
+  if (a.max_z) a.max_z[r] = rs.m;
+  if (a.log_s) a.log_s[r] = rs.log_s;
   return ok;
 }
 
@@ -227,16 +231,17 @@ PYBIND11_MODULE(_cpu_token_stats, m) {
       "token_stats_fwd",
       [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids,
          uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
-         uintptr_t lse, uintptr_t mean_z, int threads) {
+         uintptr_t lse, uintptr_t mean_z, uintptr_t max_z, uintptr_t log_s, int threads) {
         using namespace lk::cpu;
         FwdArgs a{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
                   ptr<const int64_t>(ids), ptr<const float>(temperature), temp_stride, ignore_index,
                   ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
-                  threads_for(threads)};
+                  ptr<float>(max_z), ptr<float>(log_s), threads_for(threads)};
         py::gil_scoped_release release;
         return forward(a);
       },
-      "Returns -1, or the first row whose id is outside [0, vocab) and not ignore_index.");
+      "Returns -1, or the first row whose id is outside [0, vocab) and not ignore_index. max_z and log_s "
+      "(0 = not wanted) receive each row's online-softmax state: lse = max_z + log_s.");
   m.def("token_stats_bwd", [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
                               uintptr_t ids, uintptr_t temperature, int64_t temp_stride, int64_t ignore_index,
                               uintptr_t lse, uintptr_t mean_z, uintptr_t g_logprobs, int64_t g_logprobs_stride,

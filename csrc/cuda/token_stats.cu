@@ -122,15 +122,17 @@ PYBIND11_MODULE(_cuda_token_stats, m) {
       "token_stats_fwd",
       [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids, int id_bytes,
          uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
-         uintptr_t lse, uintptr_t mean_z, uintptr_t partial, int n_splits, int device, uintptr_t stream) {
+         uintptr_t lse, uintptr_t mean_z, uintptr_t max_z, uintptr_t log_s, uintptr_t partial, int n_splits,
+         int device, uintptr_t stream) {
         FwdParams p{reinterpret_cast<const void*>(logits), n_rows, vocab, row_stride,
                     reinterpret_cast<const void*>(ids), id_bytes, ptr<const float>(temperature), temp_stride,
                     ignore_index, ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
-                    ptr<float>(partial), n_splits};
+                    ptr<float>(max_z), ptr<float>(log_s), ptr<float>(partial), n_splits};
         py::gil_scoped_release release;  // a launch can block while the device queue is full
         forward(p, dtype, device, reinterpret_cast<cudaStream_t>(stream));
       },
-      "Launches the forward on `stream`: writes logprobs, entropy, lse, mean_z ([n_rows] fp32).");
+      "Launches the forward on `stream`: writes logprobs, entropy, lse, mean_z ([n_rows] fp32), and the rows' "
+      "states max_z, log_s (0 = not wanted; lse = max_z + log_s).");
   m.def(
       "token_stats_bwd",
       [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids, int id_bytes,

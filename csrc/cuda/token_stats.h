@@ -31,6 +31,7 @@ struct FwdParams {
   const float* temperature;  // [n_rows] (temp_stride 1) or [1] (temp_stride 0)
   int64_t temp_stride, ignore_index;
   float *logprobs, *entropy, *lse, *mean_z;  // [n_rows] each; entropy may be null
+  float *max_z, *log_s;                      // null, or [n_rows] each: the row's state (m, log S)
   float* partial;                            // [n_rows, n_splits, 3] (m, S, U) when n_splits > 1
   int n_splits;
 };
@@ -112,10 +113,12 @@ LK_HOST_DEVICE SoftmaxState fwd_thread_state(const T* row, int64_t vocab, int sp
 
 LK_HOST_DEVICE void write_row(const FwdParams& p, int64_t row, int64_t id, const SoftmaxState& st, float z_target) {
   const RowStats rs = finalize(st);
-  p.logprobs[row] = token_logprob(z_target, rs.lse, id, p.ignore_index, p.vocab);
+  p.logprobs[row] = token_logprob(z_target, rs, id, p.ignore_index, p.vocab);
   if (p.entropy) p.entropy[row] = rs.entropy;
   p.lse[row] = rs.lse;
   p.mean_z[row] = rs.mean_z;
+  if (p.max_z) p.max_z[row] = rs.m;
+  if (p.log_s) p.log_s[row] = rs.log_s;
 }
 
 // What thread 0 of block (row, split) does with the block's merged state: the row's outputs, or its

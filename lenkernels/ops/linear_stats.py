@@ -93,34 +93,38 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- host launchers ------------------------------------------------------------------------------
 
 
-def linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size: int, backend: str):
+def linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size: int, backend: str, state: bool = False):
     """Host launcher: statistics of this shard's vocabulary, ``(logprobs, entropy, lse, mean_z)``
-    fp32 ``[N]``.
+    fp32 ``[N]``, then the rows' online-softmax states ``(max_z, log_s)`` with ``state``
+    (``lenkernels.distributed.merge_stats``).
 
     ``hidden`` [N, D], ``weight`` [V, D] and ``bias`` [V] share a dtype and have unit stride along
     D; ``local_ids`` [N] int64 shard-local (``lenkernels.distributed``). logprob is ``z_y - lse``
-    where the target is a column of this shard, 0 for ignored rows, NaN for the others.
+    (computed as ``(z_y - max_z) - log_s``) where the target is a column of this shard, 0 for
+    ignored rows, NaN for the others.
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    outs = [torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(4)]
+    outs = [torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(6)]
+    n_out = 6 if state else 4
     if n_rows == 0:
-        return tuple(outs)
+        return tuple(outs[:n_out])
     if backend == "triton":
         from lenkernels.triton.linear_stats import linear_stats_fwd as launch
 
         launch(hidden, weight, bias, local_ids, temperature, *outs)
-        return tuple(outs)
+        return tuple(outs[:n_out])
 
     rows, cols = tile_plan(n_rows, vocab, chunk_size)
     if cols >= vocab:  # whole rows per tile: the token_stats kernel finishes each row itself
         for r0, r1 in _spans(n_rows, rows):
             logits = _tile_logits(hidden, weight, bias, r0, r1, 0, vocab)
             ids = lkdist.chunk_ids(local_ids[r0:r1], 0, vocab, for_backward=False)
-            stats = token_stats_fwd(logits, ids, _row_slice(temperature, r0, r1), lkdist.IGNORED, backend)
+            temp = _row_slice(temperature, r0, r1)
+            stats = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend, state=True)
             for out, s in zip(outs, stats):
                 out[r0:r1] = s
         outs[0] = torch.where(local_ids == lkdist.ELSEWHERE, torch.full_like(outs[0], float("nan")), outs[0])
-        return tuple(outs)
+        return tuple(outs[:n_out])
 
     col_spans = _spans(vocab, cols)
     if backend == "cpu":
@@ -129,36 +133,38 @@ def linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size: i
         module = cpu.load(FAMILY)
         # O(N) work per chunk: threads only pay off for many rows
         threads = torch.get_num_threads() if n_rows >= 1 << 15 else 1
-        state = torch.tensor([float("-inf"), 0.0, 0.0]).repeat(n_rows, 1)  # empty online-softmax states
+        running = torch.tensor([float("-inf"), 0.0, 0.0]).repeat(n_rows, 1)  # empty online-softmax states
         z_y = torch.zeros(n_rows, dtype=torch.float32)
         for v0, v1 in col_spans:  # column order per row: reproducible merges
             for r0, r1 in _spans(n_rows, rows):
                 logits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
                 ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=False)
                 temp = _row_slice(temperature, r0, r1)
-                _, ent, lse, _ = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend)
+                _, ent, _, _, max_z, log_s = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend, state=True)
                 module.linear_stats_fold(
-                    r1 - r0, lse.data_ptr(), ent.data_ptr(), logits.data_ptr(), _checks.DTYPE_CODES[logits.dtype],
-                    logits.stride(0), ids.data_ptr(), temp.data_ptr(), 0 if temp.numel() == 1 else 1,
-                    state[r0:r1].data_ptr(), z_y[r0:r1].data_ptr(), threads,
+                    r1 - r0, max_z.data_ptr(), log_s.data_ptr(), ent.data_ptr(), logits.data_ptr(),
+                    _checks.DTYPE_CODES[logits.dtype], logits.stride(0), ids.data_ptr(), temp.data_ptr(),
+                    0 if temp.numel() == 1 else 1, running[r0:r1].data_ptr(), z_y[r0:r1].data_ptr(), threads,
                 )  # fmt: skip
         module.linear_stats_finalize(
-            n_rows, state.data_ptr(), z_y.data_ptr(), local_ids.data_ptr(), *(o.data_ptr() for o in outs), threads
+            n_rows, running.data_ptr(), z_y.data_ptr(), local_ids.data_ptr(), *(o.data_ptr() for o in outs), threads
         )  # fmt: skip
-        return tuple(outs)
+        return tuple(outs[:n_out])
 
     # reference: every chunk's statistics, then the same merge the vocab-parallel path uses
-    parts = torch.empty((4, len(col_spans), n_rows), dtype=torch.float32, device=hidden.device)
+    parts = torch.empty((5, len(col_spans), n_rows), dtype=torch.float32, device=hidden.device)
     for c, (v0, v1) in enumerate(col_spans):
         for r0, r1 in _spans(n_rows, rows):
             logits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
             ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=False)
-            lp, ent, lse, _ = token_stats_fwd(logits, ids, _row_slice(temperature, r0, r1), lkdist.IGNORED, backend)
-            parts[0, c, r0:r1], parts[1, c, r0:r1], parts[2, c, r0:r1] = lse, ent, lp
-            parts[3, c, r0:r1] = (ids >= 0).to(torch.float32)
-    lp, ent, lse, mean_z = lkdist.merge_stats(parts[0], parts[1], parts[2], parts[3] > 0, dim=0)
-    lp = torch.where(local_ids == lkdist.IGNORED, torch.zeros_like(lp), lp)
-    return lp, ent, lse, mean_z
+            temp = _row_slice(temperature, r0, r1)
+            lp, ent, _, _, max_z, log_s = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend, state=True)
+            for k, part in enumerate((max_z, log_s, ent, lp)):
+                parts[k, c, r0:r1] = part
+            parts[4, c, r0:r1] = (ids >= 0).to(torch.float32)
+    merged = lkdist.merge_stats(*parts[:4], parts[4] > 0, dim=0, state=state)
+    lp = torch.where(local_ids == lkdist.IGNORED, torch.zeros_like(merged[0]), merged[0])
+    return (lp, *merged[1:])
 
 
 def linear_stats_bwd(
@@ -255,11 +261,15 @@ def _linear_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logprobs, entropy, lse, mean_z, vocab_offset)``; ``reduce_hidden_grad`` is read by backward."""
     local_ids, offset = _shard_ids(ids, weight.shape[0], ignore_index, group_name)
-    lp, ent, lse, mean_z = linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size, backend)
     if group_name:
+        lp, ent, _, _, max_z, log_s = linear_stats_fwd(
+            hidden, weight, bias, local_ids, temperature, chunk_size, backend, state=True
+        )
         group = lkdist.resolve_group(group_name)
-        lp, ent, lse, mean_z = lkdist.merge_stats(lse, ent, lp, local_ids >= 0, group=group)
+        lp, ent, lse, mean_z = lkdist.merge_stats(max_z, log_s, ent, lp, local_ids >= 0, group=group)
         lp = torch.where(ids == ignore_index, torch.zeros_like(lp), lp)
+    else:
+        lp, ent, lse, mean_z = linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size, backend)
     return lp, ent, lse, mean_z, offset
 
 
@@ -405,6 +415,7 @@ def linear_logprobs_entropy(
             hidden, lm_head_shard.weight, input_ids[0, 1:], temperature=0.7, process_group=tp_group
         )
     """
+    _checks.flags(return_entropy=return_entropy, reduce_hidden_grad=reduce_hidden_grad)
     _checks.tensor(hidden, "hidden", min_dim=1)
     _checks.tensor(weight, "weight")
     name = _backend.resolve(backend, FAMILY, hidden.device)
@@ -427,8 +438,7 @@ def linear_logprobs_entropy(
     _checks.same_device(hidden, "hidden", ids, "ids")
     if tuple(ids.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"ids must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got {tuple(ids.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.index(ignore_index, "ignore_index")
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK["cuda" if hidden.device.type == "cuda" else "cpu"]
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

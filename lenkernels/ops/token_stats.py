@@ -33,23 +33,29 @@ def _check_ids_on_host(ids: torch.Tensor, vocab: int, ignore_index: int) -> None
         _checks.ids_in_range(ids, vocab, ignore_index)
 
 
-def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str):
-    """Host launcher: ``(logprobs, entropy, lse, mean_z)``, fp32 of shape ``ids.shape``."""
+def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str, state: bool = False):
+    """Host launcher: ``(logprobs, entropy, lse, mean_z)``, fp32 of shape ``ids.shape``.
+
+    ``state=True`` appends each row's online-softmax state ``(max_z, log_s)`` (``lse = max_z +
+    log_s``): what ``lenkernels.distributed.merge_stats`` needs to merge vocabulary parts without
+    the rounding of ``lse`` at the size of the logits.
+    """
     shape = ids.shape
     x = _rows(logits)
     y = ids.reshape(-1)
     n_rows, vocab = x.shape
-    outs = [torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(4)]
+    outs = [torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(6 if state else 4)]
     if n_rows == 0:
         return tuple(o.reshape(shape) for o in outs)
     if backend == "cpu":
         from lenkernels import cpu
 
         y = y.to(torch.int64).contiguous()
+        ptrs = [o.data_ptr() for o in outs] + [0, 0] * (not state)  # 0: no state wanted
         bad = cpu.load(FAMILY).token_stats_fwd(
             x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
             temperature.data_ptr(), 0 if temperature.numel() == 1 else 1, ignore_index,
-            *(o.data_ptr() for o in outs), torch.get_num_threads(),
+            *ptrs, torch.get_num_threads(),
         )  # fmt: skip
         if bad >= 0:
             _checks.ids_in_range(ids, vocab, ignore_index)
@@ -65,7 +71,7 @@ def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str):
         cuda.token_stats_fwd(x, y.contiguous(), temperature, ignore_index, *outs)
     else:
         _check_ids_on_host(y, vocab, ignore_index)
-        outs = ref.token_stats_forward(x, y, temperature, ignore_index)
+        outs = ref.token_stats_forward(x, y, temperature, ignore_index, state=state)
     return tuple(o.reshape(shape) for o in outs)
 
 
@@ -189,9 +195,9 @@ _token_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- vocabulary parallelism (lenkernels.distributed) ---------------------------------------------
-# Each rank reduces its shard of the vocabulary to (lse_r, H_r) and, where it holds the target,
-# z_y - lse_r; two all-reduces merge them (distributed.merge_stats). Backward needs no
-# communication: SPEC 1's gradient of a shard only reads the merged lse and mean_z.
+# Each rank reduces its shard of the vocabulary to its state (max_r, log S_r), H_r and, where it
+# holds the target, (z_y - max_r) - log S_r; two all-reduces merge them (distributed.merge_stats).
+# Backward needs no communication: SPEC 1's gradient of a shard only reads the merged lse and mean_z.
 
 
 @torch.library.custom_op("lenkernels::token_stats_vocab_parallel", mutates_args=())
@@ -217,8 +223,8 @@ def _token_stats_vocab_parallel(
     local = lkdist.shard_local_ids(ids, offset, vocab, ignore_index)
     # rows whose target is elsewhere contribute only their softmax state: treat them as ignored
     fwd_ids = lkdist.chunk_ids(local.reshape(-1), 0, vocab, for_backward=False).reshape(ids.shape)
-    lp, ent, lse, _ = token_stats_fwd(logits, fwd_ids, temperature, lkdist.IGNORED, backend)
-    lp, ent, lse, mean_z = lkdist.merge_stats(lse, ent, lp, local >= 0, group=group)
+    lp, ent, _, _, max_z, log_s = token_stats_fwd(logits, fwd_ids, temperature, lkdist.IGNORED, backend, state=True)
+    lp, ent, lse, mean_z = lkdist.merge_stats(max_z, log_s, ent, lp, local >= 0, group=group)
     lp = torch.where(ids == ignore_index, torch.zeros_like(lp), lp)
     return lp, ent, lse, mean_z, offset
 
@@ -317,14 +323,16 @@ def token_logprobs_entropy(
 
         lp, ent = token_logprobs_entropy(logits_shard, global_ids, process_group=tp_group)
     """
+    _checks.flags(return_entropy=return_entropy, inplace_backward=inplace_backward)
+    if inplace_backward and isinstance(logits, torch.Tensor):
+        _checks.inplace_target(logits)
     _checks.tensor(logits, "logits", min_dim=1)
     name = _backend.resolve(backend, FAMILY, logits.device)
     _checks.logits_dtype(logits, name)
     _checks.ids_match(logits, ids)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.index(ignore_index, "ignore_index")
     temp = _checks.temperature(temperature, ids)
     if process_group is not None:
         from lenkernels.distributed import group_name

@@ -24,8 +24,14 @@ def token_logprobs_entropy(
     z = logits / T; logprob = z_y - logsumexp(z) (0 where ids == ignore_index);
     entropy = logsumexp(z) - sum_j p_j z_j. Rows with a non-finite lse (all -inf, NaN, +inf) give NaN.
     Temperature is a float or a tensor broadcastable to ``ids``.
+
+    Evaluated on z - max z (the statistics do not depend on the shift, nor their gradients): the
+    differences then never cancel numbers of the logits' size, exact to ~1e-16 relative even at
+    |z| = 1e4.
     """
     z = _scaled(logits, temperature, dtype)
+    shift = z.detach().amax(-1, keepdim=True)
+    z = z - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     lse = torch.logsumexp(z, dim=-1)
     p = torch.softmax(z, dim=-1)
     # masked (-inf) logits have p = 0; zero them in the product so neither value nor grad is NaN
@@ -41,15 +47,28 @@ def token_logprobs_entropy(
     return logprobs, entropy
 
 
-def token_stats_forward(logits2d, ids1d, temperature1d, ignore_index):
-    """The ``reference`` backend's forward: float64 maths, float32 outputs (logprobs, entropy, lse, mean_z)."""
+def token_stats_forward(logits2d, ids1d, temperature1d, ignore_index, state: bool = False):
+    """The ``reference`` backend's forward: float64 maths, float32 outputs (logprobs, entropy, lse, mean_z).
+
+    ``state=True`` adds each row's online-softmax state ``(max_z, log_s)``, the form
+    ``lenkernels.distributed.merge_stats`` merges: ``max_z`` is the row max rounded to fp32 and
+    ``log_s = log sum exp(z - max_z)`` in float64 against that rounded value, so ``max_z + log_s``
+    is the float64 lse although fp32 cannot hold it at |z| = 1e4.
+    """
     temp = temperature1d.to(torch.float64).expand(ids1d.shape)
     logprobs, entropy = token_logprobs_entropy(logits2d, ids1d, temp, ignore_index)
     z = _scaled(logits2d, temp, torch.float64)
     lse = torch.logsumexp(z, dim=-1)
     mean_z = lse - entropy
     f32 = torch.float32
-    return logprobs.to(f32), entropy.to(f32), lse.to(f32), mean_z.to(f32)
+    out = (logprobs.to(f32), entropy.to(f32), lse.to(f32), mean_z.to(f32))
+    if not state:
+        return out
+    max_z = z.amax(-1).to(f32)
+    anchor = max_z.to(torch.float64)
+    # an all -inf row keeps (-inf, -inf): the empty state (z - anchor would be NaN there)
+    log_s = torch.logsumexp(z - torch.where(torch.isfinite(anchor), anchor, torch.zeros_like(anchor)).unsqueeze(-1), -1)
+    return (*out, max_z, log_s.to(f32))
 
 
 def token_stats_backward(logits2d, ids1d, temperature1d, g_logprobs, g_entropy, ignore_index):

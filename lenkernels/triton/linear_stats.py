@@ -7,7 +7,7 @@ Forward, two launches:
                                 online-softmax state (m, S, U) and picks up z_y
                                 -> state[N, n_splits, 4] = (m, S, U, z_y part)
   linear_stats_finalize_kernel  grid (row blocks,): merges each row's split states left to right,
-                                writes logprob, entropy, lse and mean_z
+                                writes logprob, entropy, lse and mean_z, and the state (max z, log S)
 Backward, per tile of rows x vocabulary columns (the host bounds the tile, and with it the memory):
   linear_stats_bwd_kernel       recomputes the logits tile with the forward's own code (same
                                 blocks, same K order, rounded to the hidden dtype) and writes
@@ -157,10 +157,12 @@ def linear_stats_fwd_kernel(
 def linear_stats_finalize_kernel(
     state_ptr,  # [N, n_splits, 4]
     ids_ptr,  # [N] int64 shard-local ids
-    logprobs_ptr,  # [N] fp32 out: z_y - lse; 0 for id -1; NaN for a target not in this shard
+    logprobs_ptr,  # [N] fp32 out: (z_y - m) - log S; 0 for id -1; NaN for a target not in this shard
     entropy_ptr,
     lse_ptr,
     mean_z_ptr,
+    max_z_ptr,  # [N] fp32 out: the row's state, lse = max z + log S (distributed.merge_stats)
+    log_s_ptr,
     n_rows,
     vocab,
     n_splits,
@@ -187,11 +189,14 @@ def linear_stats_finalize_kernel(
     lse = m + log_s
     y = tl.load(ids_ptr + rows, mask=ok, other=-1)
     held = (y >= 0) & (y < vocab)
-    logprob = tl.where(y == -1, 0.0, tl.where(held, z_y - lse, float("nan")))
+    # two small terms: z_y - lse would cancel two numbers of the logits' size (~4e-4 off at 1e4)
+    logprob = tl.where(y == -1, 0.0, tl.where(held, (z_y - m) - log_s, float("nan")))
     tl.store(logprobs_ptr + rows, logprob, mask=ok)
     tl.store(entropy_ptr + rows, log_s - ratio, mask=ok)
     tl.store(lse_ptr + rows, lse, mask=ok)
     tl.store(mean_z_ptr + rows, m + ratio, mask=ok)
+    tl.store(max_z_ptr + rows, m, mask=ok)
+    tl.store(log_s_ptr + rows, log_s, mask=ok)
 
 
 @triton.jit(
@@ -281,10 +286,15 @@ def _common(hidden, weight, bias):
     }
 
 
-def linear_stats_fwd(hidden, weight, bias, ids, temperature, logprobs, entropy, lse, mean_z):
+def linear_stats_fwd(hidden, weight, bias, ids, temperature, logprobs, entropy, lse, mean_z, max_z=None, log_s=None):
     """Host launcher. hidden [N, D], weight [V, D] (unit stride along D), bias [V] or None,
-    ids [N] int64 shard-local, temperature [N] or [1] fp32; writes the four [N] fp32 outputs."""
+    ids [N] int64 shard-local, temperature [N] or [1] fp32; writes the four [N] fp32 outputs, and
+    the rows' states into max_z and log_s when given."""
     n_rows = hidden.shape[0]
+    if max_z is None or log_s is None:  # always written: one kernel variant, 8 bytes a row
+        # two allocations, not two rows of one: a row at an odd offset would change the pointer
+        # alignment Triton specialises on (a second compiled variant)
+        max_z, log_s = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(2))
     vocab = weight.shape[0]
     block_n, block_v, _ = TILES[hidden.dtype]
     row_tiles = triton.cdiv(n_rows, block_n)
@@ -309,6 +319,8 @@ def linear_stats_fwd(hidden, weight, bias, ids, temperature, logprobs, entropy, 
         entropy_ptr=entropy,
         lse_ptr=lse,
         mean_z_ptr=mean_z,
+        max_z_ptr=max_z,
+        log_s_ptr=log_s,
         n_rows=n_rows,
         vocab=vocab,
         n_splits=n_splits,
@@ -371,8 +383,8 @@ AOT_SPECS = [
     {
         "kernel": linear_stats_finalize_kernel,
         "signature": {"state_ptr": "*fp32", "ids_ptr": "*i64", "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                      "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "n_splits": "i32",
-                      "BLOCK": "constexpr"},
+                      "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "max_z_ptr": "*fp32", "log_s_ptr": "*fp32",
+                      "n_rows": "i32", "vocab": "i32", "n_splits": "i32", "BLOCK": "constexpr"},
         "constexprs": {"BLOCK": _FINALIZE_BLOCK},
         "num_warps": 4,
     },

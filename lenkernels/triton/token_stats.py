@@ -4,7 +4,7 @@ Forward, two launches:
   token_stats_fwd_kernel       grid (N, n_splits): each program folds its vocabulary range into an
                                online-softmax state (m, S, U) -> state[N, n_splits, 3]
   token_stats_finalize_kernel  grid (N,): merges a row's states left to right, reads z_y, writes
-                               logprob, entropy, lse and mean_z
+                               logprob, entropy, lse and mean_z, and the state (max z, log S)
 Backward, one launch:
   token_stats_bwd_kernel       grid (N, n_splits): one read of the logits, one write of dlogits in
                                the logits dtype (dlogits may alias logits: in-place backward)
@@ -63,6 +63,8 @@ def token_stats_finalize_kernel(
     entropy_ptr,
     lse_ptr,
     mean_z_ptr,
+    max_z_ptr,  # [N] fp32 out: the row's state, lse = max z + log S (distributed.merge_stats)
+    log_s_ptr,
     vocab,
     stride_row,
     temp_stride,
@@ -84,11 +86,15 @@ def token_stats_finalize_kernel(
     y = tl.load(ids_ptr + row).to(tl.int64)
     in_range = (y >= 0) & (y < vocab)
     z_y = tl.load(logits_ptr + row * stride_row + tl.where(in_range, y, 0)).to(tl.float32) * inv_t
-    logprob = tl.where(y == ignore_index, 0.0, tl.where(in_range, z_y - lse, float("nan")))
+    # (z_y - m) - log S: two small terms; z_y - lse would cancel two numbers of the logits' size
+    # (lse rounded at |z| = 1e4 is ~4e-4 off)
+    logprob = tl.where(y == ignore_index, 0.0, tl.where(in_range, (z_y - m) - log_s, float("nan")))
     tl.store(logprobs_ptr + row, logprob)
     tl.store(entropy_ptr + row, log_s - ratio)
     tl.store(lse_ptr + row, lse)
     tl.store(mean_z_ptr + row, m + ratio)
+    tl.store(max_z_ptr + row, m)
+    tl.store(log_s_ptr + row, log_s)
 
 
 @triton.jit(
@@ -149,10 +155,14 @@ def _block(vocab: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def token_stats_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z):
+def token_stats_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z, max_z=None, log_s=None):
     """Host launcher. logits [N, V] (unit stride along V), ids [N], temperature [N] or [1] fp32;
-    writes the four [N] fp32 outputs."""
+    writes the four [N] fp32 outputs, and the rows' states into max_z and log_s when given."""
     n_rows, vocab = logits.shape
+    if max_z is None or log_s is None:  # always written: one kernel variant, 8 bytes a row
+        # two allocations, not two rows of one: a row at an odd offset would change the pointer
+        # alignment Triton specialises on (a second compiled variant)
+        max_z, log_s = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(2))
     block, warps = _block(vocab)
     n_splits, tiles_per_split = split_plan(n_rows, triton.cdiv(vocab, block), logits.device)
     state = torch.empty((n_rows, n_splits, 3), dtype=torch.float32, device=logits.device)
@@ -178,6 +188,8 @@ def token_stats_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, l
         entropy_ptr=entropy,
         lse_ptr=lse,
         mean_z_ptr=mean_z,
+        max_z_ptr=max_z,
+        log_s_ptr=log_s,
         vocab=vocab,
         stride_row=logits.stride(0),
         temp_stride=temp_stride,
@@ -229,7 +241,7 @@ AOT_SPECS = [
         "kernel": token_stats_finalize_kernel,
         "signature": {"logits_ptr": "*bf16", "ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32",
                       "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "mean_z_ptr": "*fp32",
-                      **_COMMON, "n_splits": "i32", "ignore_index": "i64"},
+                      "max_z_ptr": "*fp32", "log_s_ptr": "*fp32", **_COMMON, "n_splits": "i32", "ignore_index": "i64"},
         "num_warps": 1,
     },
 ] + [
