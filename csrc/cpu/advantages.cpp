@@ -184,23 +184,28 @@ void group_advantages(const GroupArgs& a) {
         std::fill(w.begin(), w.end(), 1.0f);
       }
       const float n = float(size);
-      const float shift = s[0];  // all-equal group: mean == shift exactly
+      float max_abs = 0.0f;  // the sums and squares are of s * 2^-e (advantages.h)
+      for (int64_t i = 0; i < size; ++i) max_abs = abs_max(max_abs, s[i]);
+      const int e = scale_exponent(max_abs);
+      const float down = pow2f(-e);
+      const float shift = s[0] * down;  // all-equal group: mean == shift exactly
       float sum_d = 0.0f, wsum_d = 0.0f, wsum = 0.0f, r_max = -kInf;
       bool has_nan = false;
       for (int64_t i = 0; i < size; ++i) {
-        const float d = s[i] - shift;
+        const float d = s[i] * down - shift;
         sum_d += d;
         wsum_d += w[i] * d;
         wsum += w[i];
         r_max = std::max(r_max, s[i]);
         has_nan |= s[i] != s[i];
       }
-      const float mean = shifted_mean(shift, sum_d, n);
-      const float baseline = a.method == kOpo ? opo_baseline(shift, wsum_d, wsum, n) : group_baseline(mean, n);
+      const float mean_s = shifted_mean(shift, sum_d, n);
+      const float mean = mean_s * pow2f(e);
+      const float baseline = a.method == kOpo ? opo_baseline(shift, wsum_d, wsum, n, e) : group_baseline(mean, n);
       float m2 = 0.0f, below = -kInf;
       int64_t n_top = 0, best = -1;
       for (int64_t i = 0; i < size; ++i) {
-        const float c = s[i] - mean;
+        const float c = s[i] * down - mean_s;
         m2 += c * c;
         if (s[i] == r_max) {
           if (best < 0) best = i;
@@ -209,7 +214,7 @@ void group_advantages(const GroupArgs& a) {
           below = std::max(below, s[i]);
         }
       }
-      const float std = group_std(m2, n, a.ddof);
+      const float std = group_std(m2, n, a.ddof, e);
       const float r_second = n <= 1.0f ? 0.0f : (n_top >= 2 ? r_max : below);
       for (int64_t i = 0; i < size; ++i) {
         float out;
@@ -273,20 +278,27 @@ void batch_shift_scale(const MomentArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(a.threads)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t begin = c * kMomentChunk, end = std::min(a.n, begin + kMomentChunk);
-    float wsum = 0.0f, wx = 0.0f;
+    float wsum = 0.0f, max_abs = 0.0f;  // the chunk's moments are those of x * 2^-e (advantages.h)
     for (int64_t i = begin; i < end; ++i) {
       const float w = a.w ? load_one(a.w_dtype, a.w, i) : 1.0f;
       wsum += w;
-      if (w != 0.0f) wx += w * a.x[i];
+      if (w != 0.0f) max_abs = abs_max(max_abs, a.x[i]);
+    }
+    const int e = scale_exponent(max_abs);
+    const float down = pow2f(-e);
+    float wx = 0.0f;
+    for (int64_t i = begin; i < end; ++i) {
+      const float w = a.w ? load_one(a.w_dtype, a.w, i) : 1.0f;
+      if (w != 0.0f) wx += w * (a.x[i] * down);
     }
     const float mean = wsum > 0.0f ? wx / wsum : 0.0f;
     float m2 = 0.0f;
     for (int64_t i = begin; i < end; ++i) {
       const float w = a.w ? load_one(a.w_dtype, a.w, i) : 1.0f;
-      const float d = a.x[i] - mean;
+      const float d = a.x[i] * down - mean;
       if (w != 0.0f) m2 += w * d * d;
     }
-    parts[c] = Moments{wsum, mean, m2};
+    parts[c] = Moments{wsum, mean, m2, e};
   }
   Moments total = parts[0];
   for (int64_t c = 1; c < n_chunks; ++c) total = merge(total, parts[c]);
@@ -385,19 +397,23 @@ void group_stats(const StatArgs& a) {
           hi = std::max(hi, v);
           has_nan |= v != v;
         }
-        const float shift = k > 0.0f ? hi : 0.0f;  // exact mean when the selected are all equal
+        // sums and squares of x * 2^-e (advantages.h), e from the largest |x| selected
+        const int e = lk::adv::scale_exponent(lk::adv::abs_max(lk::adv::abs_max(0.0f, lo), hi));
+        const float down = lk::adv::pow2f(-e);
+        const float shift = k > 0.0f ? hi * down : 0.0f;  // exact mean when the selected are all equal
         float sum_d = 0.0f;
         for (int64_t i = 0; i < size; ++i) {
-          if (sel[i * c + j] != 0.0f) sum_d += x[i * c + j] - shift;
+          if (sel[i * c + j] != 0.0f) sum_d += x[i * c + j] * down - shift;
         }
-        const float mean = k > 0.0f ? shift + sum_d / k : 0.0f;
+        const float mean_s = k > 0.0f ? shift + sum_d / k : 0.0f;
         float m2 = 0.0f;
         for (int64_t i = 0; i < size; ++i) {
           if (sel[i * c + j] == 0.0f) continue;
-          const float d = x[i * c + j] - mean;
+          const float d = x[i * c + j] * down - mean_s;
           m2 += d * d;
         }
-        float std = k >= 2.0f ? sqrtf(m2 / (k - 1.0f)) : 0.0f;
+        const float mean = mean_s * lk::adv::pow2f(e);
+        float std = lk::adv::selected_std(m2, k, e);
         if (has_nan) lo = hi = std = lk::adv::quiet_nan();
         for (int64_t i = 0; i < size; ++i) {
           float* o = a.stats + (rows[i] * c + j) * 6;

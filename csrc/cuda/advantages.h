@@ -7,15 +7,16 @@
 // device memory; contiguous groups (an int group size) need neither perm nor offsets. Grids are
 // sized on the host for the most groups B allows; warps past the device's count return: no host sync.
 //   row sums     one block per response: sums of its [T] token rewards and of its mask row
-//   groups       one warp per group: passes over the members (mean about the first member, std,
-//                top-2), then one advantage per member, written in response order
+//   groups       one warp per group: passes over the members (largest |s|, mean about the first
+//                member, std, top-2), then one advantage per member, written in response order
 //   gaussian     one warp per run of tied scores: the mean normal score of its ranks (fp64)
 //   moments      one block: weighted (w, mean, m2) of fixed 4096-element chunks merged in order ->
 //                (shift, scale) of batch / reinforce_pp_baseline
 //   broadcast    one block per response: (adv - shift) * scale times its mask row
 //   group stats  one warp per group: count/sum/mean/std/min/max of the selected members, per column
 // Every sum runs in a fixed order (per-lane strides, then the team's fixed tree): no atomics,
-// bitwise reproducible.
+// bitwise reproducible. Means and variances are of the values times 2^-e (2^e: the power of two of
+// the largest |x|), multiplied back exactly: no overflow or underflow (advantages.h).
 #pragma once
 
 #include <cmath>
@@ -156,13 +157,19 @@ LK_HOST_DEVICE void group_warp(const GroupArgs& a, int64_t g, Team& team) {
   a.groups.bounds(g, &gs, &ge);
   if (ge <= gs) return;
   const float n = float(ge - gs);
-  const float shift = score_of(a, a.groups.row(gs));  // all-equal group: mean == shift exactly
+
+  // pass 0: the largest |s|: the sums and squares below are of s * 2^-e (no overflow, advantages.h)
+  float max_abs = 0.0f;
+  for (int64_t i = gs + team.rank(); i < ge; i += Team::kSize) max_abs = abs_max(max_abs, score_of(a, a.groups.row(i)));
+  const int e = scale_exponent(team.all_reduce(max_abs, MaxOp{}, 0.0f));
+  const float down = pow2f(-e);
+  const float shift = score_of(a, a.groups.row(gs)) * down;  // all-equal group: mean == shift exactly
 
   FirstPass p1{0.0f, 0.0f, 0.0f, kNegInf, 0.0f};
   for (int64_t i = gs + team.rank(); i < ge; i += Team::kSize) {
     const int64_t row = a.groups.row(i);
     const float s = score_of(a, row), w = weight_of(a, row);
-    const float d = s - shift;
+    const float d = s * down - shift;
     p1.sum_d += d;
     p1.wsum_d += w * d;
     p1.wsum += w;
@@ -170,8 +177,9 @@ LK_HOST_DEVICE void group_warp(const GroupArgs& a, int64_t g, Team& team) {
     p1.n_nan += s != s ? 1.0f : 0.0f;
   }
   p1 = team.all_reduce(p1, FirstPassOp{}, FirstPass{0.0f, 0.0f, 0.0f, kNegInf, 0.0f});
-  const float mean = shifted_mean(shift, p1.sum_d, n);
-  const float baseline = a.method == kOpo ? opo_baseline(shift, p1.wsum_d, p1.wsum, n) : group_baseline(mean, n);
+  const float mean_s = shifted_mean(shift, p1.sum_d, n);
+  const float baseline =
+      a.method == kOpo ? opo_baseline(shift, p1.wsum_d, p1.wsum, n, e) : group_baseline(mean_s * pow2f(e), n);
 
   float std = 1.0f, r_second = 0.0f;
   int64_t best = ge;
@@ -179,7 +187,7 @@ LK_HOST_DEVICE void group_warp(const GroupArgs& a, int64_t g, Team& team) {
     SecondPass p2{0.0f, 0.0f, kNegInf, ge};
     for (int64_t i = gs + team.rank(); i < ge; i += Team::kSize) {
       const float s = score_of(a, a.groups.row(i));
-      const float c = s - mean;
+      const float c = s * down - mean_s;
       p2.m2 += c * c;
       if (s == p1.r_max) {
         p2.best = MinOp{}(p2.best, i);
@@ -189,7 +197,7 @@ LK_HOST_DEVICE void group_warp(const GroupArgs& a, int64_t g, Team& team) {
       }
     }
     p2 = team.all_reduce(p2, SecondPassOp{}, SecondPass{0.0f, 0.0f, kNegInf, ge});
-    std = group_std(p2.m2, n, a.ddof);
+    std = group_std(p2.m2, n, a.ddof, e);
     r_second = passk_runner_up(n, int64_t(p2.n_top), p1.r_max, p2.below);
     best = p2.best;
   }
@@ -249,30 +257,43 @@ struct MomentArgs {
   float* stats;  // [2] out: shift, scale
 };
 
+struct SumMax {
+  LK_HOST_DEVICE Pair operator()(const Pair& x, const Pair& y) const { return Pair{x.a + y.a, MaxOp{}(x.b, y.b)}; }
+};
+
 // One block over the whole vector, chunk after chunk: chunk moments as the CPU backend forms them
-// (weighted mean first, then the weighted squares about it), merged left to right.
+// (of x * 2^-e, e from the chunk's largest |x|; weighted mean first, then the weighted squares
+// about it), merged left to right.
 template <class Team>
 LK_HOST_DEVICE void moments_block(const MomentArgs& a, Team& team) {
   const int64_t n_chunks = div_up(a.n, kMomentChunk);
   Moments total = empty_moments();
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t begin = c * kMomentChunk, end = begin + kMomentChunk < a.n ? begin + kMomentChunk : a.n;
-    Pair acc{0.0f, 0.0f};  // (sum w, sum w x)
+    Pair acc{0.0f, 0.0f};  // (sum w, largest |x| of w != 0)
     for (int64_t i = begin + team.rank(); i < end; i += Team::kSize) {
       const float w = a.w ? load_weight(a.w, a.w_code, i) : 1.0f;
       acc.a += w;
-      if (w != 0.0f) acc.b += w * a.x[i];
+      if (w != 0.0f) acc.b = abs_max(acc.b, a.x[i]);
     }
-    acc = team.all_reduce(acc, PairSum{}, Pair{0.0f, 0.0f});
-    const float mean = acc.a > 0.0f ? acc.b / acc.a : 0.0f;
+    acc = team.all_reduce(acc, SumMax{}, Pair{0.0f, 0.0f});
+    const int e = scale_exponent(acc.b);
+    const float down = pow2f(-e);
+    float wx = 0.0f;
+    for (int64_t i = begin + team.rank(); i < end; i += Team::kSize) {
+      const float w = a.w ? load_weight(a.w, a.w_code, i) : 1.0f;
+      if (w != 0.0f) wx += w * (a.x[i] * down);
+    }
+    wx = team.all_reduce(wx, SumOp{}, 0.0f);
+    const float mean = acc.a > 0.0f ? wx / acc.a : 0.0f;
     float m2 = 0.0f;
     for (int64_t i = begin + team.rank(); i < end; i += Team::kSize) {
       const float w = a.w ? load_weight(a.w, a.w_code, i) : 1.0f;
-      const float d = a.x[i] - mean;
+      const float d = a.x[i] * down - mean;
       if (w != 0.0f) m2 += w * d * d;
     }
     m2 = team.all_reduce(m2, SumOp{}, 0.0f);
-    const Moments part{acc.a, mean, m2};
+    const Moments part{acc.a, mean, m2, e};
     total = c == 0 ? part : merge(total, part);
   }
   if (team.rank() == 0) global_shift_scale(a.method, total, a.eps, &a.stats[0], &a.stats[1]);
@@ -358,24 +379,28 @@ LK_HOST_DEVICE void group_stats_warp(const StatArgs& a, int64_t g, Team& team) {
     }
     p = team.all_reduce(p, ColumnPassOp{}, empty);
     if (p.n_nan > 0.0f) p.lo = p.hi = quiet_nan();  // a NaN among the selected: min, max, mean, std NaN
-    const float shift = p.k > 0.0f ? p.hi : 0.0f;  // exact mean when the selected are all equal
+    // sums and squares of x * 2^-e, e from the largest selected |x| (no overflow, advantages.h)
+    const int e = scale_exponent(abs_max(abs_max(0.0f, p.lo), p.hi));
+    const float down = pow2f(-e);
+    const float shift = p.k > 0.0f ? p.hi * down : 0.0f;  // exact mean when the selected are all equal
     float sum_d = 0.0f;
     for (int64_t i = gs + team.rank(); i < ge; i += Team::kSize) {
       const int64_t row = a.groups.row(i);
-      if (selected(a, row, j)) sum_d += stat_value(a, row, j) - shift;
+      if (selected(a, row, j)) sum_d += stat_value(a, row, j) * down - shift;
     }
     sum_d = team.all_reduce(sum_d, SumOp{}, 0.0f);
-    const float mean = p.k > 0.0f ? shift + sum_d / p.k : 0.0f;
+    const float mean_s = p.k > 0.0f ? shift + sum_d / p.k : 0.0f;
     float m2 = 0.0f;
     for (int64_t i = gs + team.rank(); i < ge; i += Team::kSize) {
       const int64_t row = a.groups.row(i);
       if (!selected(a, row, j)) continue;
-      const float d = stat_value(a, row, j) - mean;
+      const float d = stat_value(a, row, j) * down - mean_s;
       m2 += d * d;
     }
     m2 = team.all_reduce(m2, SumOp{}, 0.0f);
+    const float mean = mean_s * pow2f(e);
     // (the NaN test before the division keeps fewer values live across its slow path: no spill)
-    const float std = p.hi != p.hi ? p.hi : selected_std(m2, p.k), lo = p.lo, hi = p.hi;
+    const float std = p.hi != p.hi ? p.hi : selected_std(m2, p.k, e), lo = p.lo, hi = p.hi;
     for (int64_t i = gs + team.rank(); i < ge; i += Team::kSize) {
       float* o = a.stats + (a.groups.row(i) * a.c_out + j) * 6;
       o[0] = p.k;

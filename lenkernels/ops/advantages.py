@@ -544,6 +544,7 @@ def group_advantages(
         adv = group_advantages(scores, uid, method="opo", lengths=lengths)     # [B]
         adv_tokens = adv.repeat_interleave(lengths, output_size=n_tokens)      # [N]
     """
+    _checks.flags(norm_by_std=norm_by_std, unbiased=unbiased)
     _checks.tensor(rewards, "rewards", min_dim=1)
     name = _backend.resolve(backend, FAMILY, rewards.device)
     _check_float(rewards, "rewards", name)

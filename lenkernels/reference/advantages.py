@@ -6,7 +6,10 @@ Conventions shared with the kernels (and documented on ``lenkernels.group_advant
 - a group holding a NaN score gives NaN for all its members; for ``batch`` and
   ``reinforce_pp_baseline`` a NaN anywhere makes the whole batch NaN (masked tokens stay 0);
 - masked tokens (mask == 0) are exactly 0 in a ``[B, T]`` output; zero-weight responses take no part
-  in the token-weighted whitening.
+  in the token-weighted whitening;
+- means and variances are those of the values divided by the power of two of their largest magnitude,
+  multiplied back (``_pow2_scale``): exact, and no square or sum leaves the dtype's range (1e200 in
+  float64), as in the kernels.
 """
 
 from __future__ import annotations
@@ -40,8 +43,31 @@ def _members(ids: torch.Tensor):
     yield from torch.split(order, counts.tolist())
 
 
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """The power of two 2^k <= max |x| < 2^(k+1) over the finite values of x (1 when there are none,
+    or all are 0). Means and variances are taken of x / 2^k and multiplied back: exact in binary
+    floating point, and the squares and sums of x / 2^k (magnitudes below 2) cannot overflow or
+    underflow, so 1e200 in float64 (1e20 in float32) keeps its statistics (the kernels do the same)."""
+    a = x.detach().abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    m = a.max() if a.numel() else one
+    return torch.where(m > 0, torch.ldexp(one, torch.frexp(m).exponent - 1), one)
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    c = _pow2_scale(x)
+    return (x / c).mean() * c
+
+
+def _std_of(x: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """torch's std (NaN for one element when unbiased), without overflow or underflow."""
+    c = _pow2_scale(x)
+    return (x / c).std(unbiased=unbiased) * c
+
+
 def _std(x: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    return x.std(unbiased=unbiased) if x.numel() > 1 else torch.ones((), dtype=x.dtype, device=x.device)
+    return _std_of(x, unbiased) if x.numel() > 1 else torch.ones((), dtype=x.dtype, device=x.device)
 
 
 def gaussian_scores(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -102,17 +128,21 @@ def group_advantages(
         for idx in _members(ids):
             x = s[idx]
             size = x.numel()
-            mean = x.mean() if size > 1 else torch.zeros((), dtype=dtype)
+            mean = _mean(x) if size > 1 else torch.zeros((), dtype=dtype)
             std = _std(x, unbiased)
             if method == "grpo":
                 a = (x - mean) / (std + eps) if norm_by_std else x - mean
                 a = torch.where(x == mean, torch.zeros_like(a), a)  # all-equal groups: exactly 0 for any eps
             elif method == "rloo":
-                a = x - (x.sum() - x) / (size - 1) if size > 1 else x.clone()  # minus the mean of the others
+                c = _pow2_scale(x)  # minus the mean of the others:
+                a = x - ((x / c).sum() - x / c) / (size - 1) * c if size > 1 else x.clone()
             elif method == "opo":
                 wl = w[idx]
-                base = (wl * x).sum() / wl.sum() if size > 1 and wl.sum() != 0 else torch.zeros((), dtype=dtype)
-                a = x - base
+                if size > 1 and wl.sum() != 0:
+                    c = _pow2_scale(x)
+                    a = x - (wl * (x / c)).sum() / wl.sum() * c
+                else:
+                    a = x.clone()
             elif method == "grpo_passk":
                 a = torch.zeros_like(x)
                 top = torch.sort(x, descending=True, stable=True).values
@@ -127,13 +157,18 @@ def group_advantages(
             adv[idx] = a
 
     if method == "batch":
-        adv = adv / (s.std() + eps)
+        adv = adv / (_std_of(s) + eps)
     elif method == "reinforce_pp_baseline":
         valid = w != 0
         wv, xv = w[valid], adv[valid]
-        mean = (wv * xv).sum() / wv.sum()
-        var = (wv * (xv - mean) ** 2).sum() / (wv.sum() - 1)
-        adv = (adv - mean) * torch.rsqrt(var + WHITEN_EPS)
+        c = _pow2_scale(xv)  # moments of xv / c, then back (var * c^2 may leave the range: see below)
+        mean_c = (wv * (xv / c)).sum() / wv.sum()
+        var_c = (wv * (xv / c - mean_c) ** 2).sum() / (wv.sum() - 1)
+        var = var_c * c * c
+        # rsqrt(var + 1e-8); past the range var + 1e-8 == var, so rsqrt(var) = rsqrt(var_c) / c
+        past = torch.isinf(var) & torch.isfinite(var_c)
+        inv = torch.where(past, torch.rsqrt(var_c) / c, torch.rsqrt(var + WHITEN_EPS))
+        adv = (adv - mean_c * c) * inv
 
     if mask is None:
         return adv
@@ -159,8 +194,8 @@ def group_stats(values: torch.Tensor, groups, where: torch.Tensor | None = None,
             v = x[idx, j][sel[idx, j]]
             k = v.numel()
             nan = bool(torch.isnan(v).any())
-            mean = v.mean() if k else torch.zeros((), dtype=dtype)
-            std = v.std() if k > 1 else torch.zeros((), dtype=dtype)
+            mean = _mean(v) if k else torch.zeros((), dtype=dtype)
+            std = _std_of(v) if k > 1 else torch.zeros((), dtype=dtype)
             lo = v.min() if k else torch.tensor(float("inf"), dtype=dtype)
             hi = v.max() if k else torch.tensor(float("-inf"), dtype=dtype)
             if nan:

@@ -16,13 +16,17 @@ Kernels:
                                  over the members (L1/L2 resident) -> one advantage per response
   gaussian_rank_kernel           one run of tied scores per iteration (runs from a (group, score)
                                  sort): the mean normal score of the run's ranks
-  batch_moments_kernel           weighted (w, mean, m2) of fixed-size chunks of a [B] vector
+  batch_moments_kernel           weighted (w, mean, m2) of fixed-size chunks of a [B] vector (of
+                                 x * 2^-e, 2^e the power of two of the chunk's largest |x|)
   batch_moments_finalize_kernel  merges the chunks in order -> (shift, scale) of batch / rpp
   advantages_broadcast_kernel    out = (adv - shift) * scale, broadcast over the mask; masked tokens
                                  are exactly 0
   group_stats_kernel             count / sum / mean / std / min / max of the selected members of each
                                  group (several columns at once), broadcast back to the members
-Every reduction runs in a fixed order inside one program: no atomics, bitwise reproducible.
+Every reduction runs in a fixed order inside one program: no atomics, bitwise reproducible. Means
+and variances are formed of the values times 2^-e, 2^e the power of two of the set's largest
+magnitude, then multiplied back (exact): no sum or square overflows or underflows where the mean and
+the std are representable (advantages.h, "power-of-two scaling").
 """
 
 from __future__ import annotations
@@ -111,6 +115,38 @@ def _row_sums(
             tl.store(score_buf_ptr + pos, tl.sum(acc_s, 1), mask=valid)
         if MASK_LEN:
             tl.store(len_buf_ptr + pos, tl.sum(acc_l, 1), mask=valid)
+
+
+@triton.jit
+def _pow2(e):
+    """2^e for int32 -126 <= e <= 127, exactly (built from its bits; advantages.h pow2f)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_exponent(max_abs):
+    """e with 2^e <= max_abs < 2^(e + 1), clamped to [-126, 126] (advantages.h scale_exponent): the sums
+    and squares of a set are formed of x * 2^-e (|x * 2^-e| < 2, no overflow or underflow) and the mean
+    and std multiplied back by 2^e, exactly (powers of two scale every rounding with them)."""
+    e = ((max_abs.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    return tl.minimum(tl.maximum(e, -126), 126)
+
+
+@triton.jit
+def _abs_or_zero(x, keep):
+    """|x| where keep and x is not NaN, else 0: the terms of a NaN-skipping maximum of |x|."""
+    a = tl.abs(x)
+    return tl.where(keep & (a == a), a, 0.0)
+
+
+@triton.jit
+def _scale_down(x, k):
+    """x * 2^k for -504 <= k <= 0 in steps of normal powers of two (advantages.h scale_down)."""
+    for _ in tl.static_range(4):
+        step = tl.maximum(k, -126)
+        x = x * _pow2(step)
+        k = k - step
+    return x
 
 
 @triton.jit
@@ -212,6 +248,19 @@ def group_advantages_kernel(
         else:
             shift = tl.load(rewards_ptr + row0).to(tl.float32)
 
+        # pass 0: the largest |s| -> the sums and squares below are of s * 2^-e (no overflow)
+        acc_abs = tl.zeros([BLOCK], tl.float32)
+        for start in range(gs, ge, BLOCK):
+            pos = start + tl.arange(0, BLOCK)
+            valid = pos < ge
+            rows = _rows(pos, valid, perm_ptr, CONTIGUOUS)
+            s = _scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
+            acc_abs = tl.maximum(acc_abs, _abs_or_zero(s, valid))
+        e = _scale_exponent(tl.max(acc_abs, 0))
+        down = _pow2(-e)
+        up = _pow2(e)
+        shift = shift * down
+
         # pass 1: sum of (s - shift); opo: length-weighted sums; pass@k: max and NaN count
         acc_d = tl.zeros([BLOCK], tl.float32)
         acc_wd = tl.zeros([BLOCK], tl.float32)
@@ -223,7 +272,7 @@ def group_advantages_kernel(
             valid = pos < ge
             rows = _rows(pos, valid, perm_ptr, CONTIGUOUS)
             s = _scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
-            d = tl.where(valid, s - shift, 0.0)
+            d = tl.where(valid, s * down - shift, 0.0)
             acc_d += d
             if METHOD == 7:  # opo
                 w = _weights(pos, valid, rows, lengths_ptr, len_buf_ptr, LEN_SOURCE)
@@ -232,10 +281,11 @@ def group_advantages_kernel(
             if METHOD == 6:  # grpo_passk
                 acc_max = tl.maximum(acc_max, tl.where(valid, s, float("-inf")))
                 acc_nan += tl.where(valid & (s != s), 1, 0)
-        mean = shift + tl.sum(acc_d, 0) / n
+        mean_s = shift + tl.sum(acc_d, 0) / n  # of s * 2^-e
+        mean = mean_s * up
         if METHOD == 7:
             wsum = tl.sum(acc_w, 0)
-            baseline = tl.where((n <= 1.0) | (wsum == 0.0), 0.0, shift + tl.sum(acc_wd, 0) / wsum)
+            baseline = tl.where((n <= 1.0) | (wsum == 0.0), 0.0, (shift + tl.sum(acc_wd, 0) / wsum) * up)
         else:
             baseline = tl.where(n <= 1.0, 0.0, mean)
 
@@ -252,14 +302,14 @@ def group_advantages_kernel(
                 valid = pos < ge
                 rows = _rows(pos, valid, perm_ptr, CONTIGUOUS)
                 s = _scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
-                c = tl.where(valid, s - mean, 0.0)
+                c = tl.where(valid, s * down - mean_s, 0.0)
                 acc_m2 += c * c
                 if METHOD == 6:
                     top = valid & (s == r_max)
                     acc_cnt += tl.where(top, 1, 0)
                     acc_below = tl.maximum(acc_below, tl.where(valid & (s < r_max), s, float("-inf")))
                     acc_first = tl.minimum(acc_first, tl.where(top, pos, ge))
-        std = tl.where(n <= 1.0, 1.0, tl.sqrt(tl.sum(acc_m2, 0) / (n - ddof)))
+        std = tl.where(n <= 1.0, 1.0, tl.sqrt(tl.sum(acc_m2, 0) / (n - ddof)) * up)
         best = tl.min(acc_first, 0)
         # runner-up: a tied maximum counts twice; a group of one compares with its baseline 0
         r_second = tl.where(n <= 1.0, 0.0, tl.where(tl.sum(acc_cnt, 0) >= 2, r_max, tl.max(acc_below, 0)))
@@ -329,7 +379,7 @@ def gaussian_rank_kernel(
 def batch_moments_kernel(
     x_ptr,  # [n] fp32
     w_ptr,  # [n] weights (any dtype), when HAS_W
-    partial_ptr,  # [n_chunks, 3] fp32 out: (w, mean, m2)
+    partial_ptr,  # [n_chunks, 4] fp32 out: (w, mean, m2) of x * 2^-e, and e
     n,
     chunk,
     HAS_W: tl.constexpr,
@@ -339,7 +389,7 @@ def batch_moments_kernel(
     start = pid * chunk
     end = tl.minimum(start + chunk, n)
     acc_w = tl.zeros([BLOCK], tl.float32)
-    acc_wx = tl.zeros([BLOCK], tl.float32)
+    acc_abs = tl.zeros([BLOCK], tl.float32)
     for i in range(start, end, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         valid = offs < end
@@ -349,8 +399,20 @@ def batch_moments_kernel(
         else:
             w = tl.where(valid, 1.0, 0.0)
         acc_w += w
-        acc_wx += tl.where(w != 0.0, w * x, 0.0)
+        acc_abs = tl.maximum(acc_abs, _abs_or_zero(x, w != 0.0))
     wsum = tl.sum(acc_w, 0)
+    e = _scale_exponent(tl.max(acc_abs, 0))  # the chunk's moments are those of x * 2^-e
+    down = _pow2(-e)
+    acc_wx = tl.zeros([BLOCK], tl.float32)
+    for i in range(start, end, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        valid = offs < end
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + offs, mask=valid, other=0).to(tl.float32)
+        else:
+            w = tl.where(valid, 1.0, 0.0)
+        acc_wx += tl.where(w != 0.0, w * (x * down), 0.0)
     mean = tl.where(wsum > 0.0, tl.sum(acc_wx, 0) / wsum, 0.0)
     acc_m2 = tl.zeros([BLOCK], tl.float32)
     for i in range(start, end, BLOCK):
@@ -361,17 +423,18 @@ def batch_moments_kernel(
             w = tl.load(w_ptr + offs, mask=valid, other=0).to(tl.float32)
         else:
             w = tl.where(valid, 1.0, 0.0)
-        c = x - mean
+        c = x * down - mean
         acc_m2 += tl.where(w != 0.0, w * c * c, 0.0)
-    out = partial_ptr + pid * 3
+    out = partial_ptr + pid * 4
     tl.store(out, wsum)
     tl.store(out + 1, mean)
     tl.store(out + 2, tl.sum(acc_m2, 0))
+    tl.store(out + 3, e.to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["n_chunks", "eps"])
 def batch_moments_finalize_kernel(
-    partial_ptr,  # [n_chunks, 3] fp32
+    partial_ptr,  # [n_chunks, 4] fp32: (w, mean, m2) of x * 2^-e, and e
     stats_ptr,  # [2] fp32 out: (shift, scale)
     n_chunks,
     eps,
@@ -380,23 +443,38 @@ def batch_moments_finalize_kernel(
     w = tl.load(partial_ptr)
     mean = tl.load(partial_ptr + 1)
     m2 = tl.load(partial_ptr + 2)
-    for i in range(1, n_chunks):  # Chan's merge, left to right
-        wb = tl.load(partial_ptr + 3 * i)
-        mb = tl.load(partial_ptr + 3 * i + 1)
-        m2b = tl.load(partial_ptr + 3 * i + 2)
+    e = tl.load(partial_ptr + 3).to(tl.int32)
+    for i in range(1, n_chunks):  # Chan's merge, left to right, at the larger exponent (advantages.h merge)
+        wb = tl.load(partial_ptr + 4 * i)
+        mb = tl.load(partial_ptr + 4 * i + 1)
+        m2b = tl.load(partial_ptr + 4 * i + 2)
+        eb = tl.load(partial_ptr + 4 * i + 3).to(tl.int32)
+        e_new = tl.maximum(e, eb)
+        ma = _scale_down(mean, e - e_new)
+        m2a = _scale_down(m2, 2 * (e - e_new))
+        mb_new = _scale_down(mb, eb - e_new)
+        m2b_new = _scale_down(m2b, 2 * (eb - e_new))
         total = w + wb
         frac = tl.where(wb == 0.0, 0.0, wb / tl.where(total == 0.0, 1.0, total))
-        delta = tl.where(wb == 0.0, 0.0, mb - mean)
-        new_mean = tl.where(w == 0.0, mb, mean + delta * frac)
-        new_m2 = tl.where(w == 0.0, m2b, m2 + m2b + delta * delta * w * frac)
-        w, mean, m2 = total, tl.where(wb == 0.0, mean, new_mean), tl.where(wb == 0.0, m2, new_m2)
-    var = m2 / (w - 1.0)
+        delta = tl.where(wb == 0.0, 0.0, mb_new - ma)
+        new_mean = tl.where(w == 0.0, mb, ma + delta * frac)
+        new_m2 = tl.where(w == 0.0, m2b, m2a + m2b_new + delta * delta * w * frac)
+        new_e = tl.where(w == 0.0, eb, e_new)
+        mean = tl.where(wb == 0.0, mean, new_mean)
+        m2 = tl.where(wb == 0.0, m2, new_m2)
+        e = tl.where(wb == 0.0, e, new_e)
+        w = total
+    var = m2 / (w - 1.0)  # of x * 2^-e
+    up = _pow2(e)
     if METHOD == 3:  # reinforce_pp_baseline: verl's masked_whiten
-        shift = mean
-        scale = 1.0 / tl.sqrt(var + 1e-8)
+        shift = mean * up
+        var_x = var * up * up
+        # a var past fp32's range swamps the 1e-8: 1 / std from the scaled var
+        past = (var_x > 3.4028234663852886e38) & (var <= 3.4028234663852886e38)
+        scale = tl.where(past, 1.0 / tl.sqrt(var) * _pow2(-e), 1.0 / tl.sqrt(var_x + 1e-8))
     else:  # batch: divide by the batch std of the raw scores
         shift = tl.zeros([], tl.float32)
-        scale = 1.0 / (tl.sqrt(var) + eps)
+        scale = 1.0 / (tl.sqrt(var) * up + eps)
     tl.store(stats_ptr, shift)
     tl.store(stats_ptr + 1, scale)
 
@@ -489,22 +567,27 @@ def group_stats_kernel(
         has_nan = tl.sum(acc_nan, 0) > 0.0
         lo = tl.where(has_nan, float("nan"), tl.min(acc_lo, 0))
         hi = tl.where(has_nan, float("nan"), tl.max(acc_hi, 0))
-        # pass 2: mean about the max (exact when the selected members are all equal)
-        shift = tl.where(k > 0.0, hi, 0.0)
+        # pass 2: mean about the max (exact when the selected members are all equal), of x * 2^-e with
+        # e from the largest selected |x| (no overflow in the sums and squares), then times 2^e
+        big = tl.maximum(tl.abs(lo), tl.abs(hi))  # NaN where a NaN was selected: then the scale is moot
+        e = _scale_exponent(tl.where(big == big, big, 0.0))
+        down = _pow2(-e)
+        shift = tl.where(k > 0.0, hi * down, 0.0)
         acc_d = tl.zeros([BLOCK, C_PAD], tl.float32)
         for start in range(gs, ge, BLOCK):
             x, sel, rows, pos, valid = _stat_tile(start, ge, col, values_ptr, where_ptr, perm_ptr, len_buf_ptr,
                                                   C_IN, C_OUT, HAS_WHERE, MASK_LEN, CONTIGUOUS, BLOCK)  # fmt: skip
-            acc_d += tl.where(sel != 0.0, x - shift[None, :], 0.0)
-        mean = tl.where(k > 0.0, shift + tl.sum(acc_d, 0) / tl.maximum(k, 1.0), 0.0)
+            acc_d += tl.where(sel != 0.0, x * down[None, :] - shift[None, :], 0.0)
+        mean_s = tl.where(k > 0.0, shift + tl.sum(acc_d, 0) / tl.maximum(k, 1.0), 0.0)
+        mean = mean_s * _pow2(e)
         # pass 3: unbiased std (0 with fewer than two selected)
         acc_m2 = tl.zeros([BLOCK, C_PAD], tl.float32)
         for start in range(gs, ge, BLOCK):
             x, sel, rows, pos, valid = _stat_tile(start, ge, col, values_ptr, where_ptr, perm_ptr, len_buf_ptr,
                                                   C_IN, C_OUT, HAS_WHERE, MASK_LEN, CONTIGUOUS, BLOCK)  # fmt: skip
-            c = x - mean[None, :]
+            c = x * down[None, :] - mean_s[None, :]
             acc_m2 += tl.where(sel != 0.0, c * c, 0.0)
-        std = tl.where(k >= 2.0, tl.sqrt(tl.sum(acc_m2, 0) / tl.maximum(k - 1.0, 1.0)), 0.0)
+        std = tl.where(k >= 2.0, tl.sqrt(tl.sum(acc_m2, 0) / tl.maximum(k - 1.0, 1.0)) * _pow2(e), 0.0)
         std = tl.where(has_nan, float("nan"), std)
         # pass 4: broadcast to the members
         for start in range(gs, ge, BLOCK):
@@ -627,7 +710,7 @@ def batch_shift_scale(x, w, method, eps) -> torch.Tensor:
     """(shift, scale) [2] fp32 of the batch-level step, from x [B] and optional weights w [B]."""
     n = x.shape[0]
     n_chunks = triton.cdiv(n, _MOMENT_CHUNK)
-    partial = torch.empty((n_chunks, 3), dtype=torch.float32, device=x.device)
+    partial = torch.empty((n_chunks, 4), dtype=torch.float32, device=x.device)
     stats = torch.empty(2, dtype=torch.float32, device=x.device)
     batch_moments_kernel[(n_chunks,)](
         x_ptr=x,
