@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from lenkernels import _checks
+
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 # op family -> backends that implement it (a family's module registers itself on import)
@@ -94,30 +96,47 @@ def backend_status(family: str, device: torch.device | str) -> dict[str, tuple[b
 
 def explain(family: str, device: torch.device | str = "cpu") -> str:
     """A human-readable table of which backends can run ``family`` on ``device`` and why not."""
-    lines = [f"{family} on {torch.device(device)}: default -> {_default(family, torch.device(device))}"]
+    device = torch.device(device)
+    try:
+        default = _default(family, device)
+    except BackendUnavailableError as exc:
+        default = f"none ({exc})"
+    lines = [f"{family} on {device}: default -> {default}"]
     for name, (ok, why) in backend_status(family, device).items():
         lines.append(f"  {name:9s} {'yes' if ok else 'no ':3s} {why}")
     return "\n".join(lines)
 
 
+# The fast backends backend=None may pick, in order. The float64 reference is never a silent
+# default: it is ~20x slower and holds [N, V] float64 temporaries (out of memory at 150k vocabularies).
+_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+_CHOOSE_REFERENCE = "set LENKERNELS_BACKEND=reference (or pass backend='reference') to run the slow float64 reference"
+
+
 def _default(family: str, device: torch.device) -> str:
     env = os.environ.get("LENKERNELS_BACKEND")
-    status = backend_status(family, device)
     if env:
         return env
-    preference = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    status = backend_status(family, device)
+    preference = [n for n in _PREFERENCE.get(device.type, ()) if n in implemented_backends(family)]
     for name in preference:
         if status[name][0]:
             return name
-    return "reference"
+    if not preference:
+        raise BackendUnavailableError(f"no compiled backend of {family} runs on {device}; {_CHOOSE_REFERENCE}")
+    reasons = "; ".join(f"backend={n!r}: {status[n][1]}" for n in preference)
+    raise BackendUnavailableError(f"no fast backend can run {family} on {device} ({reasons}); {_CHOOSE_REFERENCE}")
 
 
 @torch.compiler.assume_constant_result
 def resolve(backend: str | None, family: str, device: torch.device) -> str:
     """The backend that runs ``family`` on ``device``; raises BackendUnavailableError saying why not.
 
-    Runs once per trace under torch.compile (its answer is a constant of the graph).
+    ``backend=None`` takes ``LENKERNELS_BACKEND`` or the first usable fast backend (triton, then
+    cuda, on CUDA tensors; cpu on CPU tensors) and raises when none is usable: it never falls back
+    to the float64 reference. Runs once per trace under torch.compile (a constant of the graph).
     """
+    _checks.no_functorch(family)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     name = backend or _default(family, device)
@@ -125,5 +144,6 @@ def resolve(backend: str | None, family: str, device: torch.device) -> str:
         raise ValueError(f"LENKERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
     ok, why = backend_status(family, device)[name]
     if not ok:
-        raise BackendUnavailableError(f"backend={name!r} cannot run {family} on {device}: {why}")
+        hint = f"; {_CHOOSE_REFERENCE}" if name != "reference" else ""
+        raise BackendUnavailableError(f"backend={name!r} cannot run {family} on {device}: {why}{hint}")
     return name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,10 @@ def source_hash(sources: list[Path]) -> str:
 
 
 def _python_includes() -> list[str]:
-    import pybind11
+    try:
+        import pybind11
+    except ImportError as exc:  # a declared dependency; missing only in a hand-made environment
+        raise RuntimeError("building the extensions needs pybind11 (pip install 'pybind11>=2.12')") from exc
 
     return [sysconfig.get_paths()["include"], pybind11.get_include()]
 
@@ -70,10 +74,10 @@ def ext_suffix() -> str:
 
 
 def cpu_compile_command(name: str, sources: list[Path], output: Path) -> list[str]:
-    cxx = os.environ.get("CXX", "g++")
+    cxx = shlex.split(os.environ.get("CXX") or "g++")  # "ccache g++" is a launcher and a compiler
     incs = [f"-I{p}" for p in [str(INCLUDE), *_python_includes()]]
     define = f'-DLK_SOURCE_HASH="{source_hash(sources)}"'
-    return [cxx, *CPU_CXXFLAGS, define, *incs, *map(str, sources), "-o", str(output), *CPU_LDFLAGS]
+    return [*cxx, *CPU_CXXFLAGS, define, *incs, *map(str, sources), "-o", str(output), *CPU_LDFLAGS]
 
 
 def find_nvcc() -> str | None:
@@ -124,6 +128,8 @@ def build(name: str, kind: str = "cpu", verbose: bool = False) -> Path:
                 if nvcc is None:
                     raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
                 cmd = cuda_compile_command(name, sources, out, nvcc)
+            # one line instead of a silent pause: a first build takes tens of seconds
+            print(f"lenkernels: building {name} ({kind}) into {target_dir}", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"building {name} failed:\n$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")

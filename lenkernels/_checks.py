@@ -79,8 +79,10 @@ def temperature(temperature, ids: torch.Tensor, name: str = "temperature") -> to
         raise TypeError(f"{name} must be a float or a tensor, got {type(temperature).__name__}")
     if not isinstance(temperature, torch.Tensor):
         t = float(temperature)
-        if not (t > 0.0 and t < math.inf):  # comparisons, not math.isfinite: traceable as a SymFloat
-            raise ValueError(f"{name} must be a positive finite number, got {temperature}")
+        # comparisons, not math.isfinite: traceable as a SymFloat; the kernels divide in fp32, so the
+        # value must be a normal fp32 number (1e39 would be inf, 1e-46 zero)
+        if not (t >= FP32_TINY and t <= FP32_MAX):
+            raise ValueError(f"{name} must be a positive finite number representable in float32, got {temperature}")
         return torch.full((1,), t, dtype=torch.float32, device=ids.device)
     if not temperature.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {temperature.dtype}")
@@ -91,16 +93,124 @@ def temperature(temperature, ids: torch.Tensor, name: str = "temperature") -> to
         shape = None
     if shape != ids.shape:
         raise ValueError(f"{name} of shape {tuple(temperature.shape)} does not broadcast to ids {tuple(ids.shape)}")
-    if value_checks(temperature.device):
-        ok = (temperature > 0) & torch.isfinite(temperature)
-        if not bool(ok.all()):
-            raise ValueError(f"{name} must hold positive finite values, got {temperature[~ok].reshape(-1)[0].item()}")
     t = temperature.to(torch.float32)
+    if value_checks(temperature.device):
+        ok = (t >= FP32_TINY) & torch.isfinite(t)  # checked after the fp32 cast the kernels see
+        if not bool(ok.all()):
+            bad = temperature.reshape(-1)[(~ok).reshape(-1).nonzero()[0]].item()
+            raise ValueError(f"{name} must hold positive finite values representable in float32, got {bad}")
     if t.numel() == 1:
         return t.reshape(1)
     return t.expand(ids.shape).reshape(-1)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FP32_TINY, FP32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def index(value, name: str) -> int:
+    """An int that fits in int64 (ignore_index, token ids): Python ints are unbounded, the kernels'
+    are not, and a value past int64 would fail deep inside the custom op's schema."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 [-2**63, 2**63 - 1], got {value}")
+    return value
+
+
+class UnsupportedTransformError(RuntimeError):
+    """Raised when a lenkernels op is called under a torch.func transform (grad, vjp, jacrev, vmap)."""
+
+
+def no_functorch(what: str) -> None:
+    """torch.func transforms need a vmap/jvp rule per op, which the fused kernels do not provide;
+    without this check the caller gets torch's internal autograd.Function message instead."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise UnsupportedTransformError(
+            f"lenkernels {what} does not support torch.func transforms (grad, vjp, jacrev, jacfwd, vmap); "
+            "call it outside the transform and use torch.autograd (loss.backward() or torch.autograd.grad)"
+        )
+
+
 def choice(value, name: str, options) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def flags(**values) -> None:
+    """Each keyword must be a real bool: ``inplace_backward="no"`` is truthy and would overwrite
+    the logits, so strings, ints and tensors are refused rather than coerced."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def _saves(node, x: torch.Tensor) -> bool:
+    """Whether autograd node ``node`` saved a tensor sharing ``x``'s storage (tanh, exp, softmax
+    results...): overwriting ``x`` would corrupt that node's backward."""
+    storage = x.untyped_storage().data_ptr()
+    for attr in dir(node):
+        if attr.startswith("_saved_"):
+            try:
+                value = getattr(node, attr)
+            except RuntimeError:  # already freed
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == storage:
+                    return True
+    return False
+
+
+def inplace_hazard(x: torch.Tensor, name: str = "logits") -> str | None:
+    """Why overwriting ``x`` with its gradient (``inplace_backward=True``) would destroy data the
+    caller or autograd still needs, or None when it is safe: a leaf (its data would become its own
+    gradient), a view of a leaf, or a tensor whose producing op saved it for its backward. Other
+    later uses that saved ``x`` are caught by autograd's version counter (the write bumps it)."""
+    if not x.requires_grad or torch.compiler.is_compiling():
+        return None
+    base = x._base if x._base is not None else x
+    if base.is_leaf:
+        return f"{name} is {'a leaf tensor' if base is x else 'a view of a leaf tensor'}"
+    for t in {id(x): x, id(base): base}.values():
+        if t.grad_fn is not None and _saves(t.grad_fn, t):
+            return f"{t.grad_fn.name()} saved {name} for its own backward"
+    return None
+
+
+def inplace_target(x: torch.Tensor, name: str = "logits") -> None:
+    """Raises ValueError when ``inplace_backward=True`` must not overwrite ``x`` (inplace_hazard)."""
+    why = inplace_hazard(x, name)
+    if why is not None:
+        raise ValueError(
+            f"inplace_backward=True would overwrite {name} with its gradient, but {why}; pass "
+            f"inplace_backward=False (in-place backward is for logits made inside the graph, e.g. model outputs)"
+        )
+
+
+def scalar_tensor(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str, *, positive: bool = False):
+    """A one-element real tensor hyper-parameter (a threshold, a global normaliser), checked like its
+    float form: finite (and > 0 with ``positive``) where value checks run. Returns ``(value, ok)``:
+    ``ok`` is None when checked, else a 0-dim bool tensor (no host sync) that the caller folds into
+    its result as NaN, so an unchecked bad value never becomes a plausible number."""
+    same_device(like, like_name, value, name)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(value.shape)}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real number tensor, got {value.dtype}")
+    v = value.detach().reshape(())
+    ok = torch.isfinite(v) & (v > 0) if positive else torch.isfinite(v)
+    if value_checks(value.device):
+        if not bool(ok):
+            raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {v.item()}")
+        return value, None
+    return value, ok
+
+
+def nan_unless(x: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
+    """``x`` where ``ok`` (a 0-dim bool tensor, or None = checked), NaN elsewhere: one elementwise op."""
+    if ok is None:
+        return x
+    return torch.where(ok, x, torch.full_like(x, float("nan")))

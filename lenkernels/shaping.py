@@ -363,6 +363,7 @@ def dler_rewards(
     ``easy_target_length`` (2000). Follow with ``dler_advantages`` (batch-whitened
     ``reinforce_pp_baseline``). float32 ``[B]``.
     """
+    _checks.flags(difficulty_aware=difficulty_aware)
     ok = _correct(correct)
     n, device = ok.shape[0], ok.device
     target = torch.full((n,), _number(target_length, "target_length"), dtype=torch.float32, device=device)
@@ -396,6 +397,7 @@ def dler_advantages(
 ) -> torch.Tensor:
     """DLER end to end: ``dler_rewards`` then ``group_advantages(method="reinforce_pp_baseline")``
     (group baseline, whitened over the batch's valid tokens). float32 ``[B, T]``."""
+    _checks.flags(difficulty_aware=difficulty_aware)
     rewards = dler_rewards(
         correct, mask=mask, finished=finished, target_length=target_length, groups=groups,
         difficulty_aware=difficulty_aware, easy_target_length=easy_target_length, score=score, backend=backend,

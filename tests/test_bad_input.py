@@ -622,12 +622,23 @@ def _number_mutations(api: Api) -> list[Case]:
     return out
 
 
+def _flag_mutations(api: Api) -> list[Case]:
+    """Every parameter whose default is a bool given as a string or an int: TypeError naming it
+    (``inplace_backward="no"`` is truthy and would overwrite the logits)."""
+    out = []
+    for name, p in inspect.signature(api.fn).parameters.items():
+        if isinstance(p.default, bool):
+            out.append(case(f"{name}_str", TypeError, name, **{name: "no"}))
+            out.append(case(f"{name}_int", TypeError, name, **{name: int(p.default)}))
+    return out
+
+
 def _backend_mutations(api: Api) -> list[Case]:
     return [case("backend_unknown", ValueError, "backend", backend="tpu")] if api.family else []
 
 
 SWEEPS = {"type": _type_mutations, "device": _device_mutations, "dtype": _dtype_mutations,
-          "number": _number_mutations, "backend": _backend_mutations, "explicit": lambda api: api.cases}  # fmt: skip
+          "number": _number_mutations, "flag": _flag_mutations, "backend": _backend_mutations, "explicit": lambda api: api.cases}  # fmt: skip
 
 
 def _outputs(result) -> list[torch.Tensor]:
@@ -711,7 +722,7 @@ def test_bad_arguments_raise_naming_them(api, backend, device, sweep, monkeypatc
     Value checks (ids in range, NaN rewards, ...) on CUDA tensors need debug mode."""
     if device == "cuda":
         monkeypatch.setenv("LENKERNELS_DEBUG", "1")
-    elif backend == "triton" and sweep in ("type", "dtype", "backend"):
+    elif backend == "triton" and sweep in ("type", "dtype", "flag", "backend"):
         pytest.skip("checked before dispatch, as on the cpu and reference backends (the interpreter is slow)")
     wrong = _failures(api, SWEEPS[sweep](api), backend, device)
     assert not wrong, f"{api.name} ({backend}):\n  " + "\n  ".join(wrong)

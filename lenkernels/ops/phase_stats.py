@@ -391,7 +391,7 @@ def _delimiter(delimiter, device: torch.device) -> torch.Tensor:
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"delimiter must hold int token ids, got {type(i).__name__} ({i!r})")
-    ids = [int(i) for i in ids]
+    ids = [_checks.index(int(i), "delimiter") for i in ids]
     if min(ids) < 0:
         raise ValueError(f"delimiter token ids must be non-negative, got {ids}")
     if torch.compiler.is_compiling():
@@ -558,6 +558,7 @@ def token_stats_with_phases(
         out = token_stats_with_phases(logits, ids, delimiter=think_end_ids, cu_seqlens=cu, temperature=0.7)
         loss = pg_loss(out.logprobs, ...) - 0.01 * out.entropy_phases.answer_mean.mean()
     """
+    _checks.flags(inplace_backward=inplace_backward)
     logprobs, entropy = token_logprobs_entropy(
         logits,
         ids,

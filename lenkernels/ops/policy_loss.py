@@ -589,14 +589,9 @@ def _normaliser(value, name: str, device) -> tuple[Optional[torch.Tensor], float
     if value is None:
         return None, 0.0
     if isinstance(value, torch.Tensor):
-        _checks.same_device(torch.empty(0, device=device), "logprobs", value, name)
-        if value.numel() != 1:
-            raise ValueError(f"{name} must have one element, got shape {tuple(value.shape)}")
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real number tensor, got {value.dtype}")
-        if _checks.value_checks(value.device) and not bool((value > 0).all()):
-            raise ValueError(f"{name} must be positive, got {value.reshape(-1)[0].item()}")
-        return value, 0.0
+        value, ok = _checks.scalar_tensor(value, name, torch.empty(0, device=device), "logprobs", positive=True)
+        # unchecked (GPU outside debug mode): a non-positive or non-finite normaliser becomes NaN
+        return _checks.nan_unless(value.to(torch.float32), ok), 0.0
     return None, _number(value, name, minimum=0.0, exclusive=True)
 
 
@@ -761,6 +756,7 @@ def policy_loss(
         out.loss.backward()
         log({k: v.item() for k, v in out.metrics().items()})        # after the step: no sync inside
     """
+    _checks.flags(kl_clamp=kl_clamp)
     _checks.tensor(logprobs, "logprobs")
     name = _backend.resolve(backend, FAMILY, logprobs.device)
     _float_input(logprobs, "logprobs", name)
@@ -827,14 +823,12 @@ def policy_loss(
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
         raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
 
-    threshold = None
+    threshold, threshold_ok = None, None
     if entropy is not None:
         if entropy_threshold is not None:
             if isinstance(entropy_threshold, torch.Tensor):
-                _checks.same_device(logprobs, "logprobs", entropy_threshold, "entropy_threshold")
-                if entropy_threshold.numel() != 1:
-                    raise ValueError(f"entropy_threshold must have one element, got {tuple(entropy_threshold.shape)}")
-                threshold = entropy_threshold.detach().to(torch.float64).reshape(1)
+                value, threshold_ok = _checks.scalar_tensor(entropy_threshold, "entropy_threshold", logprobs, "logprobs")
+                threshold = value.detach().to(torch.float64).reshape(1)
             else:
                 value = _number(entropy_threshold, "entropy_threshold")
                 threshold = torch.full((1,), value, dtype=torch.float64, device=logprobs.device)
@@ -855,6 +849,8 @@ def policy_loss(
     # a fresh tensor, not a view of the saved stats: trainers update the loss in place
     # (verl: ``policy_loss -= entropy_coeff * entropy_loss``)
     fields["loss"] = stats[_STAT["loss"]].clone()
+    if threshold_ok is not None:  # an unchecked NaN/inf threshold keeps no token: say NaN, not 0
+        fields["loss"] = _checks.nan_unless(fields["loss"], threshold_ok)
     if ref_logprobs is None:
         fields["kl_loss"] = None
     if entropy is None:
@@ -905,6 +901,7 @@ def kl_penalty(
         kl = kl_penalty(lp, ref_lp, "low_var_kl")                  # lp, ref_lp: [N]
         kl_loss = (kl * mask).sum() / mask.sum()
     """
+    _checks.flags(clamp=clamp)
     _checks.tensor(logprobs, "logprobs")
     name = _backend.resolve(backend, FAMILY, logprobs.device)
     _float_input(logprobs, "logprobs", name)
@@ -954,6 +951,7 @@ def policy_loss_from_logits(
         out = policy_loss_from_logits(logits, ids, old_lp, adv, mask, cu_seqlens=cu, temperature=0.7,
                                       entropy_coef=1e-3, inplace_backward=True)
     """
+    _checks.flags(inplace_backward=inplace_backward)
     if "entropy" in loss_kwargs:
         raise TypeError("policy_loss_from_logits computes the entropy itself; do not pass entropy")
     extra = {} if process_group is None else {"process_group": process_group}
