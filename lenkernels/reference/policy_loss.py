@@ -213,7 +213,9 @@ def policy_loss(
         low, high = ratio < lo, ratio > hi
     elif mode == "sapo":
         tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
-        pg = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+        # exp(logsigmoid(x)), not sigmoid(x): autograd's sigmoid backward, s * (1 - s), cancels to 0
+        # past x ~ 37 (and loses digits from x ~ 20) even in float64, where the kernels do not
+        pg = -torch.exp(torch.nn.functional.logsigmoid(tau * (ratio - 1.0))) * (4.0 / tau) * adv
     elif mode == "gmpo":
         sgn = torch.sign(adv)
         clamped = neg_kl.clamp(-clip_low, clip_high)

@@ -172,10 +172,12 @@ def _policy_term(lp, old, a, seq_n, seq_x, seq_y, seq_ratio, lo, hi, dual_c, tau
             dual = low * 0.0
         elif MODE == 4:  # SAPO
             tau = tl.where(a > 0.0, tau_pos, tau_neg)
-            e = tl.exp(_clamp(-tau * (ratio - 1.0), -80.0, 80.0))
-            sig = 1.0 / (1.0 + e)
+            z = tau * (ratio - 1.0)
+            e = tl.exp(-tl.abs(z))  # <= 1: sigma(z) sigma(-z) = e / (1 + e)^2, no 1 - sigma cancellation
+            inv = 1.0 / (1.0 + e)
+            sig = tl.where(z >= 0.0, inv, e * inv)
             value = -sig * (4.0 / tau) * a
-            grad = -4.0 * (e * sig) * sig * a * dr  # sigma(-z) = e sigma(z): no 1 - sigma cancellation
+            grad = -4.0 * (e * inv) * inv * a * dr
             low = l * 0.0
             high = low
             dual = low

@@ -74,7 +74,6 @@ constexpr float kK3DeltaBound = 20.0f;    // verl's k3: delta clamped to +-20 ..
 constexpr float kK3ValueMax = 10.0f;      // ... and the estimate to [-10, 10]
 constexpr float kLogWeightEps = 1e-10f;   // GMPO: geometric mean of the importance weights (verl)
 constexpr float kSeriesBound = 0.5f;      // |x| below which exp(x)-1 and exp(x)-1-x use their series
-constexpr float kSapoExpBound = 80.0f;    // SAPO: |tau (r - 1)| beyond which the gate is flat in fp32
 
 struct ValueGrad {
   float value;
@@ -289,12 +288,14 @@ LK_HOST_DEVICE PolicyTerm policy_term(const PolicyParams& p, float logprob, floa
                       0.0f};
   }
   if (p.mode == kSAPO) {
-    // -sigma(z) 4/tau A with z = tau (r - 1); d/dr = -4 sigma(z) sigma(-z) A. sigma(-z) = e sigma(z)
-    // with e = exp(-z) avoids the cancellation of 1 - sigma(z) near 1 (z clamped: e stays finite)
+    // -sigma(z) 4/tau A with z = tau (r - 1); d/dr = -4 sigma(z) sigma(-z) A = -4 e / (1 + e)^2 A with
+    // e = exp(-|z|) <= 1: no overflow, no cancellation of 1 - sigma(z), exactly 0 where it underflows
     const float tau = a > 0.0f ? p.tau_pos : p.tau_neg;
-    const float e = exp_fn(clampf(-tau * (r.value - 1.0f), -kSapoExpBound, kSapoExpBound));
-    const float sig = 1.0f / (1.0f + e);
-    return PolicyTerm{-sig * (4.0f / tau) * a, -4.0f * (e * sig) * sig * a * r.grad, r.value, 0.0f, 0.0f, 0.0f};
+    const float z = tau * (r.value - 1.0f);
+    const float e = exp_fn(-fabsf(z));
+    const float inv = 1.0f / (1.0f + e);
+    const float sig = z >= 0.0f ? inv : e * inv;  // NaN z takes e * inv = NaN
+    return PolicyTerm{-sig * (4.0f / tau) * a, -4.0f * (e * inv) * inv * a * r.grad, r.value, 0.0f, 0.0f, 0.0f};
   }
   if (p.mode == kReinforce) return PolicyTerm{-a * logprob, -a, r.value, 0.0f, 0.0f, 0.0f};
   const ClipResult c = ppo_clip(r.value, a, p.lo, p.hi, p.dual, p.dual_c);
