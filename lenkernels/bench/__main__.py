@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--full", action="store_true", help="the full sweep of sizes instead of the small default")
     p.add_argument("--repeats", type=int, default=3, help="minimum timed repeats per measurement (default 3)")
-    p.add_argument("--budget", type=float, default=0.5, help="seconds of timing per measurement (default 0.5)")
+    p.add_argument("--budget", type=float, default=0.25, help="seconds of timing per measurement (default 0.25)")
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine stamp as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG charts (time and memory per provider) into DIR")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")

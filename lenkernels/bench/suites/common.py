@@ -25,6 +25,28 @@ def lenkernels_providers(family: str, fn_for_backend, *, tolerance: float = 1e-4
     ]
 
 
+class _ModelOutput(torch.autograd.Function):
+    """Marks a tensor as the output of an op of the graph, in place (no copy): what a model's
+    logits are. An in-place backward refuses leaf tensors (it would overwrite the caller's data)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        return grad, None
+
+
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+def model_output(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s storage as a non-leaf tensor requiring grad (like a model's logits), without a copy."""
+    return _ModelOutput.apply(x.detach(), _ANCHOR)
+
+
 def grads(outputs: tuple[torch.Tensor, ...], cotangents: tuple[torch.Tensor, ...], wrt: torch.Tensor) -> torch.Tensor:
     """d(sum_i <outputs_i, cotangents_i>)/d(wrt)."""
     loss = sum((o * c).sum() for o, c in zip(outputs, cotangents))

@@ -19,7 +19,7 @@ def cases(options):
         sizes = options.tokens or ([2048, 8192] if options.full else [8192])
     else:
         vocab, hidden = options.vocab or 32_000, 256
-        sizes = options.tokens or ([128, 512] if options.full else [256])
+        sizes = options.tokens or ([128, 512] if options.full else [128])
     return [{"tokens": n, "hidden": hidden, "vocab": vocab, "dtype": dtype} for n in sizes]
 
 

@@ -7,7 +7,7 @@ import torch
 import lenkernels as lk
 from lenkernels.bench import eager
 from lenkernels.bench.core import Provider, Suite, register
-from lenkernels.bench.suites.common import DTYPES, grads, lenkernels_providers
+from lenkernels.bench.suites.common import DTYPES, grads, lenkernels_providers, model_output
 from lenkernels.reference import token_stats as ref
 
 TEMPERATURE = 0.9
@@ -21,7 +21,7 @@ def cases(options):
     elif options.full:
         sizes = [1024, 4096, 8192, 16384] if options.device_type == "cuda" else [256, 512, 1024, 2048]
     else:
-        sizes = [8192] if options.device_type == "cuda" else [256]
+        sizes = [8192] if options.device_type == "cuda" else [64]
     return [{"tokens": n, "vocab": vocab, "dtype": dtype} for n in sizes]
 
 
@@ -44,8 +44,9 @@ def expected(inputs, mode):
     return out
 
 
-def _wrap(compute):
-    """Provider fn from ``compute(logits, ids) -> (logprobs, entropy)``."""
+def _wrap(compute, inplace=False):
+    """Provider fn from ``compute(logits, ids) -> (logprobs, entropy)``; ``inplace``: the logits
+    are a model's output (a non-leaf), whose buffer the backward may overwrite."""
 
     def fn(inputs, mode):
         logits = inputs["logits"]
@@ -53,7 +54,7 @@ def _wrap(compute):
             with torch.no_grad():
                 lp, ent = compute(logits, inputs["ids"])
             return {"logprobs": lp, "entropy": ent}
-        x = logits.detach().requires_grad_(True)
+        x = model_output(logits) if inplace else logits.detach().requires_grad_(True)
         lp, ent = compute(x, inputs["ids"])
         return {"logprobs": lp, "entropy": ent, "dlogits": grads((lp, ent), (inputs["g_lp"], inputs["g_h"]), x)}
 
@@ -64,7 +65,7 @@ def _lenkernels(backend, inplace=False):
     def compute(x, ids):
         return lk.token_logprobs_entropy(x, ids, temperature=TEMPERATURE, backend=backend, inplace_backward=inplace)
 
-    fn = _wrap(compute)
+    fn = _wrap(compute, inplace)
     fn.mutates_inputs = inplace
     return fn
 
