@@ -18,13 +18,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.utils import assert_close
+from tests.utils import assert_close, trainer_module
 
-trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed (pip install trl)")
-grpo_module = pytest.importorskip("trl.trainer.grpo_trainer", reason="trl's GRPOTrainer does not import")
+trl_utils = trainer_module("trl.trainer.utils")
+grpo_module = trainer_module("trl.trainer.grpo_trainer")
 GRPOTrainer = grpo_module.GRPOTrainer
 
-from lenkernels.integrations import trl as lk_trl  # noqa: E402
+from lenkernels.integrations import trl as lk_trl
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ORIGINAL_COMPUTE_LOSS = GRPOTrainer.__dict__["_compute_loss"]
@@ -126,6 +126,49 @@ def test_token_stats_trace_under_torch_compile():
         return lk_trl.selective_log_softmax(x, index, 0.9).sum() + lk_trl.entropy_from_logits(x).sum()
 
     close(torch.compile(step, backend="aot_eager", fullgraph=True)(logits), step(logits), "compiled")
+
+
+class FakeTensor:
+    """The metadata TRL's kernel selection reads (a CUDA tensor's, on a machine without one)."""
+
+    def __init__(self, shape, dtype, device="cuda", last_stride=1):
+        self.shape, self.dtype, self.device, self._last = torch.Size(shape), dtype, torch.device(device), last_stride
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def dim(self):
+        return len(self.shape)
+
+    def stride(self, dim):
+        return self._last
+
+
+def test_output_dtype_follows_trls_kernel_selection():
+    """The drop-ins return float32 exactly where TRL runs its fused Triton kernel (which returns
+    float32) and the logits' dtype where TRL's eager path runs: the selection mirrors TRL's own
+    ``_supports_trl_loss_kernel`` (checked here on CUDA tensors' metadata, without a GPU)."""
+    trl_fused = trl_utils._supports_trl_loss_kernel
+    cases = 0
+    for device in ("cuda", "cpu"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for lead in ((7,), (2, 7), (2, 3, 7)):
+                for last_stride in (1, 2):
+                    logits = FakeTensor(lead + (50,), dtype, device, last_stride)
+                    options = [(None, None)]
+                    for index_dtype in (torch.int64, torch.int32, torch.int16):
+                        index = FakeTensor(lead, index_dtype, device)
+                        options.append((index, None))
+                        options.append((FakeTensor(lead + (3,), index_dtype, device), None))  # top-K ids
+                        for mask_dtype in (torch.bool, torch.int64, torch.float32):
+                            options.append((index, FakeTensor(lead, mask_dtype, device)))
+                    for index, row_mask in options:
+                        expected = trl_utils.is_triton_available() and trl_fused(logits, index, row_mask)
+                        assert lk_trl._fused_in_trl(logits, index, row_mask) == expected, (logits.__dict__, index)
+                        assert lk_trl._trl_dtype(logits, index, row_mask) == (torch.float32 if expected else dtype)
+                        cases += 1
+    assert cases > 500
 
 
 # --- advantage scaling -------------------------------------------------------------------------
@@ -299,6 +342,39 @@ def test_compute_loss_matches_trl(device, options, level, loss_type):
     same_metrics(ours._metrics[mode], theirs._metrics[mode])
     fused = lk_trl._why_not_fused(ours) is None
     assert fused == (loss_type != "sapo" or level == "token")  # the rest runs TRL's original
+
+
+@pytest.mark.parametrize("options", ["plain", "kl_entropy", "kl_delta_is"])
+@pytest.mark.parametrize(
+    "loss_type,level",
+    # (sapo with sequence-level ratios runs TRL's own method: nothing of lenkernels to test)
+    [(t, lv) for t in lk_trl.LOSS_TYPES for lv in ("token", "sequence") if (t, lv) != ("sapo", "sequence")],
+)
+def test_compute_loss_float64_matches_trl(options, loss_type, level):
+    """float64 log-probabilities (a float64 model) and inputs: TRL computes its loss in float64,
+    and so does the drop-in (the kernels take no float64), to TRL's digits."""
+    inputs, logps, entropies = grpo_inputs(6, 3, 19, "cpu")
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    logps, entropies = logps.double(), entropies.double()
+    config = dict(loss_type=loss_type, importance_sampling_level=level, **OPTIONS[options])
+    theirs, ours = TrainerState(logps, entropies, **config), TrainerState(logps, entropies, **config)
+    loss_t = ORIGINAL_COMPUTE_LOSS(theirs, None, inputs)
+    loss = lk_trl.grpo_compute_loss(ours, None, inputs)
+    loss_t.backward()
+    loss.backward()
+    assert loss.dtype == loss_t.dtype == torch.float64 and loss.shape == loss_t.shape
+    terms = float(inputs["advantages"].abs().max()) + 1.0
+    # TRL's SAPO temperatures come from torch.where over Python floats: float32 numbers (1.05 is
+    # a relative 4e-8 off); everything else is float64 on both sides
+    rtol = 1e-7 if loss_type == "sapo" else 1e-10
+    assert_close(loss, loss_t, rtol=rtol, atol=rtol * 1e-2 * terms, name="loss")
+    assert ours.logps.grad.dtype == torch.float64
+    assert_close(ours.logps.grad, theirs.logps.grad, rtol=rtol, atol=1e-13, name="d logps")
+    if theirs.entropies.grad is not None:
+        assert_close(ours.entropies.grad, theirs.entropies.grad, rtol=rtol, atol=1e-13, name="d entropies")
+    mode = "train" if ours.model.training else "eval"
+    same_metrics(ours._metrics[mode], theirs._metrics[mode])
+    assert lk_trl._why_not_fused(ours) is None  # the drop-in's loss, not TRL's fallback
 
 
 def test_cispo_bound_below_one_and_unsupported_configs():

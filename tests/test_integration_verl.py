@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.utils import assert_close
+from tests.utils import assert_close, trainer_module
 
-verl_F = pytest.importorskip("verl.utils.torch_functional", reason="verl is not installed (pip install --no-deps verl)")
-core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl's algorithm modules do not import")
-verl_config = pytest.importorskip("verl.workers.config", reason="verl's worker configs do not import")
-from verl.trainer.config import AlgoConfig  # noqa: E402
+verl_F = trainer_module("verl.utils.torch_functional")
+core = trainer_module("verl.trainer.ppo.core_algos")
+verl_config = trainer_module("verl.workers.config")
+from verl.trainer.config import AlgoConfig
 
-from lenkernels.integrations import verl as lk_verl  # noqa: E402
+from lenkernels.integrations import verl as lk_verl
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -101,12 +101,38 @@ def test_logprobs_and_entropy_match_verl(device, lead, vocab):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_logprobs_bf16_logits_match_verl_on_the_same_values(device):
-    """bf16 logits: our float32 statistics equal verl's computed from the same values in fp32
-    (verl's eager bf16 path rounds its log-softmax to bf16)."""
+    """bf16 logits: verl's dtype (bf16 from its eager path, float32 from flash-attn's kernel) holding
+    verl's statistics of the same values computed in fp32, rounded once (verl's eager bf16 path
+    rounds its log-softmax to bf16)."""
     logits = (torch.randn(23, 509) * 4).to(torch.bfloat16).to(device)
     labels = torch.randint(0, 509, (23,), device=device)
-    close(lk_verl.logprobs_from_logits(logits, labels), verl_F.logprobs_from_logits(logits.float(), labels), "lp")
-    close(lk_verl.entropy_from_logits(logits), verl_F.entropy_from_logits(logits.float()), "entropy")
+    lp, h = lk_verl.logprobs_from_logits(logits, labels), lk_verl.entropy_from_logits(logits)
+    assert lp.dtype == verl_F.logprobs_from_logits(logits, labels).dtype
+    assert h.dtype == verl_F.entropy_from_logits(logits).dtype == torch.bfloat16
+    for ours, fp32, name in ((lp, verl_F.logprobs_from_logits(logits.float(), labels), "lp"),
+                             (h, verl_F.entropy_from_logits(logits.float()), "entropy")):  # fmt: skip
+        # one rounding to the result's dtype: half an ulp (bf16: 2^-9 relative), plus fp32 noise
+        rtol = 2e-5 if ours.dtype == torch.float32 else 2.0**-8
+        assert_close(ours.float(), fp32, rtol=rtol, atol=1e-5, name=name)
+
+
+def test_logprobs_dtype_follows_verls_path(monkeypatch):
+    """verl's logprobs are float32 where it runs flash-attn's cross-entropy (CUDA tensors, flash-attn
+    importable, VERL_DISABLE_FLASH_ATTN_CE unset) and in the logits' dtype on its eager path: the
+    drop-in reads the same switches (checked on CUDA tensors' metadata, without a GPU)."""
+
+    class Fake:
+        def __init__(self, device, dtype):
+            self.device, self.dtype = torch.device(device), dtype
+
+    for available in (True, False):
+        monkeypatch.setattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", available)
+        for disabled in ("0", "1"):
+            monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", disabled)
+            flash = available and disabled != "1"
+            for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+                assert lk_verl._logprobs_dtype(Fake("cuda", dtype)) == (torch.float32 if flash else dtype)
+                assert lk_verl._logprobs_dtype(Fake("cpu", dtype)) == dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -178,6 +204,40 @@ def test_agg_loss_matches_verl(device, mode, dist):
         results.append((loss, x.grad))
     close(results[0][0], results[1][0], f"{mode} loss", scale=float(values.abs().max()))
     close(results[0][1], results[1][1], f"{mode} d loss_mat")
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float64])
+@pytest.mark.parametrize("mode", AGGS)
+def test_patched_compute_value_loss_float64(mode, mask_dtype):
+    """verl's own compute_value_loss (float64 value predictions) under patch(): the patched
+    agg_loss takes float64 and gives verl's float64 loss, value and gradient."""
+    B, T = 6, 19
+    vpreds = torch.randn(B, T, dtype=torch.float64)
+    values = vpreds + torch.randn(B, T, dtype=torch.float64) * 0.3
+    returns = values + torch.randn(B, T, dtype=torch.float64)
+    mask = (torch.rand(B, T) > 0.3).to(mask_dtype)
+    mask[0] = 0
+    mask[1, 0] = 1
+    kw = dict(cliprange_value=0.2, loss_agg_mode=mode, dp_size=2, batch_num_tokens=61, global_batch_size=9)
+
+    def run():
+        x = vpreds.clone().requires_grad_(True)
+        loss, clipfrac = core.compute_value_loss(x, returns, values, mask, **kw)
+        loss.backward()
+        return loss, clipfrac, x.grad
+
+    loss_v, frac_v, grad_v = run()
+    with lk_verl.patched():
+        assert core.agg_loss is lk_verl.agg_loss
+        loss, frac, grad = run()
+    # verl's seq-mean-token-mean divides each sequence by its count + 1e-8, which a float64 mask
+    # keeps (an integer mask's count is a float32 number, where the 1e-8 rounds away): 1e-8 / n
+    rtol = 2e-8 if mode == "seq-mean-token-mean" and mask_dtype == torch.float64 else 1e-12
+    assert loss.dtype == loss_v.dtype == torch.float64 and loss.shape == loss_v.shape
+    assert_close(loss, loss_v, rtol=rtol, atol=1e-15, name="value loss")
+    assert_close(frac, frac_v, rtol=1e-12, atol=0.0, name="clip fraction")
+    assert grad.dtype == torch.float64
+    assert_close(grad, grad_v, rtol=rtol, atol=1e-15, name="d vpreds")
 
 
 def test_agg_loss_errors_like_verl():
@@ -380,7 +440,7 @@ def test_import_does_not_patch():
 
 
 def test_patch_and_unpatch_swap_every_reference(monkeypatch):
-    losses = pytest.importorskip("verl.workers.utils.losses", reason="verl's worker losses do not import")
+    losses = trainer_module("verl.workers.utils.losses")
     before = _originals()
     registries = (dict(core.POLICY_LOSS_REGISTRY), dict(core.ADV_ESTIMATOR_REGISTRY))
     assert losses.agg_loss is before["agg_loss"]  # bound there with `from ... import`
@@ -420,9 +480,8 @@ def test_patch_nests_excludes_and_restores_on_error():
         lk_verl.unpatch()
         assert verl_F.entropy_from_logits is lk_verl.entropy_from_logits
     assert _originals() == before
-    with pytest.raises(RuntimeError, match="boom"):
-        with lk_verl.patched():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), lk_verl.patched():
+        raise RuntimeError("boom")
     assert _originals() == before and not lk_verl.is_patched()
     with pytest.raises(ValueError, match="does not replace"):
         lk_verl.patch(exclude=("compute_policy_loss_clip_cov",))
@@ -434,7 +493,7 @@ def test_patched_verl_ppo_loss_end_to_end():
     loss from the registry, the entropy bonus and the low-variance KL through agg_loss) with its
     log-probs and entropy from verl_F: patched and unpatched give the same loss, metrics and
     d loss / d logits."""
-    losses = pytest.importorskip("verl.workers.utils.losses", reason="verl's worker losses do not import")
+    losses = trainer_module("verl.workers.utils.losses")
     from verl.utils import tensordict_utils as tu
 
     B, P, R, V = 4, 5, 9, 211  # left-padded prompts of unequal length, ragged responses, odd V

@@ -91,3 +91,16 @@ def token_grad_scale(logits, ids, temp, g_lp, g_h, ignore_index):
     ent = torch.where(p > 0, p * ((z - mean_z).abs() + 1), 0)
     inv_t = 1 / temp.double().cpu().unsqueeze(-1) if torch.is_tensor(temp) else 1 / temp
     return (glp * (onehot + p) + g_h.double().cpu().unsqueeze(-1).abs() * ent) * inv_t
+
+
+def trainer_module(name: str):
+    """A module of verl or TRL for the comparison tests: skipped when the trainer is not installed
+    at all, an error when it is installed but does not import (a dependency missing from the test
+    extra must fail the run, not turn every comparison into a silent skip)."""
+    import importlib
+    import importlib.util
+
+    top = name.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        pytest.skip(f"{top} is not installed", allow_module_level=True)
+    return importlib.import_module(name)

@@ -24,22 +24,35 @@ loop (``multi_objective_aggregation="sum_then_normalize"``, TRL's default). TRL 
 (``add_fused_lm_head``), which ``patch()`` keeps; the patched ``trl.trainer.utils`` functions
 serve TRL's other trainers and user code.
 
-Statistics are float32 whatever the logits dtype, as TRL's fused CUDA kernel returns them (its
-eager CPU path returns the logits dtype).
+Dtypes are TRL's: the token statistics accept float32, bfloat16, float16 and float64 logits and
+return float32 where TRL runs its fused Triton kernel (CUDA/XPU tensors of float32/bfloat16/float16
+with at most 3 dimensions, unit stride along V, one id per row and a bool/int row mask), the
+logits' dtype where it runs its eager path (CPU, float64, top-K ids, ...). They are computed in
+float32 and cast (a bfloat16 result is float32 maths rounded once, where TRL's eager path rounds
+its log-softmax); float64 logits are computed in float64, through lenkernels' float64 reference
+definition, to TRL's digits. The GRPO loss is float32, or float64 when an input is (TRL's
+advantages are float32, so its loss is at least float32), computed in float64 then.
+
+Differences, all deliberate:
+
+- With float64 inputs, SAPO's loss uses float64 temperatures; TRL's ``torch.where`` over the two
+  Python floats makes them float32 numbers (a relative 4e-8 apart): the exact value wins.
+- Inputs TRL's eager path refuses are accepted: an empty batch, int32 ids, a per-token
+  temperature tensor, out-of-range ids in masked rows (never read).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from typing import NamedTuple, Optional
 
 import torch
 
-from lenkernels.integrations import ModulePatch, Replacement, _aggregate
+from lenkernels.integrations import F64, ModulePatch, Replacement, _aggregate, _cast, _exact, _policy_loss, _token_stats
 from lenkernels.ops.advantages import group_stats
 from lenkernels.ops.phase_stats import sequence_stats
-from lenkernels.ops.policy_loss import kl_penalty, policy_loss
-from lenkernels.ops.token_stats import token_entropy, token_logprobs, token_logprobs_entropy
+from lenkernels.ops.policy_loss import kl_penalty
 
 __all__ = [
     "selective_log_softmax",
@@ -75,6 +88,44 @@ def _masked_ids(index: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.
     return index if row_mask is None else index.masked_fill(row_mask == 0, _IGNORE)
 
 
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _fused_in_trl(logits: torch.Tensor, index: Optional[torch.Tensor] = None,
+                  row_mask: Optional[torch.Tensor] = None) -> bool:  # fmt: skip
+    """Whether TRL 1.16 runs its fused Triton kernel on these inputs (``_supports_trl_loss_kernel``):
+    it returns float32 statistics there, and the logits' dtype on its eager path."""
+    fused = (
+        logits.device.type in ("cuda", "xpu")
+        and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and 1 <= logits.dim() <= 3
+        and logits.stride(-1) == 1
+        and logits.shape[-1] > 0
+    )
+    if index is not None:
+        fused = (
+            fused
+            and tuple(index.shape) == tuple(logits.shape[:-1])
+            and index.dtype in (torch.int32, torch.int64)
+            and index.device == logits.device
+        )
+    if row_mask is not None:
+        fused = (
+            fused
+            and index is not None
+            and tuple(row_mask.shape) == tuple(index.shape)
+            and row_mask.dtype in (torch.bool, torch.int32, torch.int64)
+            and row_mask.device == logits.device
+        )
+    return fused and _triton_available()
+
+
+def _trl_dtype(logits: torch.Tensor, index=None, row_mask=None) -> torch.dtype:
+    return torch.float32 if _fused_in_trl(logits, index, row_mask) else logits.dtype
+
+
 def selective_log_softmax(
     logits: torch.Tensor,
     index: torch.Tensor,
@@ -85,22 +136,27 @@ def selective_log_softmax(
     without the ``[..., V]`` log-softmax.
 
     Args:
-        logits: ``[..., V]`` float32/bfloat16/float16 (``[B, T, V]`` padded or ``[N, V]`` packed).
+        logits: ``[..., V]`` float32/bfloat16/float16/float64 (``[B, T, V]`` padded or ``[N, V]``
+            packed).
         index: ``[...]`` int ids (one per row), or ``[..., K]`` (K ids per row, e.g. top-K).
-        temperature: positive; applied in float32 inside the kernel.
+        temperature: positive; applied in float32 inside the kernel (float64 for float64 logits).
         row_mask: optional, the shape of ``index``: rows (entries) where it is 0 get 0 and no
             gradient, and their ids are never read (they may be out of range, like TRL's padding).
 
     Returns:
-        float32, the shape of ``index``; differentiable in ``logits``.
+        the shape of ``index``, in TRL's dtype (float32 where TRL's fused kernel runs, else the
+        logits'); differentiable in ``logits``.
 
     Example (packed)::
 
         logps = selective_log_softmax(logits, completion_ids, temperature=0.9)    # [N]
     """
     _check_temperature(temperature)
+    dtype = _trl_dtype(logits, index, row_mask)
     if index.dim() == logits.dim() - 1:
-        return token_logprobs(logits, _masked_ids(index, row_mask), temperature=temperature, ignore_index=_IGNORE)
+        lp, _ = _token_stats(logits, _masked_ids(index, row_mask), temperature=temperature, ignore_index=_IGNORE,
+                             want="logprobs")  # fmt: skip
+        return _cast(lp, dtype)
     if index.dim() != logits.dim():
         raise ValueError(
             f"index must have the shape of logits without V {tuple(logits.shape[:-1])} or with K ids per row "
@@ -109,24 +165,27 @@ def selective_log_softmax(
     # K ids per row: one kernel pass gives log p of the first id; the others differ from it by
     # their logit gap, (z_k - z_0) / T, whose gradient adds e_k - e_0 to e_0 - p: exactly e_k - p.
     safe = (index if row_mask is None else torch.where(row_mask != 0, index, torch.zeros_like(index))).long()
-    first = token_logprobs(logits, safe[..., 0], temperature=temperature)
-    picked = torch.gather(logits, -1, safe).to(torch.float32)
+    first, _ = _token_stats(logits, safe[..., 0], temperature=temperature, want="logprobs")
+    picked = torch.gather(logits, -1, safe).to(first.dtype)
     gap = picked - picked[..., :1]
     if isinstance(temperature, torch.Tensor):
-        gap = gap / temperature.to(torch.float32).unsqueeze(-1)
+        gap = gap / temperature.to(first.dtype).unsqueeze(-1)
     elif temperature != 1.0:
         gap = gap / float(temperature)
     out = first.unsqueeze(-1) + gap
-    return out if row_mask is None else out.masked_fill(row_mask == 0, 0.0)
+    out = out if row_mask is None else out.masked_fill(row_mask == 0, 0.0)
+    return _cast(out, dtype)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
-    """TRL's ``entropy_from_logits``: entropy (nats) of each row of ``[..., V]`` logits, float32
-    ``[...]``, differentiable. ``chunk_size`` is accepted for the signature: the kernel needs no
-    chunking (it holds no ``[N, V]`` temporary). Example: ``entropy_from_logits(logits)``."""
+    """TRL's ``entropy_from_logits``: entropy (nats) of each row of ``[..., V]`` logits, ``[...]``
+    in TRL's dtype (float32 where its fused kernel runs, else the logits'), differentiable.
+    ``chunk_size`` is accepted for the signature: the kernel needs no chunking (it holds no
+    ``[N, V]`` temporary). Example: ``entropy_from_logits(logits)``."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return token_entropy(logits)
+    _, h = _token_stats(logits, None, want="entropy")
+    return _cast(h, _trl_dtype(logits))
 
 
 def selective_log_softmax_and_entropy(
@@ -144,15 +203,18 @@ def selective_log_softmax_and_entropy(
         row_mask: the shape of ``index``; masked rows get 0 for both outputs (and no gradient).
 
     Returns:
-        ``(logprobs, entropy)``: float32 ``[...]``.
+        ``(logprobs, entropy)``: ``[...]`` in TRL's dtype (float32 where its fused kernel runs,
+        else the logits').
 
     Example: ``logps, ent = selective_log_softmax_and_entropy(logits, completion_ids, row_mask=mask)``.
     """
     _check_temperature(temperature)
-    logps, entropy = token_logprobs_entropy(logits, _masked_ids(index, row_mask), temperature=temperature,
-                                            ignore_index=_IGNORE)  # fmt: skip
+    logps, entropy = _token_stats(logits, _masked_ids(index, row_mask), temperature=temperature,
+                                  ignore_index=_IGNORE)  # fmt: skip
     if row_mask is not None:
         entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    dtype = _trl_dtype(logits, index, row_mask)
+    logps, entropy = _cast(logps, dtype), _cast(entropy, dtype)
     return logps, (entropy if entropy_requires_grad else entropy.detach())
 
 
@@ -229,7 +291,7 @@ class GRPOLoss(NamedTuple):
     without ``entropy_coef``."""
     per_token_kl: Optional[torch.Tensor]
     """The per-token KL TRL logs (times the importance ratio with ``use_bias_correction_kl``),
-    detached float32 ``[B, T]``; None when ``beta == 0``."""
+    detached float32 ``[B, T]`` (float64 for float64 inputs); None when ``beta == 0``."""
     entropy_mask: Optional[torch.Tensor]
     """The top-entropy token mask that was applied (bool ``[B, T]``); None without one."""
 
@@ -291,7 +353,8 @@ def grpo_loss(
 
     Args:
         per_token_logps: ``[B, T]`` float32 log-probabilities of the completion tokens
-            (differentiable; e.g. :func:`selective_log_softmax`).
+            (differentiable; e.g. :func:`selective_log_softmax`); bfloat16/float16 are read as
+            they are, float64 is computed in float64 (as every float64 input).
         old_per_token_logps: ``[B, T]`` the sampling policy's, or None (on-policy: ``logps.detach()``).
         advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
         mask: ``[B, T]`` completion mask (times the tool mask), 0/1.
@@ -314,7 +377,7 @@ def grpo_loss(
         backend: for the lenkernels ops.
 
     Returns:
-        :class:`GRPOLoss`.
+        :class:`GRPOLoss`: float32 tensors (float64 when an input is float64).
 
     Raises:
         NotImplementedError: ``sapo`` with sequence-level ratios, or ``delta < 1 + epsilon_high``
@@ -342,17 +405,23 @@ def grpo_loss(
     old = lp.detach() if old_per_token_logps is None else old_per_token_logps
     n_seqs = lp.shape[0]
     gas = gradient_accumulation_steps if training else 1
+    # float64 inputs: TRL computes in float64, and so do we (the float64 reference definitions)
+    exact = _exact(lp, old, advantages, mask, importance_sampling_ratio, ref_per_token_logps if beta != 0.0 else None,
+                   entropies if entropy_coef != 0.0 else None)  # fmt: skip
+    work = F64 if exact else torch.float32
 
     if entropy_mask is None and top_entropy_quantile < 1.0:
         if entropies is None:
             raise ValueError("entropies are required for top_entropy_quantile < 1")
+        stats_backend = "reference" if entropies.dtype == F64 else backend  # the kernels take no float64
         entropy_mask = sequence_stats(entropies.detach(), mask, top_entropy_quantile=top_entropy_quantile,
-                                      process_group=entropy_process_group, backend=backend).high_entropy_mask  # fmt: skip
+                                      process_group=entropy_process_group,
+                                      backend=stats_backend).high_entropy_mask  # fmt: skip
 
     weights = []  # everything TRL multiplies the policy term by
     for w in (off_policy_mask, entropy_mask, importance_sampling_ratio):
         if w is not None:
-            weights.append(w.detach().to(torch.float32))
+            weights.append(w.detach().to(work))
 
     kw: dict = {}
     if loss_type == "sapo":
@@ -392,7 +461,7 @@ def grpo_loss(
         if num_items_in_batch is None:
             raise ValueError(f"loss_type={loss_type!r} needs num_items_in_batch")
         if isinstance(num_items_in_batch, torch.Tensor):
-            normaliser = num_items_in_batch.detach().to(lp.device, torch.float32).clamp(min=1.0).reshape(1)
+            normaliser = num_items_in_batch.detach().to(lp.device, work).clamp(min=1.0).reshape(1)
         else:
             normaliser = max(float(num_items_in_batch), 1.0)
         normaliser = normaliser / num_processes
@@ -423,17 +492,18 @@ def grpo_loss(
             raise ValueError("ref_per_token_logps is required when beta != 0")
         if use_bias_correction_kl:
             # DeepSeek-V3.2's unbiased KL: the estimate times the (differentiable) ratio
-            kl = kl_penalty(lp, ref_per_token_logps, "k3", clamp=False, backend=backend)
+            kl = _k3(lp, ref_per_token_logps, exact, backend)
             kl = kl * _log_ratio_weights(lp, old, mask, sequence)
-            kl_term = _aggregate(kl, mask, **agg)
+            kl_term = _aggregate(kl, mask, exact=exact, **agg)
             per_token_kl = kl.detach()
         else:
             kw.update(ref_logprobs=ref_per_token_logps, kl_coef=float(beta), kl_estimator="k3", kl_clamp=False)
             with torch.no_grad():
-                per_token_kl = kl_penalty(lp.detach(), ref_per_token_logps, "k3", clamp=False, backend=backend)
+                per_token_kl = _k3(lp.detach(), ref_per_token_logps, exact, backend)
 
-    out = policy_loss(lp, old, advantages, mask, mode=mode, importance_weights=weight, backend=backend, **agg, **kw)
-    loss = out.loss.clone()  # a view of a saved output otherwise: in-place updates would break backward
+    out = _policy_loss(lp, old, advantages, mask, mode=mode, importance_weights=weight, backend=backend, exact=exact,
+                       **agg, **kw)  # fmt: skip
+    loss = _cast(out.loss.clone(), work)  # a fresh tensor: in-place updates must not reach a saved output
     if kl_term is not None:
         loss = loss + float(beta) * kl_term
     policy = loss.detach()
@@ -445,9 +515,18 @@ def grpo_loss(
         if entropies is None:
             raise ValueError("entropies are required for entropy_coef != 0")
         kept = mask if entropy_mask is None else mask * entropy_mask
-        entropy_loss = _aggregate(entropies, kept, agg="token-mean") / gas
+        entropy_loss = _aggregate(entropies, kept, agg="token-mean", exact=exact) / gas
         loss = loss - float(entropy_coef) * entropy_loss
     return GRPOLoss(loss, policy, entropy_loss, per_token_kl, entropy_mask)
+
+
+def _k3(lp: torch.Tensor, ref: torch.Tensor, exact: bool, backend) -> torch.Tensor:
+    """TRL's unclamped k3 per token: float32 from the kernel, float64 for float64 inputs."""
+    if exact:
+        from lenkernels.reference.policy_loss import kl_penalty as reference_kl
+
+        return reference_kl(lp.to(F64), ref.detach().to(F64), "k3", clamp=False)
+    return kl_penalty(lp, ref, "k3", clamp=False, backend=backend)
 
 
 # --- GRPOTrainer._compute_loss ------------------------------------------------------------------
