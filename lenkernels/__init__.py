@@ -1,6 +1,7 @@
 """lenkernels: fused token statistics, policy losses and advantages for RL on language models."""
 
 from lenkernels._backend import BackendUnavailableError, explain as explain_backend
+from lenkernels._checks import UnsupportedTransformError
 from lenkernels.ops.token_stats import token_entropy, token_logprobs, token_logprobs_entropy
 from lenkernels.ops.linear_stats import linear_logprobs_entropy
 from lenkernels.ops.advantages import group_advantages, group_stats
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "UnsupportedTransformError",
     "explain_backend",
     "token_entropy",
     "token_logprobs",
