@@ -123,7 +123,7 @@ def logits_cases(options):
     elif options.full:
         sizes = [1024, 4096, 8192] if options.device_type == "cuda" else [256, 1024]
     else:
-        sizes = [8192] if options.device_type == "cuda" else [64]
+        sizes = [8192] if options.device_type == "cuda" else [32]
     return [{"tokens": n, "vocab": vocab, "dtype": dtype} for n in sizes]
 
 

@@ -21,7 +21,7 @@ def cases(options):
     elif options.full:
         sizes = [1024, 4096, 8192, 16384] if options.device_type == "cuda" else [256, 512, 1024, 2048]
     else:
-        sizes = [8192] if options.device_type == "cuda" else [64]
+        sizes = [8192] if options.device_type == "cuda" else [32]
     return [{"tokens": n, "vocab": vocab, "dtype": dtype} for n in sizes]
 
 
