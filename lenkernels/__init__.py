@@ -2,7 +2,13 @@
 
 from lenkernels._backend import BackendUnavailableError, explain as explain_backend
 from lenkernels._checks import UnsupportedTransformError
-from lenkernels.ops.token_stats import token_entropy, token_logprobs, token_logprobs_entropy
+from lenkernels.ops.token_stats import (
+    TokenStats,
+    token_entropy,
+    token_logprobs,
+    token_logprobs_entropy,
+    token_stats,
+)
 from lenkernels.ops.linear_stats import linear_logprobs_entropy
 from lenkernels.ops.advantages import group_advantages, group_stats
 from lenkernels import shaping
@@ -10,13 +16,13 @@ from lenkernels.ops.policy_loss import PolicyLoss, kl_penalty, policy_loss, poli
 from lenkernels.ops.phase_stats import (
     PhaseEntropy,
     PhaseStats,
-    SequenceStats,
     TokenStatsWithPhases,
     phase_entropy,
     phase_stats,
-    sequence_stats,
     token_stats_with_phases,
 )
+from lenkernels.ops.sequence_stats import SequenceStats, sequence_stats
+from lenkernels.ops.rollout_correction import RolloutCorrection, rollout_correction
 
 __version__ = "0.1.0"
 
@@ -27,6 +33,8 @@ __all__ = [
     "token_entropy",
     "token_logprobs",
     "token_logprobs_entropy",
+    "token_stats",
+    "TokenStats",
     "linear_logprobs_entropy",
     "PolicyLoss",
     "kl_penalty",
@@ -43,4 +51,6 @@ __all__ = [
     "phase_stats",
     "sequence_stats",
     "token_stats_with_phases",
+    "RolloutCorrection",
+    "rollout_correction",
 ]

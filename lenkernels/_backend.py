@@ -3,8 +3,9 @@ any other was not chosen.
 
 Backends: ``triton`` (GPU kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``cuda``
 (hand-written CUDA C++), ``cpu`` (C++/OpenMP) and ``reference`` (plain PyTorch, float64-capable).
-``backend=None`` picks ``triton`` for CUDA tensors (``cuda`` when Triton is missing) and ``cpu`` for
-CPU tensors; ``LENKERNELS_BACKEND`` overrides that default for a whole process.
+``backend=None`` picks ``triton`` for CUDA tensors (``cuda`` when Triton is missing; a family may
+declare another order, as token_stats does for its CUDA C++ kernels) and ``cpu`` for CPU tensors,
+never the reference; ``LENKERNELS_BACKEND`` overrides that default for a whole process.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from types import ModuleType
 
 import torch
 
@@ -21,10 +23,20 @@ BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 # op family -> backends that implement it (a family's module registers itself on import)
 _FAMILIES: dict[str, tuple[str, ...]] = {}
+_FAMILY_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {}
+_MODULE: dict[str, str] = {}  # family -> the backend modules / compiled extensions implementing it
 
 
-def register_family(family: str, backends: tuple[str, ...]) -> None:
+def register_family(
+    family: str, backends: tuple[str, ...], *, prefer: dict[str, tuple[str, ...]] | None = None, module: str | None = None
+) -> None:
+    """Declares the backends of an op family; ``prefer`` overrides, per device type, the order in
+    which ``backend=None`` tries the fast backends (default: triton, then cuda, on CUDA tensors);
+    ``module`` names the backend modules when the family shares another's (default: the family)."""
     _FAMILIES[family] = tuple(backends)
+    _MODULE[family] = module or family
+    for device_type, order in (prefer or {}).items():
+        _FAMILY_PREFERENCE[(family, device_type)] = tuple(order)
 
 
 def implemented_backends(family: str) -> tuple[str, ...]:
@@ -56,7 +68,7 @@ def _compiled_status(kind: str, family: str) -> tuple[bool, str]:
         from lenkernels import cpu as loader
     else:
         from lenkernels import cuda as loader
-    return loader.available(family)
+    return loader.available(_MODULE.get(family, family))
 
 
 def backend_status(family: str, device: torch.device | str) -> dict[str, tuple[bool, str]]:
@@ -94,6 +106,19 @@ def backend_status(family: str, device: torch.device | str) -> dict[str, tuple[b
     return out
 
 
+def kernels(backend: str, family: str) -> ModuleType:
+    """The module that implements ``family`` for ``backend``: ``lenkernels.<backend>.<family>``.
+
+    The one dispatch point of every op: each such module defines the family's host launchers with
+    the same names and signatures on every backend (typed inputs, a frozen config of scalars, the
+    outputs to write), so an op calls ``kernels(name, FAMILY).<launcher>(...)`` without branching
+    on the backend's name. A new backend of a family is one new module.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return importlib.import_module(f"lenkernels.{backend}.{_MODULE.get(family, family)}")
+
+
 def explain(family: str, device: torch.device | str = "cpu") -> str:
     """A human-readable table of which backends can run ``family`` on ``device`` and why not."""
     device = torch.device(device)
@@ -118,7 +143,8 @@ def _default(family: str, device: torch.device) -> str:
     if env:
         return env
     status = backend_status(family, device)
-    preference = [n for n in _PREFERENCE.get(device.type, ()) if n in implemented_backends(family)]
+    order = _FAMILY_PREFERENCE.get((family, device.type), _PREFERENCE.get(device.type, ()))
+    preference = [n for n in order if n in implemented_backends(family)]
     for name in preference:
         if status[name][0]:
             return name

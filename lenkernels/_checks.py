@@ -13,10 +13,12 @@ import os
 
 import torch
 
+from lenkernels import _codes
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_DTYPES = (torch.int32, torch.int64)
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/include/lenkernels/common.h
+DTYPE_CODES = {dtype: int(code) for dtype, code in _codes.DTYPE_OF.items()}  # lk::DType
 
 
 def debug_enabled() -> bool:
@@ -214,3 +216,50 @@ def nan_unless(x: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
     if ok is None:
         return x
     return torch.where(ok, x, torch.full_like(x, float("nan")))
+
+
+def float_input(x, name: str, backend: str, like: torch.Tensor | None = None, like_name: str = "") -> torch.Tensor:
+    """A float32/bfloat16/float16 tensor (float64 too on the reference backend); with ``like``, on
+    its device and of its shape."""
+    tensor(x, name)
+    allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "reference" else ())
+    if x.dtype not in allowed:
+        extra = " (float64 only with backend='reference')" if x.dtype == torch.float64 else ""
+        raise TypeError(f"{name} must be float32, bfloat16 or float16{extra}, got {x.dtype}")
+    if like is not None:
+        same_device(like, like_name, x, name)
+        if tuple(x.shape) != tuple(like.shape):
+            raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}")
+    return x
+
+
+def number(value, name: str, *, minimum=None, maximum=None, exclusive: bool = False, finite: bool = True) -> float:
+    """A real Python number (not a bool), finite unless ``finite=False``, within ``[minimum,
+    maximum]`` (open at ``minimum`` with ``exclusive``); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or (finite and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ValueError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def cu_seqlens(cu: torch.Tensor, n_tokens: int, like: torch.Tensor, like_name: str, *, min_seqs: int = 0):
+    """Packed-layout offsets: int ``[B + 1]`` (B >= ``min_seqs``), non-decreasing within
+    ``[0, n_tokens]`` (checked where value checks run). Returns them as int64."""
+    tensor(cu, "cu_seqlens", dtypes=INT_DTYPES)
+    same_device(like, like_name, cu, "cu_seqlens")
+    if cu.dim() != 1 or cu.shape[0] < min_seqs + 1:
+        raise ValueError(f"cu_seqlens must be 1-D [B + 1] with B >= {min_seqs}, got shape {tuple(cu.shape)}")
+    if value_checks(cu.device) and cu.numel() > 0:
+        lo, hi = int(cu[0]), int(cu[-1])
+        if lo < 0 or hi > n_tokens or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing offsets within [0, {n_tokens}] (the number of tokens), "
+                f"got {cu.tolist()[:16]}"
+            )
+    return cu.to(torch.int64)

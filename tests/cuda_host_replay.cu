@@ -1,10 +1,12 @@
 // Replays the CUDA token-statistics kernels on the host, block by block and thread by thread, with
-// the very per-thread functions the kernels run (csrc/cuda/token_stats.h). Only the warp/block
-// merge, which needs shuffles, is re-enacted here, in the kernels' butterfly order.
+// the very per-thread functions the kernels run (csrc/cuda/token_stats.h). Only the block-wide
+// chunk reduction, which needs shuffles, is re-enacted here, in the kernel's order.
 // Built by tests/test_cuda_compile.py with nvcc as a plain shared library (called through ctypes):
 // it checks which elements each thread touches (coverage, row edges, split ranges, misaligned and
 // in-place rows) and the numbers, without a GPU.
+#include <array>
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "token_stats.h"
@@ -15,30 +17,57 @@ using namespace lk::cuda::token_stats;
 
 namespace {
 
-void warp_merge_replay(SoftmaxState* lanes) {
-  SoftmaxState next[32];
-  for (int mask = 16; mask > 0; mask >>= 1) {
-    for (int i = 0; i < 32; ++i) next[i] = merge(lanes[i], lanes[i ^ mask]);
-    for (int i = 0; i < 32; ++i) lanes[i] = next[i];
-  }
-}
-
-SoftmaxState block_merge_replay(std::vector<SoftmaxState>& states) {
+// chunk_reduce() re-enacted: the chunk max, each thread's state rebased onto it, lane-butterfly sums
+// per warp (a + b == b + a, so every lane of a warp holds the same sum), then the warps in order.
+SoftmaxState chunk_reduce_replay(const std::vector<SoftmaxState>& states) {
   constexpr int kWarps = kThreads / 32;
-  SoftmaxState lanes[32];
-  for (int w = 0; w < kWarps; ++w) warp_merge_replay(&states[32 * w]);
-  for (int i = 0; i < 32; ++i) lanes[i] = i < kWarps ? states[32 * i] : empty_state();
-  warp_merge_replay(lanes);
-  return lanes[0];
+  float warp_max[kWarps], warp_s[kWarps], warp_u[kWarps];
+  for (int w = 0; w < kWarps; ++w) {
+    float m = states[32 * w].m;
+    for (int i = 1; i < 32; ++i) m = nan_max(m, states[32 * w + i].m);
+    warp_max[w] = m;
+  }
+  float m = warp_max[0];
+  for (int w = 1; w < kWarps; ++w) m = nan_max(m, warp_max[w]);
+  for (int w = 0; w < kWarps; ++w) {
+    float s[32], u[32], next_s[32], next_u[32];
+    for (int i = 0; i < 32; ++i) {
+      const SoftmaxState r = rebase(states[32 * w + i], m);
+      s[i] = r.s;
+      u[i] = r.u;
+    }
+    for (int mask = 16; mask > 0; mask >>= 1) {
+      for (int i = 0; i < 32; ++i) {
+        next_s[i] = s[i] + s[i ^ mask];
+        next_u[i] = u[i] + u[i ^ mask];
+      }
+      for (int i = 0; i < 32; ++i) {
+        s[i] = next_s[i];
+        u[i] = next_u[i];
+      }
+    }
+    warp_s[w] = s[0];
+    warp_u[w] = u[0];
+  }
+  float s = warp_s[0], u = warp_u[0];
+  for (int w = 1; w < kWarps; ++w) {
+    s += warp_s[w];
+    u += warp_u[w];
+  }
+  return SoftmaxState{m, s, u};
 }
 
 template <typename T>
 void forward(const FwdParams& p) {
   std::vector<SoftmaxState> states(kThreads);
+  std::vector<std::array<Vec16, kUnroll>> cur(kThreads);
+  const int64_t n_chunks = chunk_count(p.vocab, sizeof(T));
+  if (p.n_splits != 1 && p.n_splits != n_chunks) throw std::invalid_argument("n_splits");
   for (int64_t block = 0; block < p.n_rows * p.n_splits; ++block) {
     const int64_t row = block / p.n_splits;
     const int split = int(block % p.n_splits);
     const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
+    const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
     const float inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
     int64_t id = 0;
     float x_target = 0.0f;
@@ -46,10 +75,30 @@ void forward(const FwdParams& p) {
       id = load_id(p.ids, p.id_bytes, row);
       if (id >= 0 && id < p.vocab) x_target = load_early(x + id);
     }
+    const int64_t first = p.n_splits == 1 ? 0 : split;
+    const int64_t last = p.n_splits == 1 ? n_chunks : split + 1;
+    const int64_t end = chunk_at<T>(p.vocab, last - 1).end;  // of the vectors this block folds
     for (int tid = 0; tid < kThreads; ++tid) {
-      states[tid] = fwd_thread_state<T>(x, p.vocab, split, p.n_splits, tid, inv_t);
+      Vec16(&tile)[kUnroll] = *reinterpret_cast<Vec16(*)[kUnroll]>(cur[tid].data());
+      const int64_t i = chunk_at<T>(p.vocab, first).begin + tid;
+      if (aligned) {
+        load_tile<T, true>(tile, x, i, end);
+      } else {
+        load_tile<T, false>(tile, x, i, end);
+      }
     }
-    write_block_result(p, row, split, block_merge_replay(states), id, x_target * inv_t);
+    SoftmaxState total = empty_state();
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk ch = chunk_at<T>(p.vocab, c);
+      for (int tid = 0; tid < kThreads; ++tid) {
+        const float tail = last == n_chunks ? tail_scalar(x, p.vocab, tid) : kNegInf;
+        Vec16(&tile)[kUnroll] = *reinterpret_cast<Vec16(*)[kUnroll]>(cur[tid].data());
+        states[tid] = aligned ? fold_chunk<T, true>(x, ch, tail, end, tid, inv_t, tile)
+                              : fold_chunk<T, false>(x, ch, tail, end, tid, inv_t, tile);
+      }
+      total = chain(total, chunk_reduce_replay(states), c == first);
+    }
+    write_block_result(p, row, split, total, id, x_target * inv_t);
   }
   if (p.n_splits > 1) {
     for (int64_t row = 0; row < p.n_rows; ++row) finalize_row<T>(p, row);

@@ -45,7 +45,12 @@ def token_stats_launches():
     """50 sequence lengths, vocabularies within a bucket, temperatures, ignore indices, dtypes."""
     import torch
 
-    from lenkernels.ops.token_stats import token_stats_bwd, token_stats_fwd
+    from lenkernels.ops.token_stats import (
+        _token_stats_extra_backward,
+        token_stats_bwd,
+        token_stats_extra_fwd,
+        token_stats_fwd,
+    )
 
     for i in range(50):
         n = 1 + 37 * i  # 1 .. 1814 rows: split and unsplit plans
@@ -57,6 +62,9 @@ def token_stats_launches():
             lp, ent, lse, mz = token_stats_fwd(logits, ids, temp, -100 - i, "triton")
             g = torch.empty(n)
             token_stats_bwd(logits, ids, temp, lse, mz, g, torch.empty(1).expand(n) if i % 4 else g, -100 - i, "triton", logits)
+            # the SPEC 7 outputs (lenkernels.token_stats): their own kernels, the same plan
+            out = token_stats_extra_fwd(logits, ids, temp, -100 - i, "triton")
+            _token_stats_extra_backward(logits, ids, temp, out[2], out[3], out[5], out[6], *([g] * 6), -100 - i, "triton")
 
 
 def policy_loss_launches():
@@ -65,7 +73,9 @@ def policy_loss_launches():
     two logprob dtypes; and the KL estimator kernels on 50 lengths."""
     import torch
 
+    from lenkernels._codes import Agg, Mode, NormSource
     from lenkernels.ops.policy_loss import kl_penalty_bwd, kl_penalty_fwd, policy_loss_bwd, policy_loss_fwd
+    from lenkernels.ops.policy_loss_args import PolicyConfig, PolicyInputs, kl_config
 
     for i in range(50):
         b, t = 1 + i % 7, 1 + 41 * i  # 1 .. 2010 tokens per row: every tile-size bucket
@@ -78,21 +88,21 @@ def policy_loss_launches():
             ent, w = torch.zeros(b, t, dtype=dtype), torch.zeros(b, t, dtype=dtype)
             mask = torch.ones(b, t, dtype=torch.bool)
             threshold = torch.full((1,), 0.5 + i / 10, dtype=torch.float64)
-            inputs = (lp, old, torch.zeros(b, **f32), mask, None, ref, ent, w, threshold, None)
-            params = ("ppo", 0.1 + i / 100, 0.2 + i / 90, 1.5 + i / 10, 1.0, 1.05, 0.01 * i, "k3", True, 0.002 * i,
-                      "token-mean", 0.0, 0.0, 1.0 + i % 4)  # fmt: skip
-            stats, seq = policy_loss_fwd(inputs, params, "triton")
-            policy_loss_bwd(inputs, params, "triton", stats, seq, torch.ones(16), True)
+            inputs = PolicyInputs(lp, old, torch.zeros(b, **f32), mask, None, ref, ent, w, threshold, None)
+            config = PolicyConfig(Mode.PPO, 0.1 + i / 100, 0.2 + i / 90, 1.5 + i / 10, 1.0, 1.05, Agg.TOKEN_MEAN,
+                                  kl_coef=0.01 * i, entropy_coef=0.002 * i, dp_size=1.0 + i % 4)  # fmt: skip
+            stats, seq = policy_loss_fwd(inputs, config, "triton")
+            policy_loss_bwd(inputs, config, "triton", stats, seq, torch.ones(16), True)
             flat = torch.zeros(n, dtype=dtype)
-            inputs = (flat, flat.clone(), torch.zeros(b, **f32), None, cu, None, None, None, None,
-                      torch.full((1,), 3.0 + i, **f32))  # fmt: skip
-            params = ("gspo", 3e-4 + i * 1e-5, 4e-4 + i * 1e-5, 2.0 + i, 1.0 + i / 50, 1.05 + i / 40, 0.0, "k3", True,
-                      0.0, "seq-mean-token-mean", 0.0, 0.0, 1.0)  # fmt: skip
-            stats, seq = policy_loss_fwd(inputs, params, "triton")
-            policy_loss_bwd(inputs, params, "triton", stats, seq, torch.ones(16), False)
+            inputs = PolicyInputs(flat, flat.clone(), torch.zeros(b, **f32), None, cu, None, None, None, None,
+                                  torch.full((1,), 3.0 + i, **f32))  # fmt: skip
+            config = PolicyConfig(Mode.GSPO, 3e-4 + i * 1e-5, 4e-4 + i * 1e-5, 2.0 + i, 1.0 + i / 50, 1.05 + i / 40,
+                                  Agg.SEQ_MEAN_TOKEN_MEAN, norm_source=NormSource.NORM_TENSOR)  # fmt: skip
+            stats, seq = policy_loss_fwd(inputs, config, "triton")
+            policy_loss_bwd(inputs, config, "triton", stats, seq, torch.ones(16), False)
             x = torch.zeros(1 + 97 * i, dtype=dtype)
-            kl_penalty_fwd(x, x, "low_var_kl", True, "triton")
-            kl_penalty_bwd(torch.zeros(x.shape), x, x, "k3+", True, "triton")
+            kl_penalty_fwd(x, x, kl_config("low_var_kl", True), "triton")
+            kl_penalty_bwd(torch.zeros(x.shape), x, x, kl_config("k3+", True), "triton")
 
 
 def advantages_launches():
@@ -147,7 +157,8 @@ def phase_stats_launches():
     value dtypes, with and without the top-entropy mask."""
     import torch
 
-    from lenkernels.ops.phase_stats import phase_stats_bwd, phase_stats_fwd, sequence_stats_fwd
+    from lenkernels.ops.phase_stats import phase_stats_bwd, phase_stats_fwd
+    from lenkernels.ops.sequence_stats import sequence_stats_fwd
 
     for i in range(50):
         n_seq, n = 1 + i % 6, 5 + 83 * i
@@ -168,12 +179,32 @@ def phase_stats_launches():
                                seq_outs + [torch.empty(n, dtype=torch.bool)])  # fmt: skip
 
 
+def rollout_correction_launches():
+    """50 token and sequence counts, thresholds and clamps, every level x mode, with and without a
+    veto, for two input dtypes."""
+    import torch
+
+    from lenkernels._codes import CorrectionLevel, CorrectionMode
+    from lenkernels.ops.rollout_correction import CorrectionConfig, _outputs, rollout_correction_fwd
+
+    for i in range(50):
+        n_seq, n = 1 + i % 7, 3 + 41 * i
+        cu = torch.linspace(0, n - i % 3, n_seq + 1).long()
+        valid = torch.ones(n, dtype=torch.bool)
+        cfg = CorrectionConfig(CorrectionLevel(i % 3), CorrectionMode((i // 3) % 2), 0.1 + i / 100, 2.0 + i / 10,
+                               10.0 + i, i % 4 == 0, 0.01 * (i + 1), 5.0 + i)  # fmt: skip
+        for dtype in (torch.bfloat16, torch.float32):
+            old = torch.zeros(n, dtype=dtype)
+            rollout_correction_fwd(old, old, valid, cu, cfg, "triton", _outputs(old, i % 2 == 0))
+
+
 FAMILIES = {
     "token_stats": token_stats_launches,
     "policy_loss": policy_loss_launches,
     "advantages": advantages_launches,
     "linear_stats": linear_stats_launches,
     "phase_stats": phase_stats_launches,
+    "rollout_correction": rollout_correction_launches,
 }
 
 

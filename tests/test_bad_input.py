@@ -97,6 +97,11 @@ def _token(device):
                 temperature=0.7)  # fmt: skip
 
 
+def _token_all(device):
+    """A token_stats call asking for every output (the extended kernels)."""
+    return {**_token(device), "outputs": ("logprob", "entropy", "sum_p2", "argmax", "mean_logit")}
+
+
 def _linear(device):
     g = _gen()
     return dict(hidden=torch.randn(2, 3, 8, generator=g).to(device), weight=torch.randn(11, 8, generator=g).to(device),
@@ -257,6 +262,20 @@ def _length_cases():
     ]
 
 
+def _rollout_corr(device):
+    g = _gen()
+    old = -torch.rand(3, 6, generator=g) * 2
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    return dict(old_logprobs=old.to(device), rollout_logprobs=(old + 0.3 * torch.randn(3, 6, generator=g)).to(device),
+                mask=mask.to(device), mode="mask", threshold=2.0, threshold_low=0.5, veto=(0.05, 20.0))
+
+
+def _packed_corr(**extra):
+    """Overrides turning the padded rollout_correction call into a packed one (18 tokens)."""
+    flat = {k: d(lambda kw, k=k: kw[k].reshape(-1)) for k in ("old_logprobs", "rollout_logprobs", "mask")}
+    return {**flat, **extra}
+
 # fmt: off
 APIS = [
     Api("token_logprobs_entropy", lk.token_logprobs_entropy, _token, "token_stats",
@@ -279,6 +298,20 @@ APIS = [
                  temperature=d(lambda kw: torch.tensor([[1.0], [0.0]], device=_device(kw)))),
             case("ignore_index_float", TypeError, "ignore_index", ignore_index=-100.0),
             case("ignore_index_str", TypeError, "ignore_index", ignore_index="-100"),
+        ]),
+    Api("token_stats", lk.token_stats, _token_all, "token_stats", numbers=(("temperature", {}, False),),
+        seq_ok=("outputs",), cases=[
+            case("logits_int", TypeError, "logits", logits=d(lambda kw: kw["logits"].long())),
+            case("empty_vocab", ValueError, "vocabulary", logits=d(lambda kw: kw["logits"][..., :0])),
+            case("ids_float", TypeError, "ids", ids=d(lambda kw: kw["ids"].float())),
+            case("ids_shape", ValueError, "ids", ids=d(lambda kw: kw["ids"][:, :2])),
+            case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
+            case("ids_negative", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(-1))),
+            case("temperature_zero", ValueError, "temperature", temperature=0.0),
+            case("ignore_index_float", TypeError, "ignore_index", ignore_index=-100.0),
+            case("outputs_unknown", ValueError, "output", outputs=("logprob", "topk")),
+            case("outputs_empty", ValueError, "outputs", outputs=()),
+            case("outputs_str", TypeError, "outputs", outputs="sum_p2"),
         ]),
     Api("token_logprobs", lk.token_logprobs, _token, "token_stats", cases=[
         case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
@@ -473,6 +506,35 @@ APIS = [
                  process_group=object()),
             case("entropy_1d_without_cu_seqlens", ValueError, "entropy", entropy=d(lambda kw: kw["entropy"].reshape(-1)),
                  mask=None),
+        ]),
+    Api("rollout_correction", lk.rollout_correction, _rollout_corr, "rollout_correction",
+        numbers=(("threshold", {}, True), ("threshold_low", {}, False), ("log_clamp", {}, True)), cases=[
+            case("old_logprobs_int", TypeError, "old_logprobs", old_logprobs=d(lambda kw: kw["old_logprobs"].long())),
+            case("rollout_logprobs_shape", ValueError, "rollout_logprobs",
+                 rollout_logprobs=d(lambda kw: kw["rollout_logprobs"][:, :3])),
+            case("mask_shape", ValueError, "mask", mask=d(lambda kw: kw["mask"][:1])),
+            case("mask_not_binary", ValueError, "mask", mask=d(lambda kw: kw["mask"].float() * 0.5)),
+            case("level", ValueError, "level", level="batch"),
+            case("mode", ValueError, "mode", mode="clip"),
+            case("threshold_zero", ValueError, "threshold", threshold=0.0),
+            case("threshold_low_above_threshold", ValueError, "threshold_low", threshold_low=3.0),
+            case("threshold_low_negative", ValueError, "threshold_low", threshold_low=-0.1),
+            case("veto_number", TypeError, "veto", veto=0.5),
+            case("veto_order", ValueError, "veto", veto=(2.0, 0.5)),
+            case("veto_nan", ValueError, "veto", veto=(NAN, 2.0)),
+            case("veto_str", TypeError, "veto", veto=("0.1", 2.0)),
+            case("log_clamp_zero", ValueError, "log_clamp", log_clamp=0.0),
+            case("empty_batch", ValueError, "empty", **{k: d(lambda kw, k=k: kw[k][:0]) for k in
+                 ("old_logprobs", "rollout_logprobs", "mask")}),
+            case("old_logprobs_1d_without_cu_seqlens", ValueError, "old_logprobs", **_packed_corr()),
+            case("cu_seqlens_with_padded", ValueError, "old_logprobs",
+                 cu_seqlens=d(lambda kw: torch.tensor([0, 18], device=_device(kw)))),
+            case("cu_seqlens_float", TypeError, "cu_seqlens",
+                 **_packed_corr(cu_seqlens=d(lambda kw: torch.tensor([0.0, 6.0, 18.0], device=_device(kw))))),
+            case("cu_seqlens_decreasing", ValueError, "cu_seqlens",
+                 **_packed_corr(cu_seqlens=d(lambda kw: torch.tensor([0, 9, 6, 18], device=_device(kw))))),
+            case("cu_seqlens_past_end", ValueError, "cu_seqlens",
+                 **_packed_corr(cu_seqlens=d(lambda kw: torch.tensor([0, 9, 19], device=_device(kw))))),
         ]),
     Api("explain_backend", lk.explain_backend, lambda dev: dict(family="token_stats", device=dev), cases=[
         case("device_unknown", (ValueError, TypeError, RuntimeError), "tpu", device="tpu"),
@@ -771,6 +833,8 @@ def _empty_calls(device):
     return {
         "token_logprobs_entropy": dict(logits=torch.randn(0, 3, 7, device=device), ids=torch.zeros(0, 3, dtype=torch.long, device=device)),
         "token_logprobs": dict(logits=torch.randn(0, 7, device=device), ids=long0),
+        "token_stats": dict(logits=torch.randn(0, 3, 7, device=device), ids=torch.zeros(0, 3, dtype=torch.long, device=device),
+                            outputs=("sum_p2", "argmax", "mean_logit")),
         "token_entropy": dict(logits=torch.randn(4, 0, 7, device=device)),
         "linear_logprobs_entropy": dict(hidden=torch.randn(0, 5, device=device), weight=torch.randn(7, 5, device=device), ids=long0),
         "kl_penalty": dict(logprobs=e, ref_logprobs=e),
@@ -809,6 +873,8 @@ EMPTY_IS_ERROR = {
                                                 ids=torch.zeros(0, 4, dtype=torch.long, device=dev),
                                                 old_logprobs=torch.zeros(0, 4, device=dev),
                                                 advantages=torch.zeros(0, device=dev)),
+    "rollout_correction": lambda dev: dict(old_logprobs=torch.zeros(0, 4, device=dev),
+                                           rollout_logprobs=torch.zeros(0, 4, device=dev)),
 }  # fmt: skip
 NOT_BATCHED = {"explain_backend", "HAPOHistory"}
 

@@ -153,6 +153,7 @@ FAMILY_KERNELS = {
     "advantages.cu": ("advantages_row_sums_kernel", "group_advantages_kernel", "gaussian_rank_kernel",
                       "batch_moments_kernel", "advantages_broadcast_kernel", "group_stats_kernel"),
     "phase_stats.cu": ("phase_stats_fwd_kernel", "phase_stats_bwd_kernel", "sequence_stats_fwd_kernel"),
+    "rollout_correction.cu": ("rollout_correction_fwd_kernel", "rollout_correction_finalize_kernel"),
 }  # fmt: skip
 
 
@@ -188,6 +189,7 @@ def test_extension_modules_build_and_link(builds):
                                   "kl_penalty_bwd"},
             "_cuda_advantages": {"group_advantages", "gaussian_rank", "batch_shift_scale", "broadcast", "group_stats"},
             "_cuda_phase_stats": {"phase_stats_fwd", "phase_stats_bwd", "sequence_stats_fwd"},
+            "_cuda_rollout_correction": {"rollout_correction_fwd"},
         }  # fmt: skip
         assert expected.get(name, set()) <= set(symbols), f"{name}: {symbols}"
 
@@ -260,12 +262,12 @@ def _rows(kind: str, dtype, n_rows: int, vocab: int) -> torch.Tensor:
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (n_rows, vocab, layout, n_splits or None for the H100 plan): why each is in the grid
+# (n_rows, vocab, layout, n_splits: 1, or None for the H100 plan): why each is in the grid
 CASES = [
     (3, 7, "contiguous", None),  # V below one 16-byte vector: edge scalars only, rows misaligned
-    (5, 4_099, "contiguous", None),  # odd V: each row begins at another phase (head and tail peels)
+    (5, 4_099, "contiguous", None),  # odd V: rows at every 16-byte phase (narrow loads where misaligned), a tail
     (2, 151_936, "contiguous", None),  # Qwen vocab, few rows: the plan splits each row (finalize kernel)
-    (4, 50_257, "sliced", 3),  # GPT-2 vocab, offset view, 3 uneven splits with both edges
+    (4, 50_257, "sliced", None),  # GPT-2 vocab, offset view (misaligned rows): one block per chunk, a tail
     (3, 2_048 * 8 + 5, "sliced", 1),  # exact multiple of one block tile plus a tail, one block per row
 ]
 
@@ -297,7 +299,7 @@ LARGE = [
 ]
 
 
-@pytest.mark.parametrize("n_splits", [1, 3])
+@pytest.mark.parametrize("n_splits", [1, None])  # one block per row, and the plan's (a block per chunk)
 @pytest.mark.parametrize(
     "dtype,base,spread,quantum,temp", LARGE, ids=[f"{str(c[0])[6:]}-{c[1]:g}-T{c[4]:g}" for c in LARGE]
 )
@@ -337,11 +339,13 @@ def test_replay_split_plan(replay):
     plan = replay.lk_replay_split_count  # (N, V, element bytes, SMs): nothing else
     assert plan(8192, 151_936, 2, H100_SMS) == 1  # rows alone give several waves of blocks
     assert plan(2_112, 151_936, 2, H100_SMS) == 1  # 4 waves of 132 SMs x 4 blocks
-    assert plan(2_111, 151_936, 2, H100_SMS) == 2
-    assert plan(300, 151_936, 4, H100_SMS) == 8  # ceil(2112 / 300) blocks per row
-    assert plan(1, 151_936, 2, H100_SMS) == 18  # capped at one whole tile (256 x 4 vectors) per block
-    assert plan(64, 151_936, 2, H100_SMS) == 18
-    assert plan(1, 7, 4, H100_SMS) == 1  # less than a tile: never split
+    # fewer rows: one block per chunk of 4 tiles (4 x 256 x 4 vectors), never another split (the
+    # chunks, and so the results, are the same whatever N: batch invariance)
+    assert plan(2_111, 151_936, 2, H100_SMS) == 5  # 18 992 vectors
+    assert plan(300, 151_936, 4, H100_SMS) == 10  # 37 984 vectors
+    assert plan(1, 151_936, 2, H100_SMS) == 5
+    assert plan(64, 151_936, 2, H100_SMS) == 5
+    assert plan(1, 7, 4, H100_SMS) == 1  # less than a chunk: never split
     assert plan(0, 7, 4, H100_SMS) == 1
 
 

@@ -28,7 +28,11 @@ import torch
 import lenkernels as lk
 from lenkernels import _backend, _build, _extensions
 from lenkernels import cuda as lk_cuda
+from lenkernels._codes import Agg, Mode
+from lenkernels.cuda import phase_stats as lk_cuda_phase
+from lenkernels.cuda import policy_loss as cuda_pl
 from lenkernels.ops import policy_loss as pl_ops
+from lenkernels.ops.policy_loss_args import PolicyConfig, PolicyInputs, kernel_tokens
 from lenkernels.reference import advantages as ref_adv
 from lenkernels.reference import policy_loss as ref_pl
 from tests.utils import GRAD_ATOL, GRAD_RTOL, HAS_CUDA, STAT_RTOL, assert_close, nan_like
@@ -223,18 +227,18 @@ def test_policy_loss_launchers_write_every_output(dev):
     values and every gradient element (masked ones as exact zeros)."""
     b = _policy_batch(3, 2_100, dev)
     for mode in ("gspo", "ppo"):
-        inputs = (b.lp, b.old, b.adv, b.mask, None, b.ref, b.ent, b.w, None, None)
+        inputs = PolicyInputs(b.lp, b.old, b.adv, b.mask, None, b.ref, b.ent, b.w)
         low, high = ref_pl.resolve_clip(mode, None, None)
-        params = (mode, low, high, 0.0, 1.0, 1.05, 0.05, "k3", True, 0.01, "seq-mean-token-mean", 0.0, 0.0, 1.0)
-        cfg = pl_ops._config(*params, has_normaliser=False)
-        t = pl_ops._tokens(*inputs, for_cpu=False)
+        cfg = PolicyConfig(mode=Mode[mode.upper()], clip_low=low, clip_high=high, kl_coef=0.05, entropy_coef=0.01,
+                           agg=Agg.SEQ_MEAN_TOKEN_MEAN)  # fmt: skip
+        t = kernel_tokens(inputs)
         stats = torch.full((pl_ops.NUM_STATS,), float("nan"), device=dev)
         seq = torch.full((3, pl_ops.NUM_SEQ_VALUES), float("nan"), device=dev)
         g = torch.zeros(pl_ops.NUM_STATS, device=dev)
         g[0] = 1.0
         d_lp, d_h = nan_like(b.lp), nan_like(b.ent)
-        lk_cuda.policy_loss_fwd(t, cfg, stats, seq)
-        lk_cuda.policy_loss_bwd(t, cfg, stats, seq, g, d_lp, d_h)
+        cuda_pl.policy_loss_fwd(t, cfg, stats, seq)
+        cuda_pl.policy_loss_bwd(t, cfg, stats, seq, g, d_lp, d_h)
         assert not bool(torch.isnan(stats).any()) and not bool(torch.isnan(seq).any())
         assert not bool(torch.isnan(d_lp).any()) and not bool(torch.isnan(d_h).any())
         assert bool((d_lp[~b.mask] == 0).all()) and bool((d_h[~b.mask] == 0).all())
@@ -469,17 +473,19 @@ def test_phase_launchers_write_every_output(dev):
     outs += [torch.full((6,), -7, dtype=torch.int64, device=dev) for _ in range(3)]
     found = torch.full((6,), 7, dtype=torch.uint8, device=dev)
     delim = torch.tensor(DELIM, device=dev)
-    lk_cuda.phase_stats_fwd(values, flat_ids, valid, cu, delim, *outs, found)
+    lk_cuda_phase.phase_stats_fwd(values, flat_ids, valid, cu, delim, *outs, found)
     assert not any(bool(torch.isnan(o).any()) for o in outs[:4]) and not any(bool((o == -7).any()) for o in outs[4:])
     assert found.cpu().tolist() == [1, 1, 1, 0, 1, 0]
     assert outs[6].cpu().tolist() == [1_023, 1_024, 5, T, 700, T]
     dvalues = nan_like(values)
-    lk_cuda.phase_stats_bwd(valid, cu, outs[6], outs[4], outs[5], 3, *[torch.randn(1, 6, device=dev)] * 4, dvalues)
+    grads = [torch.randn(1, 6, device=dev)] * 4
+    lk_cuda_phase.phase_stats_bwd(valid, cu, outs[6], outs[4], outs[5], 3, *grads, dvalues)
     assert not bool(torch.isnan(dvalues).any())
     seq_outs = [torch.full((6,), -7, dtype=torch.int64, device=dev)]
     seq_outs += [torch.full((6,), float("nan"), device=dev) for _ in range(4)]
     high = torch.full((6 * T,), 7, dtype=torch.uint8, device=dev)
-    lk_cuda.sequence_stats_fwd(values.reshape(-1), valid, cu, 0.5, torch.tensor([0.3], device=dev), *seq_outs, high)
+    quantile = torch.tensor([0.3], device=dev)
+    lk_cuda_phase.sequence_stats_fwd(values.reshape(-1), valid, cu, 0.5, quantile, *seq_outs, high)
     assert not bool((seq_outs[0] == -7).any()) and not any(bool(torch.isnan(o).any()) for o in seq_outs[1:])
     assert bool((high <= 1).all()) and not bool(high[~valid].any())
 

@@ -15,8 +15,8 @@ import torch
 
 import lenkernels as lk
 from lenkernels import shaping
-from lenkernels.ops import advantages as adv_ops
-from lenkernels.ops import phase_stats as phase_ops
+from lenkernels.cpu import advantages as cpu_adv
+from lenkernels.cpu import phase_stats as cpu_phase
 from tests.utils import HAS_CUDA, backend_params
 
 _INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -219,8 +219,8 @@ def test_same_bits_run_after_run(fn, backend, device):
 def many_threads_everywhere(monkeypatch):
     """The cpu kernels keep small problems on one thread; lower those thresholds so the sizes here
     (kept small for CI) run on every thread the test asks for."""
-    monkeypatch.setattr(adv_ops, "_threads", lambda work: torch.get_num_threads())
-    monkeypatch.setattr(phase_ops, "_TOKENS_PER_THREAD", 1)
+    monkeypatch.setattr(cpu_adv, "_threads", lambda work: torch.get_num_threads())
+    monkeypatch.setattr(cpu_phase, "_TOKENS_PER_THREAD", 1)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

@@ -24,6 +24,7 @@ trl_utils = trainer_module("trl.trainer.utils")
 grpo_module = trainer_module("trl.trainer.grpo_trainer")
 GRPOTrainer = grpo_module.GRPOTrainer
 
+from lenkernels.integrations import _trl_token_stats as lk_ts
 from lenkernels.integrations import trl as lk_trl
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -165,8 +166,8 @@ def test_output_dtype_follows_trls_kernel_selection():
                             options.append((index, FakeTensor(lead, mask_dtype, device)))
                     for index, row_mask in options:
                         expected = trl_utils.is_triton_available() and trl_fused(logits, index, row_mask)
-                        assert lk_trl._fused_in_trl(logits, index, row_mask) == expected, (logits.__dict__, index)
-                        assert lk_trl._trl_dtype(logits, index, row_mask) == (torch.float32 if expected else dtype)
+                        assert lk_ts._fused_in_trl(logits, index, row_mask) == expected, (logits.__dict__, index)
+                        assert lk_ts._trl_dtype(logits, index, row_mask) == (torch.float32 if expected else dtype)
                         cases += 1
     assert cases > 500
 

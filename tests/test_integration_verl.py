@@ -24,6 +24,7 @@ core = trainer_module("verl.trainer.ppo.core_algos")
 verl_config = trainer_module("verl.workers.config")
 from verl.trainer.config import AlgoConfig
 
+from lenkernels.integrations import _verl_token_stats as lk_ts
 from lenkernels.integrations import verl as lk_verl
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -131,8 +132,8 @@ def test_logprobs_dtype_follows_verls_path(monkeypatch):
             monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", disabled)
             flash = available and disabled != "1"
             for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-                assert lk_verl._logprobs_dtype(Fake("cuda", dtype)) == (torch.float32 if flash else dtype)
-                assert lk_verl._logprobs_dtype(Fake("cpu", dtype)) == dtype
+                assert lk_ts._logprobs_dtype(Fake("cuda", dtype)) == (torch.float32 if flash else dtype)
+                assert lk_ts._logprobs_dtype(Fake("cpu", dtype)) == dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)

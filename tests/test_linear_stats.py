@@ -296,14 +296,14 @@ def test_tile_plan_bounds_memory(monkeypatch):
     assert rows == 8192 and cols >= 4096, "whole rows and large vocabulary chunks at the benchmark size"
 
     seen = []
-    tile = ops._tile_logits
+    tile = ref.tile_logits
 
     def recording(*args):
         out = tile(*args)
         seen.append(out.numel())
         return out
 
-    monkeypatch.setattr(ops, "_tile_logits", recording)
+    monkeypatch.setattr(ref, "tile_logits", recording)
     hidden, weight, bias, ids = _inputs((37,), 16, 211, torch.float32)
     h = hidden.clone().requires_grad_(True)
     lp, ent = lk.linear_logprobs_entropy(h, weight, ids, bias=bias, chunk_size=600, backend="cpu")

@@ -16,7 +16,10 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lenkernels as lk
+from lenkernels.cpu import phase_stats as cpu_phase
 from lenkernels.ops import phase_stats as ops
+from lenkernels.ops import sequence_stats as seq_ops
+from lenkernels.ops.quantile import quantile_threshold
 from lenkernels.reference import phase_stats as ref
 from lenkernels.reference import token_stats as ref_tokens
 from tests.fuzz import examples
@@ -327,7 +330,7 @@ def test_launchers_write_every_output(backend, device):
     seq_outs += [torch.full((n_seq,), float("nan"), device=device) for _ in range(4)]
     seq_outs += [torch.ones(flat_ids.numel(), dtype=torch.bool, device=device)]
     quantile = torch.full((1,), 0.3, device=device)
-    ops.sequence_stats_fwd(values.reshape(-1), valid, cu, 0.5, quantile, backend, seq_outs)
+    seq_ops.sequence_stats_fwd(values.reshape(-1), valid, cu, 0.5, quantile, backend, seq_outs)
     assert not bool((seq_outs[0] == -7).any()) and not any(bool(torch.isnan(o).any()) for o in seq_outs[1:5])
     assert not bool(seq_outs[5][~valid].any()), "padding tokens are never high-entropy tokens"
 
@@ -406,7 +409,7 @@ def test_quantile_threshold_host_and_device_paths():
         rho = [0.0, 0.2, 0.5, 1.0, 0.37][trial % 5]
         want = ref.top_entropy_threshold(x, valid, rho).reshape(1)
         for host in (True, False):
-            got = ops._quantile_threshold(x, valid, 1.0 - rho, None, host_select=host)
+            got = quantile_threshold(x, valid, 1.0 - rho, None, host_select=host)
             assert torch.equal(got, want) or (bool(torch.isnan(got).all()) and bool(torch.isnan(want).all())), (
                 trial, host, got, want,
             )  # fmt: skip
@@ -662,7 +665,7 @@ def test_cpu_results_do_not_depend_on_threads(monkeypatch):
     try:
         for threads, grain in ((1, 1 << 30), (2, 1), (3, 7)):
             torch.set_num_threads(threads)
-            monkeypatch.setattr(ops, "_TOKENS_PER_THREAD", grain)
+            monkeypatch.setattr(cpu_phase, "_TOKENS_PER_THREAD", grain)
             x = values.clone().requires_grad_(True)
             st = lk.phase_stats(x, ids, mask, delimiter=DELIMITERS[3], cu_seqlens=cu, backend="cpu")
             (st.think_mean.sum() + st.answer_sum.sum()).backward()

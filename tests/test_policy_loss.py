@@ -14,7 +14,10 @@ import pytest
 import torch
 
 import lenkernels as lk
+from lenkernels import _backend
+from lenkernels._codes import Agg, KLEstimator, Mode, NormSource
 from lenkernels.ops import policy_loss as ops
+from lenkernels.ops.policy_loss_args import KLConfig, PolicyConfig, PolicyInputs, kernel_tokens
 from lenkernels.reference import policy_loss as ref
 from tests.utils import GRAD_RTOL, HAS_CUDA, STAT_RTOL, assert_close, backend_params, nan_like
 
@@ -279,27 +282,19 @@ def test_kernels_write_every_output(backend, device):
     batch = make_batch(*SHAPES["split"], device=device)
     for mode in ("gspo", "ppo"):
         kw = full_kwargs(batch, mode=mode, agg="seq-mean-token-mean")
-        inputs = (batch.lp, batch.old, batch.adv, batch.mask, None, batch.ref, batch.ent, batch.w, None, None)
+        inputs = PolicyInputs(batch.lp, batch.old, batch.adv, batch.mask, None, batch.ref, batch.ent, batch.w)
         low, high = ref.resolve_clip(mode, None, None)
-        params = (mode, low, high, 0.0, 1.0, 1.05, kw["kl_coef"], "k3", True, kw["entropy_coef"],
-                  "seq-mean-token-mean", 0.0, 0.0, 1.0)  # fmt: skip
-        cfg = ops._config(*params, has_normaliser=False)
-        t = ops._tokens(*inputs, for_cpu=backend == "cpu")
+        cfg = PolicyConfig(mode=Mode[mode.upper()], clip_low=low, clip_high=high, kl_coef=kw["kl_coef"],
+                           entropy_coef=kw["entropy_coef"], agg=Agg.SEQ_MEAN_TOKEN_MEAN)  # fmt: skip
+        t = kernel_tokens(inputs)
         stats = torch.full((ops.NUM_STATS,), float("nan"), device=device)
         seq = torch.full((2, ops.NUM_SEQ_VALUES), float("nan"), device=device)
         g = torch.zeros(ops.NUM_STATS, device=device)
         g[0] = 1.0
         d_lp, d_h = nan_like(t.logprobs), nan_like(t.entropy)
-        if backend == "cpu":
-            cpu = lk.cpu.load("policy_loss")
-            cpu.policy_loss_fwd(ops._cpu_args(t, cfg), stats.data_ptr(), seq.data_ptr())
-            cpu.policy_loss_bwd(ops._cpu_args(t, cfg), stats.data_ptr(), seq.data_ptr(), g.data_ptr(),
-                                d_lp.data_ptr(), d_lp.stride(0), d_h.data_ptr(), d_h.stride(0))  # fmt: skip
-        else:
-            from lenkernels.triton import policy_loss as tri
-
-            tri.policy_loss_fwd(t, cfg, stats, seq)
-            tri.policy_loss_bwd(t, cfg, stats, seq, g, d_lp, d_h)
+        kernels = _backend.kernels(backend, "policy_loss")
+        kernels.policy_loss_fwd(t, cfg, stats, seq)
+        kernels.policy_loss_bwd(t, cfg, stats, seq, g, d_lp, d_h)
         assert not bool(torch.isnan(stats).any()) and not bool(torch.isnan(seq).any())
         assert not bool(torch.isnan(d_lp).any()) and not bool(torch.isnan(d_h).any())
         assert bool((d_lp[~batch.mask] == 0).all()) and bool((d_h[~batch.mask] == 0).all())
@@ -375,20 +370,23 @@ def test_opcheck(backend, device):
     batch = make_batch(3, 10, device=device, garbage=False)
     torch.library.opcheck(
         torch.ops.lenkernels.policy_loss.default,
-        (batch.lp.requires_grad_(True), batch.old, batch.adv, batch.mask, None, batch.ref,
-         batch.ent.requires_grad_(True), batch.w, None, None, "ppo", 0.2, 0.28, 3.0, 1.0, 1.05, 0.1, "k3+", True,
-         0.01, "token-mean", 0.0, 0.0, 1.0, backend),
+        ops.op_args(PolicyInputs(batch.lp.requires_grad_(True), batch.old, batch.adv, batch.mask, None, batch.ref,
+                                 batch.ent.requires_grad_(True), batch.w, None, None),
+                    PolicyConfig(Mode.PPO, 0.2, 0.28, 3.0, 1.0, 1.05, Agg.TOKEN_MEAN, KLEstimator.K3, True, True, 0.1,
+                                 0.01, NormSource.NORM_COUNTED, 0.0, 0.0, 1.0), backend),
     )  # fmt: skip
     cu = torch.tensor([0, 4, 4, 10], device=device)
     lp = batch.lp.detach().reshape(-1)[:10].clone().requires_grad_(True)
     torch.library.opcheck(
         torch.ops.lenkernels.policy_loss.default,
-        (lp, lp.detach() + 0.1, torch.randn(3, device=device), None, cu, None, None, None, None,
-         torch.tensor([5.0], device=device), "gspo", 3e-4, 4e-4, 0.0, 1.0, 1.05, 0.0, "k3", True, 0.0,
-         "seq-mean-token-mean", 0.0, 0.0, 2.0, backend),
+        ops.op_args(PolicyInputs(lp, lp.detach() + 0.1, torch.randn(3, device=device), None, cu, None, None, None,
+                                 None, torch.tensor([5.0], device=device)),
+                    PolicyConfig(Mode.GSPO, 3e-4, 4e-4, 0.0, 1.0, 1.05, Agg.SEQ_MEAN_TOKEN_MEAN, KLEstimator.K3, False,
+                                 True, 0.0, 0.0, NormSource.NORM_TENSOR, 0.0, 0.0, 2.0), backend),
     )  # fmt: skip
     torch.library.opcheck(
-        torch.ops.lenkernels.kl_penalty.default, (batch.lp.requires_grad_(True), batch.ref, "k3+", True, backend)
+        torch.ops.lenkernels.kl_penalty.default,
+        ops.kl_op_args(batch.lp.requires_grad_(True), batch.ref, KLConfig(KLEstimator.K3, True, True), backend),
     )
 
 

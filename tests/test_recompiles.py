@@ -23,6 +23,10 @@ BOUNDS = {
     "token_stats_fwd_kernel": DTYPES,
     "token_stats_finalize_kernel": DTYPES,
     "token_stats_bwd_kernel": DTYPES,
+    # lenkernels.token_stats's SPEC 7 outputs: separate kernels (the two-output ones stay as they are)
+    "token_stats_extra_fwd_kernel": DTYPES,
+    "token_stats_extra_finalize_kernel": DTYPES,
+    "token_stats_extra_bwd_kernel": DTYPES,
     # padded PPO (lengths 1 .. 2010: every tile bucket) + packed GSPO (short sequences: one bucket at
     # least, all four at most)
     "policy_loss_fwd_kernel": DTYPES * (BLOCK_BUCKETS + 1),
@@ -45,6 +49,9 @@ BOUNDS = {
     "phase_stats_fwd_kernel": DTYPES,
     "phase_stats_bwd_kernel": DTYPES,
     "sequence_stats_fwd_kernel": DTYPES * 2,  # with and without the top-entropy mask
+    # level (token, sequence, geometric) x mode (truncate, mask) x veto: compile-time codes
+    "rollout_correction_fwd_kernel": DTYPES * 3 * 2 * 2,
+    "rollout_correction_finalize_kernel": 1,
 }
 
 

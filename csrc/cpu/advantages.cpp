@@ -5,11 +5,12 @@
 //   batch_shift_scale  weighted moments of fixed 4096-element chunks, merged left to right
 //   broadcast          (adv - shift) * scale times the mask, masked tokens exactly 0
 //   group_stats        count/sum/mean/std/min/max of the selected members of each group
-// The segmentation (perm, offsets, runs) comes from lenkernels/ops/advantages.py.  Every sum runs
+// The segmentation (perm, offsets, runs) comes from lenkernels/_grouping.py.  Every sum runs
 // in a fixed order inside one work item, so results do not depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -30,34 +31,36 @@ LK_ALWAYS_INLINE float as_float(uint8_t x) { return float(x); }
 LK_ALWAYS_INLINE float as_float(int32_t x) { return float(x); }
 LK_ALWAYS_INLINE float as_float(int64_t x) { return float(x); }
 
+// One switch over the Weight codes (lenkernels/_codes.py; checked at the bindings, so the default
+// is never reached from Python).
 #define LK_DISPATCH_WEIGHT(code, W, ...)                                \
-  switch (code) {                                                       \
-    case 0: {                                                           \
+  switch (static_cast<::lk::Weight>(code)) {                            \
+    case ::lk::Weight::kFloat32: {                                      \
       using W = float;                                                  \
       __VA_ARGS__;                                                      \
       break;                                                            \
     }                                                                   \
-    case 1: {                                                           \
+    case ::lk::Weight::kBFloat16: {                                     \
       using W = ::lk::cpu::bf16;                                        \
       __VA_ARGS__;                                                      \
       break;                                                            \
     }                                                                   \
-    case 2: {                                                           \
+    case ::lk::Weight::kFloat16: {                                      \
       using W = ::lk::cpu::fp16;                                        \
       __VA_ARGS__;                                                      \
       break;                                                            \
     }                                                                   \
-    case 3: {                                                           \
+    case ::lk::Weight::kBool: {                                         \
       using W = uint8_t;                                                \
       __VA_ARGS__;                                                      \
       break;                                                            \
     }                                                                   \
-    case 4: {                                                           \
+    case ::lk::Weight::kInt32: {                                        \
       using W = int32_t;                                                \
       __VA_ARGS__;                                                      \
       break;                                                            \
     }                                                                   \
-    case 5: {                                                           \
+    case ::lk::Weight::kInt64: {                                        \
       using W = int64_t;                                                \
       __VA_ARGS__;                                                      \
       break;                                                            \
@@ -67,16 +70,16 @@ LK_ALWAYS_INLINE float as_float(int64_t x) { return float(x); }
   }
 
 int64_t elem_size(int code) {
-  switch (code) {
-    case 0:
-    case 4:
-      return 4;
-    case 1:
-    case 2:
-      return 2;
-    case 3:
+  switch (static_cast<Weight>(code)) {
+    case Weight::kBool:
       return 1;
-    default:
+    case Weight::kBFloat16:
+    case Weight::kFloat16:
+      return 2;
+    case Weight::kFloat32:
+    case Weight::kInt32:
+      return 4;
+    default:  // kInt64
       return 8;
   }
 }
@@ -218,7 +221,7 @@ void group_advantages(const GroupArgs& a) {
       const float r_second = n <= 1.0f ? 0.0f : (n_top >= 2 ? r_max : below);
       for (int64_t i = 0; i < size; ++i) {
         float out;
-        if (a.method == kPassK) {
+        if (a.method == kGrpoPassk) {
           out = has_nan ? quiet_nan() : passk_advantage(i == best, r_max, r_second, std, a.eps, a.norm);
         } else {
           out = member_advantage(a.method, s[i], baseline, std, n, a.eps, a.norm);
@@ -429,6 +432,34 @@ void group_stats(const StatArgs& a) {
   }
 }
 
+// Codes from Python (lenkernels/_codes.py) are checked here, before any work: an unknown one raises
+// (a throw inside the kernels' OpenMP regions would abort the process instead).
+void check_method(int method) {
+  if (!lk::adv::known_method(method)) {
+    throw pybind11::value_error("unknown advantage method code " + std::to_string(method));
+  }
+}
+
+void check_batch_method(int method) {
+  if (!lk::adv::batch_level_method(method)) {
+    throw pybind11::value_error("the batch-level step is that of batch or reinforce_pp_baseline, got method code " +
+                                std::to_string(method));
+  }
+}
+
+void check_dtype(int code, const char* name) {
+  if (!lk::adv::known_dtype(code)) {
+    throw pybind11::value_error(std::string("unknown ") + name + " dtype code " + std::to_string(code));
+  }
+}
+
+// Only where the tensor is given (its pointer non-null).
+void check_weight(uintptr_t p, int code, const char* name) {
+  if (p && !lk::adv::known_weight(code)) {
+    throw pybind11::value_error(std::string("unknown ") + name + " dtype code " + std::to_string(code));
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
@@ -443,6 +474,10 @@ PYBIND11_MODULE(_cpu_advantages, m) {
                                uintptr_t perm, uintptr_t offsets, uintptr_t n_groups, int64_t group_size, int method,
                                float eps, bool norm, float ddof, uintptr_t adv, uintptr_t raw, uintptr_t w_out,
                                int threads) {
+    check_dtype(r_dtype, "rewards");
+    check_weight(mask, m_dtype, "mask");
+    check_weight(lengths, l_dtype, "lengths");
+    check_method(method);
     GroupArgs a{reinterpret_cast<const void*>(rewards), r_dtype, n, T, stride_r, reinterpret_cast<const void*>(mask),
                 m_dtype, Tm, stride_m, reinterpret_cast<const void*>(lengths), l_dtype, ptr<const int64_t>(perm),
                 ptr<const int64_t>(offsets), ptr<const int64_t>(n_groups), group_size, method, eps, norm, ddof,
@@ -460,6 +495,8 @@ PYBIND11_MODULE(_cpu_advantages, m) {
   });
   m.def("batch_shift_scale", [](uintptr_t x, int64_t n, uintptr_t w, int w_dtype, int method, float eps,
                                 uintptr_t stats, int threads) {
+    check_weight(w, w_dtype, "weights");
+    check_batch_method(method);
     MomentArgs a{ptr<const float>(x), n, reinterpret_cast<const void*>(w), w_dtype, method, eps, ptr<float>(stats),
                  threads_for(threads)};
     py::gil_scoped_release release;
@@ -467,6 +504,7 @@ PYBIND11_MODULE(_cpu_advantages, m) {
   });
   m.def("broadcast", [](uintptr_t adv, int64_t n, uintptr_t stats, uintptr_t mask, int m_dtype, int64_t T,
                         int64_t stride_m, uintptr_t out, int64_t stride_o, int threads) {
+    check_weight(mask, m_dtype, "mask");
     BroadcastArgs a{ptr<const float>(adv), n, ptr<const float>(stats), reinterpret_cast<const void*>(mask), m_dtype,
                     T, stride_m, ptr<float>(out), stride_o, threads_for(threads)};
     py::gil_scoped_release release;
@@ -475,6 +513,7 @@ PYBIND11_MODULE(_cpu_advantages, m) {
   m.def("group_stats", [](uintptr_t values, int64_t n, int64_t c_in, int64_t c_out, uintptr_t where, uintptr_t mask,
                           int m_dtype, int64_t T, int64_t stride_m, uintptr_t perm, uintptr_t offsets,
                           uintptr_t n_groups, int64_t group_size, uintptr_t stats, uintptr_t lengths, int threads) {
+    check_weight(mask, m_dtype, "mask");
     StatArgs a{ptr<const float>(values), n, c_in, c_out, ptr<const float>(where), reinterpret_cast<const void*>(mask),
                m_dtype, T, stride_m, ptr<const int64_t>(perm), ptr<const int64_t>(offsets),
                ptr<const int64_t>(n_groups), group_size, ptr<float>(stats), ptr<float>(lengths),

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "cpu_utils.h"
 #include "lenkernels/phase_stats.h"
@@ -227,6 +228,13 @@ void sequence_stats(const SeqArgs& a) {
   }
 }
 
+// An unknown dtype code raises before any work: with empty sequences the dispatch is never reached.
+void check_dtype(int dtype) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
+    throw pybind11::value_error("unsupported dtype code " + std::to_string(dtype) + " (lenkernels._codes.DType)");
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
@@ -241,6 +249,7 @@ PYBIND11_MODULE(_cpu_phase_stats, m) {
                               uintptr_t answer_mean, uintptr_t answer_sum, uintptr_t think_count,
                               uintptr_t answer_count, uintptr_t k, uintptr_t found, int threads) {
     using namespace lk::cpu;
+    check_dtype(dtype);
     FwdArgs a{reinterpret_cast<const void*>(values), dtype, n_channels, channel_stride, ptr<const int64_t>(ids),
               ptr<const uint8_t>(valid), n_tokens, ptr<const int64_t>(cu_seqlens), n_seq, ptr<const int64_t>(delim),
               delim_len, ptr<float>(think_mean), ptr<float>(think_sum), ptr<float>(answer_mean),
@@ -255,6 +264,7 @@ PYBIND11_MODULE(_cpu_phase_stats, m) {
                               uintptr_t g_answer_sum, uintptr_t dvalues, int dtype, int64_t n_channels,
                               int64_t channel_stride, int threads) {
     using namespace lk::cpu;
+    check_dtype(dtype);
     BwdArgs a{ptr<const uint8_t>(valid), n_tokens, ptr<const int64_t>(cu_seqlens), n_seq, ptr<const int64_t>(k),
               ptr<const int64_t>(think_count), ptr<const int64_t>(answer_count), delim_len,
               ptr<const float>(g_think_mean), ptr<const float>(g_think_sum), ptr<const float>(g_answer_mean),
@@ -268,6 +278,7 @@ PYBIND11_MODULE(_cpu_phase_stats, m) {
                                  uintptr_t length, uintptr_t mean, uintptr_t min, uintptr_t max,
                                  uintptr_t frac_above, uintptr_t high, int threads) {
     using namespace lk::cpu;
+    check_dtype(dtype);
     SeqArgs a{reinterpret_cast<const void*>(values), dtype, ptr<const uint8_t>(valid), n_tokens,
               ptr<const int64_t>(cu_seqlens), n_seq, threshold, ptr<const float>(quantile), ptr<int64_t>(length),
               ptr<float>(mean), ptr<float>(min), ptr<float>(max), ptr<float>(frac_above), ptr<uint8_t>(high),

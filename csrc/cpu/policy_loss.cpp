@@ -8,9 +8,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu_utils.h"
+#include "lenkernels/policy_args.h"
 #include "lenkernels/policy_loss.h"
 
 namespace lk {
@@ -33,7 +35,7 @@ struct Column {
   LK_ALWAYS_INLINE float at(int64_t b, int64_t start, int64_t t) const { return p[b * rs + start + t]; }
 };
 
-struct Args {
+struct Args : PolicyScalars {  // the scalars (pp, agg, kl_coef, ...) from parse_policy_scalars
   int64_t n_seqs = 0, seq_len = 0;
   const int64_t* cu = nullptr;  // packed layout when set
   Column lp, old, adv, ref, ent, w;
@@ -41,13 +43,7 @@ struct Args {
   const uint8_t* mask = nullptr;
   int64_t mask_rs = 0;
   const double* thr = nullptr;
-  PolicyParams pp{};
-  int agg = kTokenMean, kl_est = kK3;
-  bool kl_straight = false, kl_clamp = true, has_seq = false;
-  float kl_coef = 0.0f, entropy_coef = 0.0f;
-  int norm_source = kNormCounted;
   const float* norm = nullptr;
-  float norm_const = 0.0f, scale = 1.0f;
   int threads = 1;
 
   LK_ALWAYS_INLINE int64_t start(int64_t b) const { return cu ? cu[b] : 0; }
@@ -160,6 +156,8 @@ LK_ALWAYS_INLINE void forward_tile_impl(const Args& a, const Tile& tile, const S
   out[kPartKept] = kept;
 }
 
+// The mode as a compile-time constant M. parse() has already refused an unknown code (an exception
+// must not leave an OpenMP region), so the default case is the last line of defence, not a fallback.
 #define LK_DISPATCH_MODE(mode, M, ...)  \
   switch (mode) {                       \
     case kGSPO: {                       \
@@ -192,11 +190,13 @@ LK_ALWAYS_INLINE void forward_tile_impl(const Args& a, const Tile& tile, const S
       __VA_ARGS__;                      \
       break;                            \
     }                                   \
-    default: {                          \
+    case kPPO: {                        \
       constexpr int M = kPPO;           \
       __VA_ARGS__;                      \
       break;                            \
     }                                   \
+    default:                            \
+      throw pybind11::value_error("mode must be a lk::policy::Mode code"); \
   }
 
 LK_TARGET_CLONES void forward_tile(const Args& a, const Tile& tile, const SeqValues& sv, double* out) {
@@ -322,6 +322,7 @@ T* opt_ptr(const pybind11::dict& d, const char* key) {
 
 Args parse(const pybind11::dict& d) {
   Args a;
+  static_cast<PolicyScalars&>(a) = parse_policy_scalars(d);  // checks the codes
   a.n_seqs = d["n_seqs"].cast<int64_t>();
   a.seq_len = d["seq_len"].cast<int64_t>();
   a.cu = opt_ptr<const int64_t>(d, "cu_seqlens");
@@ -335,22 +336,14 @@ Args parse(const pybind11::dict& d) {
   a.mask = opt_ptr<const uint8_t>(d, "mask");
   a.mask_rs = d["mask_rs"].cast<int64_t>();
   a.thr = opt_ptr<const double>(d, "threshold");
-  a.pp = PolicyParams{d["mode"].cast<int>(),           d["lo"].cast<float>(),      d["hi"].cast<float>(),
-                      d["dual"].cast<bool>() ? 1 : 0, d["dual_c"].cast<float>(),  d["tau_pos"].cast<float>(),
-                      d["tau_neg"].cast<float>()};
-  a.agg = d["agg"].cast<int>();
-  a.kl_est = d["kl_est"].cast<int>();
-  a.kl_straight = d["kl_straight"].cast<bool>();
-  a.kl_clamp = d["kl_clamp"].cast<bool>();
-  a.has_seq = d["has_seq"].cast<bool>();
-  a.kl_coef = d["kl_coef"].cast<float>();
-  a.entropy_coef = d["entropy_coef"].cast<float>();
-  a.norm_source = d["norm_source"].cast<int>();
   a.norm = opt_ptr<const float>(d, "normaliser");
-  a.norm_const = d["norm_const"].cast<float>();
-  a.scale = d["scale"].cast<float>();
   a.threads = threads_for(d["threads"].cast<int>());
   return a;
+}
+
+void check_kl_estimator(int est) {
+  const std::string why = invalid_kl_estimator(est);
+  if (!why.empty()) throw pybind11::value_error(why);
 }
 
 }  // namespace
@@ -383,6 +376,7 @@ PYBIND11_MODULE(_cpu_policy_loss, m) {
       "Writes d loss / d logprobs (and d loss / d entropy when dent != 0), fp32, every token of every sequence.");
   m.def("kl_penalty_fwd", [](uintptr_t lp, uintptr_t ref, uintptr_t out, int64_t n, int est, bool clamp, int threads) {
     using namespace lk::cpu;
+    check_kl_estimator(est);
     py::gil_scoped_release release;
     const int64_t chunk = 1 << 14;
 #pragma omp parallel for schedule(static) num_threads(threads_for(threads))
@@ -394,6 +388,7 @@ PYBIND11_MODULE(_cpu_policy_loss, m) {
   m.def("kl_penalty_bwd", [](uintptr_t lp, uintptr_t ref, uintptr_t g, uintptr_t dlp, uintptr_t dref, int64_t n,
                              int est, bool straight, bool clamp, int threads) {
     using namespace lk::cpu;
+    check_kl_estimator(est);
     py::gil_scoped_release release;
     const int64_t chunk = 1 << 14;
 #pragma omp parallel for schedule(static) num_threads(threads_for(threads))

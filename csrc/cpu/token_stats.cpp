@@ -219,6 +219,186 @@ void backward(const BwdArgs& a) {
   }
 }
 
+
+// --- extra vocabulary statistics (SPEC 7), run only when lenkernels.token_stats asks for them ------
+// A separate entry point: the two-output kernels above keep their code and bits. Each chunk is
+// reduced by the same chunk_state (so logprob and entropy are the same fp32 operations), then its
+// L1-resident fp32 copy is swept again for S2 = sum exp(2 (z - m)) (log_sum_p2 = log S2 - 2 log S:
+// no cancellation), the lowest index of the largest logit and the sum of the finite logits.
+
+struct ExtraState {
+  SoftmaxState st;
+  float s2;
+  float best;       // the largest raw logit
+  int64_t best_id;  // its lowest index, -1 while only -inf was seen
+  double sum_x;     // sum of the finite raw logits
+};
+
+template <typename T>
+LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, float inv_t, float* buf) {
+  ExtraState e{chunk_state(x, n, inv_t, buf), 0.0f, kNegInf, -1, 0.0};
+  if (e.st.s != 0.0f) {
+    float s2[kLanes];
+    for (int k = 0; k < kLanes; ++k) s2[k] = 0.0f;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int k = 0; k < kLanes; ++k) {
+        const float p = fast_exp(buf[i + k] - e.st.m);
+        s2[k] += p * p;
+      }
+    }
+    for (int k = 0; i + k < n; ++k) {
+      const float p = fast_exp(buf[i + k] - e.st.m);
+      s2[k] += p * p;
+    }
+    for (int w = kLanes / 2; w > 0; w /= 2) {
+      for (int k = 0; k < w; ++k) s2[k] += s2[k + w];
+    }
+    e.s2 = s2[0];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = to_float(x[j]);
+    if (v > e.best || (e.best_id < 0 && v == kNegInf)) {
+      e.best = v;
+      e.best_id = base + j;
+    }
+    if (std::isfinite(v)) e.sum_x += v;
+  }
+  return e;
+}
+
+LK_TARGET_CLONES ExtraState chunk_extra_any(int dtype, const void* x, int64_t n, int64_t base, float inv_t,
+                                            float* buf) {
+  ExtraState e{};
+  LK_DISPATCH_DTYPE(dtype, T, e = chunk_extra(static_cast<const T*>(x), n, base, inv_t, buf));
+  return e;
+}
+
+LK_ALWAYS_INLINE float rescaled_s2(const ExtraState& a, float m) {
+  if (a.st.s == 0.0f) return 0.0f;
+  const float c = expf(a.st.m - m);
+  return c * c * a.s2;
+}
+
+LK_ALWAYS_INLINE ExtraState merge_extra(const ExtraState& a, const ExtraState& b) {
+  ExtraState r;
+  r.st = merge(a.st, b.st);
+  r.s2 = rescaled_s2(a, r.st.m) + rescaled_s2(b, r.st.m);
+  const bool take = b.best > a.best || (a.best_id < 0 && b.best_id >= 0);  // b's ids are larger: ties keep a
+  r.best = take ? b.best : a.best;
+  r.best_id = take ? b.best_id : a.best_id;
+  r.sum_x = a.sum_x + b.sum_x;
+  return r;
+}
+
+struct ExtraFwdArgs {
+  FwdArgs base;  // logprobs, entropy, lse, mean_z as in the two-output forward (max_z, log_s unused)
+  float *sum_p2, *log_sum_p2;
+  int64_t* argmax;
+  float *max_logprob, *mean_logit;
+};
+
+template <typename T>
+int64_t extra_forward_impl(const ExtraFwdArgs& e) {
+  const FwdArgs& a = e.base;
+  const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
+  const int64_t n_tiles = a.n_rows * n_chunks;
+  ExtraState* states = new ExtraState[n_tiles];
+#pragma omp parallel num_threads(a.threads)
+  {
+    alignas(64) float buf[kChunk];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t r = t / n_chunks, c = (t % n_chunks) * kChunk;
+      const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
+      const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+      states[t] = chunk_extra_any(a.dtype, row + c, std::min(kChunk, a.vocab - c), c, inv_t, buf);
+    }
+  }
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+#pragma omp parallel for schedule(static) num_threads(a.threads) reduction(min : first_bad)
+  for (int64_t r = 0; r < a.n_rows; ++r) {
+    // chunks merged left to right from the empty state, as in forward_impl
+    ExtraState st{empty_state(), 0.0f, kNegInf, -1, 0.0};
+    for (int64_t c = 0; c < n_chunks; ++c) st = merge_extra(st, states[r * n_chunks + c]);
+    if (!finish_row<T>(a, r, st.st)) first_bad = std::min(first_bad, r);
+    const float log_s = logf(st.st.s);
+    const float log_sum_p2 = logf(st.s2) - 2.0f * log_s;  // all -inf row: -inf - -inf = NaN
+    const bool has_mass = st.st.s > 0.0f;                  // false for an all -inf row and for NaN
+    const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+    e.sum_p2[r] = expf(log_sum_p2);
+    e.log_sum_p2[r] = log_sum_p2;
+    e.argmax[r] = st.best_id < 0 ? 0 : st.best_id;
+    e.max_logprob[r] = has_mass ? -log_s : __builtin_nanf("");  // m is the exact max: max z - lse = -log S
+    e.mean_logit[r] = has_mass ? static_cast<float>(st.sum_x * inv_t / a.vocab) : __builtin_nanf("");
+  }
+  delete[] states;
+  return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
+}
+
+int64_t extra_forward(const ExtraFwdArgs& e) {
+  int64_t out = -1;
+  LK_DISPATCH_DTYPE(e.base.dtype, T, out = extra_forward_impl<T>(e));
+  return out;
+}
+
+// d logits of every float output (see lenkernels/triton/token_stats.py token_stats_extra_bwd_kernel);
+// elementwise given the row's scalars, so out may alias x.
+template <typename T>
+LK_ALWAYS_INLINE void extra_grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, int64_t local_top,
+                                       float inv_t, float lse, float mean_z, float log_sum_p2, const float* g) {
+  const float g_lp = g[0], g_h = g[1], g_sp2 = g[2], g_lsp2 = g[3], g_mlp = g[4], g_mean = g[5];
+  const float p_coef = g_lp + g_mlp + 2.0f * g_lsp2 + 2.0f * g_sp2 * expf(log_sum_p2);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float z = to_float(x[j]) * inv_t;
+    const float d = z - lse;
+    const float p = fast_exp(d);
+    const float q = fast_exp(2.0f * d - log_sum_p2);
+    const float ent = p > 0.0f ? p * (z - mean_z) : 0.0f;
+    const float grad = (j == local_id ? g_lp : 0.0f) + (j == local_top ? g_mlp : 0.0f) - p_coef * p - g_h * ent +
+                       2.0f * g_sp2 * p * p + 2.0f * g_lsp2 * q + (std::fabs(z) < -kNegInf ? g_mean : 0.0f);
+    out[j] = from_float<T>(grad * inv_t);
+  }
+}
+
+LK_TARGET_CLONES void extra_grad_chunk_any(int dtype, const void* x, void* out, int64_t n, int64_t local_id,
+                                           int64_t local_top, float inv_t, float lse, float mean_z, float log_sum_p2,
+                                           const float* g) {
+  LK_DISPATCH_DTYPE(dtype, T,
+                    extra_grad_chunk(static_cast<const T*>(x), static_cast<T*>(out), n, local_id, local_top, inv_t,
+                                     lse, mean_z, log_sum_p2, g));
+}
+
+struct ExtraBwdArgs {
+  BwdArgs base;  // g_logprobs / g_entropy unused: grads holds all six cotangents
+  const float* log_sum_p2;
+  const int64_t* argmax;
+  const float* grads;  // [6, N]: g_lp, g_h, g_sum_p2, g_log_sum_p2, g_max_logprob, g_mean_logit
+};
+
+void extra_backward(const ExtraBwdArgs& e) {
+  const BwdArgs& a = e.base;
+  const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
+  const int64_t n_tiles = a.n_rows * n_chunks;
+  const int64_t elem = a.dtype == kFloat32 ? 4 : 2;
+#pragma omp parallel for schedule(static) num_threads(a.threads)
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t r = t / n_chunks, begin = (t % n_chunks) * kChunk;
+    const int64_t id = a.ids[r];
+    float g[6];
+    for (int k = 0; k < 6; ++k) g[k] = e.grads[k * a.n_rows + r];
+    if (id == a.ignore_index) g[0] = 0.0f;
+    g[5] /= static_cast<float>(a.vocab);
+    extra_grad_chunk_any(a.dtype, static_cast<const char*>(a.logits) + (r * a.row_stride + begin) * elem,
+                         static_cast<char*>(a.dlogits) + (r * a.dlogits_row_stride + begin) * elem,
+                         std::min(kChunk, a.vocab - begin), id - begin, e.argmax[r] - begin,
+                         inverse_temperature(a.temperature[r * a.temp_stride]), a.lse[r], a.mean_z[r],
+                         e.log_sum_p2[r], g);
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
@@ -255,6 +435,36 @@ PYBIND11_MODULE(_cpu_token_stats, m) {
               threads_for(threads)};
     py::gil_scoped_release release;
     backward(a);
+  });
+  m.def(
+      "token_stats_extra_fwd",
+      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids,
+         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
+         uintptr_t lse, uintptr_t mean_z, uintptr_t sum_p2, uintptr_t log_sum_p2, uintptr_t argmax,
+         uintptr_t max_logprob, uintptr_t mean_logit, int threads) {
+        using namespace lk::cpu;
+        ExtraFwdArgs e{FwdArgs{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
+                               ptr<const int64_t>(ids), ptr<const float>(temperature), temp_stride, ignore_index,
+                               ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
+                               nullptr, nullptr, threads_for(threads)},
+                       ptr<float>(sum_p2), ptr<float>(log_sum_p2), ptr<int64_t>(argmax), ptr<float>(max_logprob),
+                       ptr<float>(mean_logit)};
+        py::gil_scoped_release release;
+        return extra_forward(e);
+      },
+      "Every SPEC 7 statistic of lenkernels.token_stats; returns -1 or the first row with a bad id.");
+  m.def("token_stats_extra_bwd", [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                                    uintptr_t ids, uintptr_t temperature, int64_t temp_stride, int64_t ignore_index,
+                                    uintptr_t lse, uintptr_t mean_z, uintptr_t log_sum_p2, uintptr_t argmax,
+                                    uintptr_t grads, uintptr_t dlogits, int64_t dlogits_row_stride, int threads) {
+    using namespace lk::cpu;
+    ExtraBwdArgs e{BwdArgs{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
+                           ptr<const int64_t>(ids), ptr<const float>(temperature), temp_stride, ignore_index,
+                           ptr<const float>(lse), ptr<const float>(mean_z), nullptr, nullptr, 0, 0,
+                           reinterpret_cast<void*>(dlogits), dlogits_row_stride, threads_for(threads)},
+                   ptr<const float>(log_sum_p2), ptr<const int64_t>(argmax), ptr<const float>(grads)};
+    py::gil_scoped_release release;
+    extra_backward(e);
   });
   m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
 }

@@ -6,8 +6,9 @@
 //   advantages_broadcast_kernel  one block per response row (or elementwise without a mask)
 //   group_stats_kernel           one warp per group, every column
 // What the teams compute is in advantages.h; the maths in lenkernels/advantages.h, shared with the
-// CPU backend. Raw device pointers, sizes and the stream come from Python (lenkernels/cuda.py): no
-// torch headers. device -1 runs the same bodies on the host (team.h).
+// CPU backend. Raw device pointers, sizes and the stream come from Python
+// (lenkernels/cuda/advantages.py): no torch headers. device -1 runs the same bodies on the host
+// (team.h). Method and dtype codes are checked before any launch.
 #include <pybind11/pybind11.h>
 
 #include <climits>
@@ -119,6 +120,32 @@ void check_n(int64_t n) {
   if (n < 0) throw std::invalid_argument("the batch size must be non-negative");
 }
 
+// Codes from Python (lenkernels/_codes.py) are checked before any launch: an unknown one raises
+// instead of running as some default.
+void check_method(int method) {
+  if (!known_method(method)) throw std::invalid_argument("unknown advantage method code " + std::to_string(method));
+}
+
+void check_batch_method(int method) {
+  if (!batch_level_method(method)) {
+    throw std::invalid_argument("the batch-level step is that of batch or reinforce_pp_baseline, got method code " +
+                                std::to_string(method));
+  }
+}
+
+void check_dtype(int code, const char* name) {
+  if (!known_dtype(code)) {
+    throw std::invalid_argument(std::string("unknown ") + name + " dtype code " + std::to_string(code));
+  }
+}
+
+// Only where the tensor is given (its pointer non-null).
+void check_weight(uintptr_t p, int code, const char* name) {
+  if (p && !known_weight(code)) {
+    throw std::invalid_argument(std::string("unknown ") + name + " dtype code " + std::to_string(code));
+  }
+}
+
 Groups groups_of(uintptr_t perm, uintptr_t offsets, uintptr_t n_groups, int64_t group_size) {
   if (n_groups == 0) throw std::invalid_argument("n_groups (a device scalar) is required");
   if ((perm == 0) != (offsets == 0)) throw std::invalid_argument("perm and offsets come together");
@@ -146,6 +173,10 @@ PYBIND11_MODULE(_cuda_advantages, m) {
          uintptr_t adv, uintptr_t raw, uintptr_t w_out, uintptr_t score_buf, uintptr_t len_buf, int64_t sm_count,
          int device, uintptr_t stream) {
         check_n(n);
+        check_dtype(r_dtype, "rewards");
+        check_weight(mask, m_dtype, "mask");
+        check_weight(lengths, l_dtype, "lengths");
+        check_method(method);
         if ((T > 0 && score_buf == 0) || (mask != 0 && len_buf == 0)) {
           throw std::invalid_argument("token rewards need score_buf and a mask needs len_buf ([B] fp32 scratch)");
         }
@@ -192,6 +223,8 @@ PYBIND11_MODULE(_cuda_advantages, m) {
       [](uintptr_t x, int64_t n, uintptr_t w, int w_dtype, int method, float eps, uintptr_t stats, int device,
          uintptr_t stream) {
         check_n(n);
+        check_weight(w, w_dtype, "weights");
+        check_batch_method(method);
         const MomentArgs a{ptr<const float>(x), n, reinterpret_cast<const void*>(w), w_dtype, method, eps,
                            ptr<float>(stats)};
         py::gil_scoped_release release;
@@ -210,6 +243,7 @@ PYBIND11_MODULE(_cuda_advantages, m) {
       [](uintptr_t adv, int64_t n, uintptr_t stats, uintptr_t mask, int m_dtype, int64_t T, int64_t stride_m,
          uintptr_t out, int64_t stride_o, int64_t sm_count, int device, uintptr_t stream) {
         check_n(n);
+        check_weight(mask, m_dtype, "mask");
         const BroadcastArgs a{ptr<const float>(adv), n, ptr<const float>(stats), reinterpret_cast<const void*>(mask),
                               m_dtype, T, stride_m, ptr<float>(out), stride_o};
         const int64_t blocks = mask ? grid_for(n, 1, sm_count * 4) : grid_for(n, kThreads, sm_count);
@@ -232,6 +266,7 @@ PYBIND11_MODULE(_cuda_advantages, m) {
          int64_t T, int64_t stride_m, uintptr_t perm, uintptr_t offsets, uintptr_t n_groups, int64_t group_size,
          int64_t bound, uintptr_t stats, uintptr_t lengths, int64_t sm_count, int device, uintptr_t stream) {
         check_n(n);
+        check_weight(mask, m_dtype, "mask");
         if (c_out != c_in + (mask ? 1 : 0)) throw std::invalid_argument("c_out must be c_in (+ 1 with a mask)");
         if (mask && lengths == 0) throw std::invalid_argument("a mask needs the lengths output");
         const Groups groups = groups_of(perm, offsets, n_groups, group_size);

@@ -2,7 +2,7 @@
 // kernels in advantages.cu computes. The maths is lenkernels/advantages.h, shared with the CPU
 // backend; the bodies are templates over a Team (team.h), so the host emulation runs them as is.
 //
-// Segmented layout from lenkernels/ops/advantages.py (sorts and scans on the device): perm[B]
+// Segmented layout from lenkernels/_grouping.py (sorts and scans on the device): perm[B]
 // (sorted position -> response), offsets[B + 1] (group starts) and the group count n_groups[1] in
 // device memory; contiguous groups (an int group size) need neither perm nor offsets. Grids are
 // sized on the host for the most groups B allows; warps past the device's count return: no host sync.
@@ -183,7 +183,7 @@ LK_HOST_DEVICE void group_warp(const GroupArgs& a, int64_t g, Team& team) {
 
   float std = 1.0f, r_second = 0.0f;
   int64_t best = ge;
-  if (a.method == kGrpo || a.method == kPassK) {  // the only methods that read the std / top-2
+  if (a.method == kGrpo || a.method == kGrpoPassk) {  // the only methods that read the std / top-2
     SecondPass p2{0.0f, 0.0f, kNegInf, ge};
     for (int64_t i = gs + team.rank(); i < ge; i += Team::kSize) {
       const float s = score_of(a, a.groups.row(i));
@@ -206,7 +206,7 @@ LK_HOST_DEVICE void group_warp(const GroupArgs& a, int64_t g, Team& team) {
     const int64_t row = a.groups.row(i);
     const float s = score_of(a, row);
     float out;
-    if (a.method == kPassK) {
+    if (a.method == kGrpoPassk) {
       out = p1.n_nan > 0.0f ? quiet_nan() : passk_advantage(i == best, p1.r_max, r_second, std, a.eps, a.norm);
     } else {
       out = member_advantage(a.method, s, baseline, std, n, a.eps, a.norm);

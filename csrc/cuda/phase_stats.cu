@@ -3,11 +3,12 @@
 //   phase_stats_bwd_kernel     grid (S): d values of every token of every sequence
 //   sequence_stats_fwd_kernel  grid (S): length, mean/min/max, fraction above a threshold, mask
 // What a block computes is in phase_stats.h; the maths in lenkernels/phase_stats.h, shared with the
-// CPU backend. Raw device pointers, sizes and the stream come from Python (lenkernels/cuda.py): no
-// torch headers. device -1 runs the same bodies on the host (team.h).
+// CPU backend. Raw device pointers, sizes and the stream come from Python
+// (lenkernels/cuda/phase_stats.py): no torch headers. device -1 runs the same bodies on the host (team.h).
 #include <pybind11/pybind11.h>
 
 #include <climits>
+#include <string>
 
 #include "cuda_utils.h"
 #include "phase_stats.h"
@@ -34,6 +35,13 @@ __global__ void __launch_bounds__(kThreads) sequence_stats_fwd_kernel(const SeqA
   __shared__ TeamScratch<kThreads> scratch;
   BlockTeam<kThreads> team{&scratch};
   sequence_block(a, blockIdx.x, team);
+}
+
+// An unknown dtype code raises: load_float would read it as float32.
+void check_dtype(int dtype) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
+    throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype) + " (lenkernels._codes.DType)");
+  }
 }
 
 // One block per sequence on the device (made current for the call), or the host emulation.
@@ -90,6 +98,7 @@ PYBIND11_MODULE(_cuda_phase_stats, m) {
          uintptr_t valid, int64_t n_tokens, uintptr_t cu_seqlens, int64_t n_seq, uintptr_t delim, int64_t delim_len,
          uintptr_t think_mean, uintptr_t think_sum, uintptr_t answer_mean, uintptr_t answer_sum, uintptr_t think_count,
          uintptr_t answer_count, uintptr_t k, uintptr_t found, int device, uintptr_t stream) {
+        check_dtype(dtype);
         if (id_bytes != 4 && id_bytes != 8) throw std::invalid_argument("ids must be int32 or int64");
         if (n_channels < 0 || delim_len < 0) throw std::invalid_argument("n_channels and delim_len must be >= 0");
         const FwdArgs a{reinterpret_cast<const void*>(values), dtype, n_channels, channel_stride,
@@ -113,6 +122,7 @@ PYBIND11_MODULE(_cuda_phase_stats, m) {
          uintptr_t answer_count, int64_t delim_len, uintptr_t g_think_mean, uintptr_t g_think_sum,
          uintptr_t g_answer_mean, uintptr_t g_answer_sum, uintptr_t dvalues, int dtype, int64_t n_channels,
          int64_t channel_stride, int device, uintptr_t stream) {
+        check_dtype(dtype);
         const BwdArgs a{ptr<const uint8_t>(valid),       n_tokens,
                         ptr<const int64_t>(cu_seqlens),  n_seq,
                         ptr<const int64_t>(k),           ptr<const int64_t>(think_count),
@@ -134,6 +144,7 @@ PYBIND11_MODULE(_cuda_phase_stats, m) {
       [](uintptr_t values, int dtype, uintptr_t valid, int64_t n_tokens, uintptr_t cu_seqlens, int64_t n_seq,
          float threshold, uintptr_t quantile, uintptr_t length, uintptr_t mean, uintptr_t min, uintptr_t max,
          uintptr_t frac_above, uintptr_t high, int device, uintptr_t stream) {
+        check_dtype(dtype);
         if ((quantile == 0) != (high == 0)) throw std::invalid_argument("quantile and high come together");
         const SeqArgs a{reinterpret_cast<const void*>(values),
                         dtype,

@@ -6,12 +6,14 @@
 //   kl_penalty_fwd_kernel, kl_penalty_bwd_kernel: elementwise, grid-stride
 // What the blocks compute is in policy_loss.h; the per-token maths in lenkernels/policy_loss.h,
 // shared with the CPU backend. Raw device pointers, sizes and the stream come from Python
-// (lenkernels/cuda.py): no torch headers. device -1 runs the same bodies on the host (team.h).
+// (lenkernels/cuda/policy_loss.py): no torch headers. device -1 runs the same bodies on the host (team.h).
 #include <pybind11/pybind11.h>
 
 #include <climits>
+#include <string>
 
 #include "cuda_utils.h"
+#include "lenkernels/policy_args.h"
 #include "policy_loss.h"
 #include "team.h"
 
@@ -124,9 +126,11 @@ Column column(const pybind11::dict& d, const std::string& name) {
                 d[(name + "_dtype").c_str()].cast<int>()};
 }
 
-// The kernel-side view of the op's inputs; keys as lenkernels/cuda.py _policy_args writes them.
+// The kernel-side view of the op's inputs; keys as lenkernels/cuda/policy_loss.py _policy_args writes
+// them. Every code is checked here, before any launch.
 Args parse(const pybind11::dict& d) {
   Args a = {};
+  static_cast<PolicyScalars&>(a) = parse_policy_scalars(d);  // checks the codes
   a.n_seqs = d["n_seqs"].cast<int64_t>();
   a.seq_len = d["seq_len"].cast<int64_t>();
   a.cu = opt_ptr<const int64_t>(d, "cu_seqlens");
@@ -140,30 +144,17 @@ Args parse(const pybind11::dict& d) {
   a.mask = opt_ptr<const uint8_t>(d, "mask");
   a.mask_rs = d["mask_rs"].cast<int64_t>();
   a.thr = opt_ptr<const double>(d, "threshold");
-  a.pp = PolicyParams{};
-  a.pp.mode = d["mode"].cast<int>();
-  a.pp.lo = d["lo"].cast<float>();
-  a.pp.hi = d["hi"].cast<float>();
-  a.pp.dual = d["dual"].cast<bool>() ? 1 : 0;
-  a.pp.dual_c = d["dual_c"].cast<float>();
-  a.pp.tau_pos = d["tau_pos"].cast<float>();
-  a.pp.tau_neg = d["tau_neg"].cast<float>();
-  a.agg = d["agg"].cast<int>();
-  a.kl_est = d["kl_est"].cast<int>();
-  a.kl_straight = d["kl_straight"].cast<bool>();
-  a.kl_clamp = d["kl_clamp"].cast<bool>();
-  a.has_seq = d["has_seq"].cast<bool>();
-  a.kl_coef = d["kl_coef"].cast<float>();
-  a.entropy_coef = d["entropy_coef"].cast<float>();
-  a.norm_source = d["norm_source"].cast<int>();
   a.norm = opt_ptr<const float>(d, "normaliser");
-  a.norm_const = d["norm_const"].cast<float>();
-  a.scale = d["scale"].cast<float>();
   if (a.lp.p == nullptr || a.old.p == nullptr || a.adv.p == nullptr) {
     throw std::invalid_argument("logprobs, old_logprobs and advantages are required");
   }
   if (a.thr != nullptr && a.ent.p == nullptr) throw std::invalid_argument("a threshold needs the entropy");
   return a;
+}
+
+void check_kl_estimator(int est) {
+  const std::string why = invalid_kl_estimator(est);
+  if (!why.empty()) throw std::invalid_argument(why);
 }
 
 }  // namespace
@@ -228,6 +219,7 @@ PYBIND11_MODULE(_cuda_policy_loss, m) {
       "kl_penalty_fwd",
       [](uintptr_t lp, int lp_dtype, uintptr_t ref, int ref_dtype, uintptr_t out, int64_t n, int est, bool clamp,
          int64_t sm_count, int device, uintptr_t stream) {
+        check_kl_estimator(est);
         KlArgs a{reinterpret_cast<const void*>(lp), lp_dtype, reinterpret_cast<const void*>(ref), ref_dtype, nullptr,
                  lk::kFloat32, ptr<float>(out), nullptr, lk::kFloat32, nullptr, lk::kFloat32, n, est, false, clamp};
         py::gil_scoped_release release;
@@ -241,6 +233,7 @@ PYBIND11_MODULE(_cuda_policy_loss, m) {
       [](uintptr_t lp, int lp_dtype, uintptr_t ref, int ref_dtype, uintptr_t grad, int grad_dtype, uintptr_t dlp,
          int dlp_dtype, uintptr_t dref, int dref_dtype, int64_t n, int est, bool straight, bool clamp,
          int64_t sm_count, int device, uintptr_t stream) {
+        check_kl_estimator(est);
         KlArgs a{reinterpret_cast<const void*>(lp), lp_dtype, reinterpret_cast<const void*>(ref), ref_dtype,
                  reinterpret_cast<const void*>(grad), grad_dtype, nullptr, reinterpret_cast<void*>(dlp), dlp_dtype,
                  reinterpret_cast<void*>(dref), dref_dtype, n, est, straight, clamp};

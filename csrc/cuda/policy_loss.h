@@ -45,7 +45,7 @@ struct Column {
   LK_HOST_DEVICE float at(int64_t b, int64_t start, int64_t t) const { return load_float(p, dtype, b * rs + start + t); }
 };
 
-struct Args {
+struct Args : PolicyScalars {  // the scalars (pp, agg, kl_coef, ...): parse_policy_scalars
   int64_t n_seqs, seq_len;  // seq_len: padded T (unused when packed)
   const int64_t* cu;        // [B + 1] cu_seqlens: packed layout when set
   Column lp, old, adv, ref, ent, w;  // ref, ent, w: p null when absent; adv per sequence: adv.p[b * adv.rs]
@@ -53,13 +53,7 @@ struct Args {
   const uint8_t* mask;  // null: every token counts
   int64_t mask_rs;
   const double* thr;  // [1] top-entropy threshold, or null
-  PolicyParams pp;
-  int agg, kl_est;
-  bool kl_straight, kl_clamp, has_seq;
-  float kl_coef, entropy_coef;
-  int norm_source;
   const float* norm;  // [1] given normaliser (norm_source == kNormTensor)
-  float norm_const, scale;
   int n_splits;
   float* seq_part;  // [B, n_splits, 8]
   float* part;      // [B * n_splits, 16]

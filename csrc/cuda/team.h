@@ -66,14 +66,12 @@ LK_HOST_DEVICE void store_float(void* base, int dtype, int64_t i, float v) {
   }
 }
 
-// Masks, lengths and weights (lenkernels/ops/advantages.py WEIGHT_CODES): the float codes above,
-// then bool/uint8 (3), int32 (4), int64 (5).
-constexpr int kWeightU8 = 3, kWeightI32 = 4, kWeightI64 = 5;
-
+// Masks, lengths and weights (lk::Weight, lenkernels/_codes.py): the float codes above, then
+// bool/uint8, int32, int64.
 LK_HOST_DEVICE float load_weight(const void* base, int code, int64_t i) {
-  if (code == kWeightU8) return float(static_cast<const uint8_t*>(base)[i]);
-  if (code == kWeightI32) return float(static_cast<const int32_t*>(base)[i]);
-  if (code == kWeightI64) return float(static_cast<const int64_t*>(base)[i]);
+  if (code == int(Weight::kBool)) return float(static_cast<const uint8_t*>(base)[i]);
+  if (code == int(Weight::kInt32)) return float(static_cast<const int32_t*>(base)[i]);
+  if (code == int(Weight::kInt64)) return float(static_cast<const int64_t*>(base)[i]);
   return load_float(base, code, i);
 }
 

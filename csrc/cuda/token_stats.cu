@@ -1,7 +1,7 @@
 // Token log-probabilities and entropy from logits on the GPU (SPEC 1), CUDA C++ backend.
 //   token_stats_fwd_kernel       grid (N * n_splits): one read of the logits -> logprob, entropy,
-//                                lse, mean_z ([N] fp32 each), or partial states when n_splits > 1
-//   token_stats_finalize_kernel  grid (N / 128): merges the partial states of each row
+//                                lse, mean_z ([N] fp32 each), or chunk states when n_splits > 1
+//   token_stats_finalize_kernel  grid (N / 128): merges the chunk states of each row in order
 //   token_stats_bwd_kernel       grid (N * n_splits): one read + one write per logit -> dlogits
 // The per-thread work is in token_stats.h; the arithmetic in csrc/include/lenkernels/, shared with
 // the CPU backend. Raw device pointers, sizes and the stream come from Python (lenkernels/cuda.py):
@@ -23,6 +23,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_fwd_ker
   const int64_t row = blockIdx.x / unsigned(p.n_splits);
   const int split = int(blockIdx.x % unsigned(p.n_splits));
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const float inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
   // the target logit is fetched before the sweep, so its latency hides behind it
   int64_t id = 0;
@@ -31,9 +32,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_fwd_ker
     id = load_id(p.ids, p.id_bytes, row);
     if (id >= 0 && id < p.vocab) x_target = load_early(x + id);
   }
-  SoftmaxState st = fwd_thread_state<T>(x, p.vocab, split, p.n_splits, threadIdx.x, inv_t);
-  st = block_merge<kThreads>(st);
-  if (threadIdx.x == 0) write_block_result(p, row, split, st, id, x_target * inv_t);
+  const int64_t n_chunks = chunk_count(p.vocab, sizeof(T));
+  const int64_t first = p.n_splits == 1 ? 0 : split;
+  const int64_t last = p.n_splits == 1 ? n_chunks : split + 1;
+  const float tail = last == n_chunks ? tail_scalar(x, p.vocab, threadIdx.x) : kNegInf;
+  const SoftmaxState total = aligned ? fold_chunks<T, true>(x, p.vocab, first, last, tail, inv_t)
+                                     : fold_chunks<T, false>(x, p.vocab, first, last, tail, inv_t);
+  if (threadIdx.x == 0) write_block_result(p, row, split, total, id, x_target * inv_t);
 }
 
 template <typename T>
@@ -71,6 +76,9 @@ void forward(const FwdParams& p, int dtype, int device, cudaStream_t stream) {
   if (blocks == 0) return;
   DeviceGuard guard(device);
   LK_CUDA_DISPATCH_DTYPE(dtype, T, {
+    if (p.n_splits != 1 && p.n_splits != chunk_count(p.vocab, sizeof(T))) {
+      throw std::invalid_argument("n_splits must be 1 or the row's chunk count (token_stats_splits)");
+    }
     token_stats_fwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
     check_cuda(cudaGetLastError(), "launching token_stats_fwd_kernel");
     if (p.n_splits > 1) {

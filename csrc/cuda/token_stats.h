@@ -2,13 +2,23 @@
 // token_stats.cu computes. LK_HOST_DEVICE throughout, so the host can replay the kernels thread by
 // thread (tests/test_cuda_compile.py).
 //
-// Forward, grid (N * n_splits) of kThreads: block (row, split) streams its share of the row once
-// with 16-byte loads (the next tile's loads in flight while the current tile is folded), each thread
-// folds its tiles into an online-softmax state (m, S, U), and the block merges the states
-// (warp shuffles, then one warp over the warps' states). n_splits == 1: thread 0 writes logprob,
-// entropy, lse and mean_z. n_splits > 1 (rows too few to fill the GPU): each block writes its
-// partial state and a second kernel merges a row's states left to right and writes the outputs.
-// Backward, same grid: one read and one write of each logit (dlogits may alias logits).
+// Forward, grid (N * n_splits) of kThreads. A row is cut into chunks of kChunkVecs 16-byte vectors,
+// counted from the row's first element (vector k = elements [k * kPerVec, (k + 1) * kPerVec), the
+// V % kPerVec elements past the last whole vector belong to the last chunk). Per chunk, each thread
+// folds the vectors it owns (16-byte loads, the next tile's loads in flight while the current tile
+// is folded) into an online-softmax state (m, S, U), and chunk_reduce() turns the block's states
+// into the chunk's state. The row's state is the chunk states merged left to right.
+// n_splits == 1: one block walks every chunk, thread 0 merges them and writes logprob, entropy, lse
+// and mean_z. n_splits == n_chunks (rows too few to fill the GPU): block (row, c) writes chunk c's
+// state and a second kernel merges a row's chunk states left to right and writes the outputs.
+// Batch invariance (DESIGN.md): every reduction is a function of V and the dtype alone: which thread
+// owns which element, the order each thread folds them in, the chunk reduction and the chunk merge
+// order never depend on N, on the split, nor on the row's address (a row that does not start on a
+// 16-byte boundary assembles the same vectors from 2- or 4-byte loads: slower, and only met when
+// V * element size is not a multiple of 16 or the logits are an offset view), so a row's statistics
+// are bitwise identical whatever else is in the batch.
+// Backward, same grid: one read and one write of each logit (dlogits may alias logits); elementwise
+// given the row's lse and mean_z, so any split gives the same bits.
 #pragma once
 
 #include "cuda_utils.h"
@@ -22,6 +32,11 @@ constexpr int kThreads = 256;       // per block, forward and backward
 constexpr int kMinBlocksPerSm = 4;  // launch bounds: at most 64 registers per thread
 constexpr int kUnroll = 4;          // 16-byte loads per thread per tile
 constexpr int kFinalizeThreads = 128;
+constexpr int64_t kTileVecs = int64_t(kThreads) * kUnroll;
+// 4 tiles: 32 768 bf16 / 16 384 fp32 logits (V = 151 936 bf16: 5 chunks); each chunk costs one
+// block reduction, ~2 static instructions per logit around the ~10 of the loop (python -m
+// lenkernels.bench.sass). Larger chunks cost less but give rows of few-row batches fewer blocks.
+constexpr int64_t kChunkVecs = 4 * kTileVecs;
 
 struct FwdParams {
   const void* logits;  // [n_rows, vocab], row_stride elements apart, unit stride along vocab
@@ -51,17 +66,18 @@ struct BwdParams {
   int n_splits;
 };
 
-// Blocks per row: 1 when rows alone give several waves of blocks; otherwise the vocabulary is split
-// so the grid fills the GPU, each split keeping at least one full tile per thread. A function of
-// (N, V, dtype, SM count) only, so results never depend on anything else.
+// Chunks of a row (at least 1): a function of V and the element size only.
+LK_HOST_DEVICE int64_t chunk_count(int64_t vocab, int64_t elem_bytes) {
+  const int64_t n_vec = vocab * elem_bytes / 16;
+  return n_vec <= kChunkVecs ? 1 : ceil_div(n_vec, kChunkVecs);
+}
+
+// Blocks per row: 1 when rows alone give several waves of blocks; otherwise one block per chunk, so
+// the grid fills the GPU. The plan depends on N, the results do not (the chunks are the same).
 inline int split_count(int64_t n_rows, int64_t vocab, int64_t elem_bytes, int64_t sm_count) {
   const int64_t target = 4 * sm_count * kMinBlocksPerSm;
   if (n_rows <= 0 || n_rows >= target) return 1;
-  const int64_t n_vec = vocab * elem_bytes / 16;
-  const int64_t most = n_vec / (int64_t(kThreads) * kUnroll);
-  const int64_t want = ceil_div(target, n_rows);
-  const int64_t splits = want < most ? want : most;
-  return splits > 1 ? int(splits) : 1;
+  return int(chunk_count(vocab, elem_bytes));
 }
 
 LK_HOST_DEVICE int64_t load_id(const void* ids, int id_bytes, int64_t row) {
@@ -70,45 +86,89 @@ LK_HOST_DEVICE int64_t load_id(const void* ids, int id_bytes, int64_t row) {
 
 // --- forward ---------------------------------------------------------------------------------------
 
-// Vectors i, i + kThreads, ..., i + (kUnroll - 1) * kThreads of a row; -inf past `end`.
-template <typename T>
-LK_HOST_DEVICE void load_tile(Vec16 (&tile)[kUnroll], const Vec16* vec, int64_t i, int64_t end) {
+// Vector k of a row (elements [k * kPerVec, (k + 1) * kPerVec)): one 16-byte load when the row
+// starts on a 16-byte boundary, else the same bytes from 4- or 2-byte loads (the same vector either
+// way, so the fold does not depend on where the row lies).
+template <typename T, bool kAligned>
+LK_HOST_DEVICE Vec16 load_vec(const T* row, int64_t k) {
+  if constexpr (kAligned) return load_ro(reinterpret_cast<const Vec16*>(row) + k);
+  Vec16 v;
+  if constexpr (sizeof(T) == 4) {
+    const uint32_t* x = reinterpret_cast<const uint32_t*>(row) + k * 4;
+    LK_UNROLL
+    for (int q = 0; q < 4; ++q) v.w[q] = x[q];
+  } else {
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(row) + k * 8;
+    LK_UNROLL
+    for (int q = 0; q < 4; ++q) v.w[q] = uint32_t(x[2 * q]) | (uint32_t(x[2 * q + 1]) << 16);
+  }
+  return v;
+}
+
+// Vectors i, i + kThreads, ..., i + (kUnroll - 1) * kThreads of a row; -inf outside [i, end).
+template <typename T, bool kAligned>
+LK_HOST_DEVICE void load_tile(Vec16 (&tile)[kUnroll], const T* row, int64_t i, int64_t end) {
   LK_UNROLL
   for (int k = 0; k < kUnroll; ++k) {
     const int64_t idx = i + int64_t(k) * kThreads;
-    tile[k] = idx < end ? load_ro(vec + idx) : neg_inf_vec<T>();
+    tile[k] = idx < end ? load_vec<T, kAligned>(row, idx) : neg_inf_vec<T>();
   }
 }
 
-// The online-softmax state of the elements thread `tid` of block (row, split) owns.
+// Where chunk c lies: vectors [begin, end) of the row, and whether it holds the scalar tail.
+struct Chunk {
+  int64_t begin, end;
+  bool last;
+};
+
 template <typename T>
-LK_HOST_DEVICE SoftmaxState fwd_thread_state(const T* row, int64_t vocab, int split, int n_splits, int tid,
-                                             float inv_t) {
+LK_HOST_DEVICE Chunk chunk_at(int64_t vocab, int64_t c) {
+  const int64_t n_vec = vocab / Elem<T>::kPerVec;
+  const int64_t n_chunks = chunk_count(vocab, sizeof(T));
+  const int64_t begin = c * kChunkVecs;
+  const int64_t end = begin + kChunkVecs < n_vec ? begin + kChunkVecs : n_vec;
+  return Chunk{begin < n_vec ? begin : n_vec, end, c == n_chunks - 1};
+}
+
+// The scalar past the row's last whole vector that thread `tid` owns (-inf if none), loaded early.
+template <typename T>
+LK_HOST_DEVICE float tail_scalar(const T* row, int64_t vocab, int tid) {
+  constexpr int64_t kVec = Elem<T>::kPerVec;
+  const int64_t first = vocab / kVec * kVec;
+  return first + tid < vocab ? load_early(row + first + tid) : kNegInf;
+}
+
+// The online-softmax state of the elements of chunk `ch` that thread `tid` owns, folded tile by
+// tile from the empty state. `cur` holds the thread's first tile of the chunk on entry and its next
+// tile past the chunk on exit, loaded while the chunk's last tile is folded: chunks but the row's
+// last are whole multiples of the tile, so that is the first tile of the next chunk, masked by
+// `end`, the end of the vectors the block folds. kAligned: the row starts on a 16-byte boundary
+// (two loops, neither with a branch on it).
+template <typename T, bool kAligned>
+LK_HOST_DEVICE SoftmaxState fold_chunk(const T* row, const Chunk& ch, float tail, int64_t end, int tid, float inv_t,
+                                       Vec16 (&cur)[kUnroll]) {
+  static_assert(kChunkVecs % kTileVecs == 0, "whole tiles per chunk");
   using E = Elem<T>;
   constexpr int kVec = E::kPerVec;
-  const RowSpan span = row_span(row, vocab);
-  const Range range = split_range(span.n_vec, split, n_splits, kThreads);
-  // the unaligned edges: loaded first, folded last, so their latency hides behind the main loop
-  float edge[2] = {kNegInf, kNegInf};
-  if (split == 0 && tid < span.head) edge[0] = load_early(row + tid);
-  if (split == n_splits - 1 && tid < span.tail) edge[1] = load_early(row + span.head + span.n_vec * kVec + tid);
-
-  const Vec16* vec = reinterpret_cast<const Vec16*>(row + span.head);
   SoftmaxState st = empty_state();
-  int64_t i = range.begin + tid;
-  Vec16 cur[kUnroll];
-  load_tile<T>(cur, vec, i, range.end);
-  while (i < range.end) {
-    const int64_t next = i + int64_t(kUnroll) * kThreads;
+  for (int64_t i = ch.begin + tid; i < ch.end; i += kTileVecs) {
     Vec16 ahead[kUnroll];
-    load_tile<T>(ahead, vec, next, range.end);  // in flight while `cur` is folded
+    load_tile<T, kAligned>(ahead, row, i + kTileVecs, end);  // in flight while `cur` is folded
     st = fold_tile<kUnroll * kVec>(st, E::raw_max(cur), inv_t,
                                    [&](int k) { return E::get(cur[k / kVec], k % kVec); });
     LK_UNROLL
     for (int k = 0; k < kUnroll; ++k) cur[k] = ahead[k];
-    i = next;
   }
-  return fold_tile<2>(st, nan_max(edge[0], edge[1]), inv_t, [&](int k) { return edge[k]; });
+  if (ch.last) st = fold_tile<1>(st, tail, inv_t, [&](int) { return tail; });
+  return st;
+}
+
+// A thread's chunk state against the chunk's max m: (S, U) both relative to m, so the block can
+// add them up in a fixed order (chunk_reduce) with no further exponential.
+LK_HOST_DEVICE SoftmaxState rebase(const SoftmaxState& st, float m) {
+  SoftmaxState out{m, 0.0f, 0.0f};
+  rescale(st, m, &out.s, &out.u);
+  return out;
 }
 
 LK_HOST_DEVICE void write_row(const FwdParams& p, int64_t row, int64_t id, const SoftmaxState& st, float z_target) {
@@ -121,8 +181,79 @@ LK_HOST_DEVICE void write_row(const FwdParams& p, int64_t row, int64_t id, const
   if (p.log_s) p.log_s[row] = rs.log_s;
 }
 
-// What thread 0 of block (row, split) does with the block's merged state: the row's outputs, or its
-// partial state for token_stats_finalize_kernel.
+// The row's state from its chunk states in index order: the first chunk's state, then merge()
+// with each next one (the finalize kernel's order too).
+LK_HOST_DEVICE SoftmaxState chain(const SoftmaxState& total, const SoftmaxState& chunk, bool first) {
+  return first ? chunk : merge(total, chunk);
+}
+
+#if defined(__CUDACC__)
+// The chunk state of the block's thread states, valid in thread 0: the chunk's max m (a max is the
+// same in any order), each thread's (S, U) rebased onto m (one exponential), then S and U summed by
+// a lane butterfly in each warp and warp by warp in index order. The tree is fixed, and cheaper than
+// a butterfly of merge()s (no exponential per step). Two __syncthreads; the shared arrays are safe
+// to reuse by the next call without a third (every read of one call precedes a barrier every
+// write of the next one follows).
+template <int kBlock>
+__device__ __forceinline__ SoftmaxState chunk_reduce(const SoftmaxState& st) {
+  static_assert(kBlock % 32 == 0 && kBlock <= 1024, "whole warps");
+  constexpr int kWarps = kBlock / 32;
+  __shared__ float warp_max[kWarps];
+  __shared__ float warp_s[kWarps];
+  __shared__ float warp_u[kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float m = st.m;
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, mask));
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();
+  m = warp_max[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) m = nan_max(m, warp_max[w]);
+  const SoftmaxState r = rebase(st, m);
+  float s = r.s, u = r.u;
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) {
+    s += __shfl_xor_sync(0xffffffffu, s, mask);
+    u += __shfl_xor_sync(0xffffffffu, u, mask);
+  }
+  if (lane == 0) {
+    warp_s[warp] = s;
+    warp_u[warp] = u;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s = warp_s[0];
+    u = warp_u[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      s += warp_s[w];
+      u += warp_u[w];
+    }
+  }
+  return SoftmaxState{m, s, u};
+}
+
+// The state of chunks [first, last) of a row, valid in thread 0: each chunk folded and reduced, the
+// chunk states chained in index order.
+template <typename T, bool kAligned>
+__device__ __forceinline__ SoftmaxState fold_chunks(const T* x, int64_t vocab, int64_t first, int64_t last, float tail,
+                                                    float inv_t) {
+  const int64_t end = chunk_at<T>(vocab, last - 1).end;
+  Vec16 cur[kUnroll];
+  load_tile<T, kAligned>(cur, x, chunk_at<T>(vocab, first).begin + threadIdx.x, end);
+  SoftmaxState total = empty_state();
+  for (int64_t c = first; c < last; ++c) {
+    const SoftmaxState st = fold_chunk<T, kAligned>(x, chunk_at<T>(vocab, c), tail, end, threadIdx.x, inv_t, cur);
+    const SoftmaxState chunk = chunk_reduce<kThreads>(st);
+    if (threadIdx.x == 0) total = chain(total, chunk, c == first);
+  }
+  return total;
+}
+#endif
+
+// What thread 0 of block (row, split) does with its state: the row's outputs (n_splits == 1: the
+// whole row), or chunk `split`'s state for token_stats_finalize_kernel.
 LK_HOST_DEVICE void write_block_result(const FwdParams& p, int64_t row, int split, const SoftmaxState& st, int64_t id,
                                        float z_target) {
   if (p.n_splits == 1) {
@@ -135,12 +266,12 @@ LK_HOST_DEVICE void write_block_result(const FwdParams& p, int64_t row, int spli
   }
 }
 
-// n_splits > 1: merges a row's partial states left to right and writes its outputs.
+// n_splits == n_chunks: merges a row's chunk states left to right and writes its outputs.
 template <typename T>
 LK_HOST_DEVICE void finalize_row(const FwdParams& p, int64_t row) {
   const float* part = p.partial + row * p.n_splits * 3;
-  SoftmaxState st{part[0], part[1], part[2]};
-  for (int s = 1; s < p.n_splits; ++s) st = merge(st, SoftmaxState{part[3 * s], part[3 * s + 1], part[3 * s + 2]});
+  SoftmaxState st = empty_state();
+  for (int c = 0; c < p.n_splits; ++c) st = chain(st, SoftmaxState{part[3 * c], part[3 * c + 1], part[3 * c + 2]}, c == 0);
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
   const float inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
   const int64_t id = load_id(p.ids, p.id_bytes, row);

@@ -24,6 +24,7 @@ import contextlib
 import math
 import sys
 import threading
+import types
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
@@ -157,6 +158,23 @@ class ModulePatch:
             yield replaced
         finally:
             self.restore()
+
+
+def _export(namespace: dict) -> None:
+    """Makes the public integration module whose globals are ``namespace`` the home (``__module__``)
+    of the functions and classes of its ``__all__`` that the integrations' private modules define,
+    so that they are documented, pickled and reported under the public import path."""
+    for name in namespace["__all__"]:
+        obj = namespace[name]
+        if isinstance(obj, (types.FunctionType, type)) and obj.__module__.startswith(f"{__name__}._"):
+            obj.__module__ = namespace["__name__"]
+
+
+def _check_exclude(exclude: Iterable[str], names: Iterable[str]) -> None:
+    """``patch(exclude=...)`` takes only names that the patch replaces (``names``)."""
+    unknown = set(exclude) - set(names)
+    if unknown:
+        raise ValueError(f"exclude holds names that patch() does not replace: {sorted(unknown)}")
 
 
 # --- shared by the integrations ----------------------------------------------------------------

@@ -2,312 +2,69 @@
 kernels over any grouping.
 
 Chain of names: ``group_advantages`` (public) -> ``lenkernels::group_advantages`` (custom op; an
-``_out`` variant writes into a given buffer) -> ``group_advantages_fwd`` (host launcher, one branch
-per backend) -> kernels (``triton/advantages.py``, ``csrc/cpu/advantages.cpp``). ``group_stats``
-follows the same chain. Advantages are not differentiable (rewards are data): there is no backward.
+``_out`` variant writes into a given buffer) -> ``group_advantages_fwd`` (host launcher) -> the
+backend's ``group_advantages_fwd`` (``lenkernels/{reference,cpu,cuda,triton}/advantages.py``, one
+signature) -> kernels (``triton/advantages.py``, ``csrc/cpu/advantages.cpp``,
+``csrc/cuda/advantages.cu``). ``group_stats`` follows the same chain. Advantages are not
+differentiable (rewards are data): there is no backward.
 
-Grouping without host syncs: responses are stably sorted by group id on the device, group starts
-come from a scan of the sorted ids (``segments``), and the kernels visit one group at a time with
-programs bounded by B, reading the group count from device memory. The gaussian method sorts by
-(group, score) and reduces over runs of tied scores (``runs``).
+The compiled backends group on the device without host syncs and run their kernels in stages
+(group step or gaussian rank map, batch-level shift/scale, broadcast over the mask):
+``lenkernels/_grouping.py``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
-from lenkernels import _backend, _checks
-from lenkernels.reference import advantages as ref
+from lenkernels import _backend, _checks, _codes, _grouping
+from lenkernels._codes import Method
 
 FAMILY = "advantages"
 _backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
 
-# codes shared with csrc/include/lenkernels/advantages.h and lenkernels/triton/advantages.py
-METHODS = {
-    "grpo": 0,
-    "dr_grpo": 1,
-    "rloo": 2,
-    "reinforce_pp_baseline": 3,
-    "batch": 4,
-    "gaussian": 5,
-    "grpo_passk": 6,
-    "opo": 7,
-}
-_GLOBAL = ("reinforce_pp_baseline", "batch")
-# dtype codes of masks / lengths in the CPU kernels (csrc/cpu/advantages.cpp)
-WEIGHT_CODES = {
-    torch.float32: 0,
-    torch.bfloat16: 1,
-    torch.float16: 2,
-    torch.bool: 3,
-    torch.uint8: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-}
-MASK_DTYPES = tuple(WEIGHT_CODES) + (torch.float64,)
+METHODS = _codes.names(Method)  # the public method strings, in code order
+_GLOBAL = tuple(_codes.name_of(m) for m in _grouping.GLOBAL_METHODS)  # normalised over the whole batch
+MASK_DTYPES = tuple(_codes.WEIGHT_OF) + (torch.float64,)
 
 
-# --- segmentation (device-side preparation, shared by the triton and cpu backends) ------------
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """The scalars of one ``group_advantages`` call, as every backend's launcher reads them."""
+
+    method: Method
+    eps: float
+    norm_by_std: bool
+    unbiased: bool
+
+    @property
+    def ddof(self) -> int:
+        """Delta degrees of freedom of the group std: 1 unbiased (verl, TRL), 0 population."""
+        return 1 if self.unbiased else 0
 
 
-class Segments(NamedTuple):
-    perm: torch.Tensor | None  # [B] int64 sorted position -> response; None for contiguous groups
-    offsets: torch.Tensor | None  # int64 group starts, then B (padded with B to B + 1 entries on a GPU)
-    n_groups: torch.Tensor  # [1] int64
-    group_size: int  # > 0 for contiguous groups, else 0
-    bound: int  # host-side upper bound of the group count
-
-
-class Runs(NamedTuple):
-    perm: torch.Tensor  # [B] int64: responses sorted by (group, score)
-    group_of: torch.Tensor  # [B] int64 group index of each sorted position
-    group_offsets: torch.Tensor  # int64, as Segments.offsets
-    run_offsets: torch.Tensor  # int64 starts of the runs of equal (group, score), as Segments.offsets
-    n_runs: torch.Tensor  # [1] int64
-
-
-def _starts_to_offsets(new: torch.Tensor):
-    """Segment starts (bool [B], first True) -> (segment index per position, offsets, count [1]).
-
-    offsets[g] is the first position of segment g and offsets[count] = B. On a GPU offsets has B + 1
-    entries (B past the last segment) so its size does not depend on the data (no host sync); on the
-    CPU, where a data-dependent size costs nothing, it is read from the starts directly."""
-    seg = torch.cumsum(new, 0) - 1
-    n = new.shape[0]
-    if new.device.type == "cpu":
-        ends = torch.full((1,), n, dtype=torch.int64)
-        return seg, torch.cat([new.nonzero().reshape(-1), ends]), seg[-1:] + 1
-    offsets = torch.searchsorted(seg, torch.arange(n + 1, device=new.device))
-    return seg, offsets, seg[-1:] + 1
-
-
-def segments(groups: torch.Tensor | None, group_size: int, n: int, device) -> Segments:
-    """Group layout of ``n`` responses: contiguous groups of ``group_size``, or a stable sort of the
-    ids in ``groups`` (deterministic: equal ids keep response order)."""
-    if groups is None:
-        count = torch.full((1,), n // group_size, dtype=torch.int64, device=device)
-        return Segments(None, None, count, group_size, n // group_size)
-    sorted_ids, perm = torch.sort(groups, stable=True)
-    new = torch.ones(n, dtype=torch.bool, device=device)
-    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    _, offsets, count = _starts_to_offsets(new)
-    return Segments(perm, offsets, count, 0, n)
-
-
-def runs(keys: torch.Tensor, groups: torch.Tensor) -> Runs:
-    """Runs of equal (group, key) after sorting by group, then key (NaN last), then response."""
-    by_key = torch.argsort(keys, stable=True)
-    perm = by_key[torch.argsort(groups[by_key], stable=True)]
-    g, k = groups[perm], keys[perm]
-    n = keys.shape[0]
-    new_group = torch.ones(n, dtype=torch.bool, device=keys.device)
-    new_group[1:] = g[1:] != g[:-1]
-    new_run = new_group.clone()
-    new_run[1:] |= k[1:] != k[:-1]  # NaN != NaN: each NaN is a run of its own
-    group_of, group_offsets, _ = _starts_to_offsets(new_group)
-    _, run_offsets, n_runs = _starts_to_offsets(new_run)
-    return Runs(perm, group_of, group_offsets, run_offsets, n_runs)
-
-
-def _threads(work: int) -> int:
-    """CPU threads for ``work`` elements: one for small problems (waking a team costs more than them)."""
-    return torch.get_num_threads() if work >= 1 << 16 else 1
-
-
-def _weights_for_kernel(x: torch.Tensor | None) -> torch.Tensor | None:
-    """Masks / lengths as the kernels read them: float64 (reference-only precision) becomes float32."""
-    if x is None or x.dtype in WEIGHT_CODES:
-        return x
-    return x.to(torch.float32)
-
-
-def _rows_unit_stride(x: torch.Tensor | None) -> torch.Tensor | None:
-    if x is None:
-        return None
-    if x.dim() == 1:
-        return x.contiguous()
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-# --- host launcher -----------------------------------------------------------------------------
+# --- host launchers --------------------------------------------------------------------------
 
 
 def group_advantages_fwd(
     rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend, out
 ) -> None:
     """Host launcher: writes ``out`` (fp32, ``[B]`` or ``mask.shape``)."""
-    n = rewards.shape[0]
-    if n == 0:
+    if rewards.shape[0] == 0:
         return
-    if backend == "reference":
-        ids = groups if groups is not None else group_size
-        res = ref.group_advantages(
-            rewards, ids, method, eps=eps, mask=mask, lengths=lengths, norm_by_std=norm_by_std,
-            unbiased=unbiased, task_ids=task_ids,
-        )  # fmt: skip
-        out.copy_(res)
-        return
-    device = rewards.device
-    code = METHODS[method]
-    rewards = _rows_unit_stride(rewards)
-    mask = _rows_unit_stride(_weights_for_kernel(mask))
-    lengths = _rows_unit_stride(_weights_for_kernel(lengths))
-    ddof = 1 if unbiased else 0
-    f32 = dict(dtype=torch.float32, device=device)
-    direct = mask is None and method not in _GLOBAL  # the group step writes the final answer
-    adv = out if direct else torch.empty(n, **f32)
-
-    if method == "gaussian":
-        keys = rewards.to(torch.float32) if rewards.dim() == 1 else rewards.sum(-1, dtype=torch.float32)
-        ids = groups if groups is not None else torch.arange(n, device=device) // group_size
-        _gaussian(keys, ids, adv, backend)
-        if task_ids is not None:
-            first = adv.clone()
-            _gaussian(first, task_ids, adv, backend)
-    else:
-        seg = segments(groups, group_size, n, device)
-        raw = torch.empty(n, **f32) if method == "batch" else None
-        w_out = torch.empty(n, **f32) if method == "reinforce_pp_baseline" and lengths is None and mask is not None else None
-        _group_step(rewards, mask, lengths, seg, code, eps, norm_by_std, ddof, adv, raw, w_out, backend)
-
-    stats = None
-    if method in _GLOBAL:
-        x, w = (raw, None) if method == "batch" else (adv, w_out if w_out is not None else lengths)
-        stats = _batch_shift_scale(x, w, code, eps, backend)
-    if not direct:
-        _broadcast(adv, stats, mask, out, backend)
-
-
-def _group_step(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_out, backend):
-    if backend == "triton":
-        from lenkernels.triton import advantages as tk
-
-        tk.group_advantages(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_out)
-        return
-    if backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.group_advantages(rewards, mask, lengths, seg, code, eps, norm, ddof, adv, raw, w_out)
-        return
-    from lenkernels import cpu
-
-    n = rewards.shape[0]
-    token = rewards.dim() == 2
-    len_mask = mask is not None and lengths is None and code in (METHODS["opo"], METHODS["reinforce_pp_baseline"])
-    cpu.load(FAMILY).group_advantages(
-        rewards.data_ptr(), _checks.DTYPE_CODES[rewards.dtype], n, rewards.shape[1] if token else 0,
-        rewards.stride(0) if token else 1,
-        mask.data_ptr() if len_mask else 0, WEIGHT_CODES[mask.dtype] if len_mask else 0,
-        mask.shape[1] if len_mask else 0, mask.stride(0) if len_mask else 0,
-        lengths.data_ptr() if lengths is not None else 0, WEIGHT_CODES[lengths.dtype] if lengths is not None else 0,
-        seg.perm.data_ptr() if seg.perm is not None else 0, seg.offsets.data_ptr() if seg.offsets is not None else 0,
-        seg.n_groups.data_ptr(), seg.group_size, code, float(eps), bool(norm), float(ddof),
-        adv.data_ptr(), raw.data_ptr() if raw is not None else 0, w_out.data_ptr() if w_out is not None else 0,
-        _threads(rewards.numel() + (mask.numel() if len_mask else 0)),
-    )  # fmt: skip
-
-
-def _gaussian(keys, ids, adv, backend):
-    r = runs(keys, ids)
-    if backend == "triton":
-        from lenkernels.triton import advantages as tk
-
-        tk.gaussian_rank(keys, r, adv)
-        return
-    if backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.gaussian_rank(keys, r, adv)
-        return
-    from lenkernels import cpu
-
-    cpu.load(FAMILY).gaussian_rank(
-        keys.data_ptr(), keys.shape[0], r.perm.data_ptr(), r.group_of.data_ptr(), r.group_offsets.data_ptr(),
-        r.run_offsets.data_ptr(), r.n_runs.data_ptr(), adv.data_ptr(), _threads(16 * keys.shape[0]),
-    )  # fmt: skip
-
-
-def _batch_shift_scale(x, w, code, eps, backend) -> torch.Tensor:
-    if backend == "triton":
-        from lenkernels.triton import advantages as tk
-
-        return tk.batch_shift_scale(x, w, code, eps)
-    if backend == "cuda":
-        from lenkernels import cuda
-
-        return cuda.batch_shift_scale(x, w, code, eps)
-    from lenkernels import cpu
-
-    stats = torch.empty(2, dtype=torch.float32, device=x.device)
-    cpu.load(FAMILY).batch_shift_scale(
-        x.data_ptr(), x.shape[0], w.data_ptr() if w is not None else 0, WEIGHT_CODES[w.dtype] if w is not None else 0,
-        code, float(eps), stats.data_ptr(), _threads(x.shape[0]),
-    )  # fmt: skip
-    return stats
-
-
-def _broadcast(adv, stats, mask, out, backend):
-    if backend == "triton":
-        from lenkernels.triton import advantages as tk
-
-        tk.broadcast(adv, stats, mask, out)
-        return
-    if backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.broadcast(adv, stats, mask, out)
-        return
-    from lenkernels import cpu
-
-    cpu.load(FAMILY).broadcast(
-        adv.data_ptr(), adv.shape[0], stats.data_ptr() if stats is not None else 0,
-        mask.data_ptr() if mask is not None else 0, WEIGHT_CODES[mask.dtype] if mask is not None else 0,
-        mask.shape[1] if mask is not None else 0, mask.stride(0) if mask is not None else 0,
-        out.data_ptr(), out.stride(0) if mask is not None else 1, _threads(out.numel()),
-    )  # fmt: skip
+    cfg = AdvantageConfig(_codes.parse(Method, method, "method"), float(eps), bool(norm_by_std), bool(unbiased))
+    _backend.kernels(backend, FAMILY).group_advantages_fwd(
+        rewards, groups, group_size, mask, lengths, task_ids, cfg, out
+    )
 
 
 def group_stats_fwd(values, where, groups, group_size, mask, backend, stats, lengths) -> None:
     """Host launcher of the per-group statistics: writes stats [B, C, 6] and lengths [B] (with a mask)."""
-    n = values.shape[0]
-    if n == 0:
+    if values.shape[0] == 0:
         return
-    if backend == "reference":
-        cols = values.to(torch.float64)
-        if mask is not None:
-            length = mask.to(torch.float64).sum(-1)
-            lengths.copy_(length)
-            cols = torch.cat([cols, length[:, None]], 1)
-        ids = groups if groups is not None else group_size
-        stats.copy_(ref.group_stats(cols, ids, where))
-        return
-    device = values.device
-    values = values.to(torch.float32).contiguous()
-    where = where.to(torch.float32).contiguous() if where is not None else None
-    mask = _rows_unit_stride(_weights_for_kernel(mask))
-    seg = segments(groups, group_size, n, device)
-    if backend == "triton":
-        from lenkernels.triton import advantages as tk
-
-        tk.group_stats(values, where, mask, seg, stats, lengths if mask is not None else None)
-        return
-    if backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.group_stats(values, where, mask, seg, stats, lengths if mask is not None else None)
-        return
-    from lenkernels import cpu
-
-    cpu.load(FAMILY).group_stats(
-        values.data_ptr(), n, values.shape[1], stats.shape[1], where.data_ptr() if where is not None else 0,
-        mask.data_ptr() if mask is not None else 0, WEIGHT_CODES[mask.dtype] if mask is not None else 0,
-        mask.shape[1] if mask is not None else 0, mask.stride(0) if mask is not None else 0,
-        seg.perm.data_ptr() if seg.perm is not None else 0, seg.offsets.data_ptr() if seg.offsets is not None else 0,
-        seg.n_groups.data_ptr(), seg.group_size, stats.data_ptr(), lengths.data_ptr() if mask is not None else 0,
-        _threads(stats.numel() + (mask.numel() if mask is not None else 0)),
-    )  # fmt: skip
+    _backend.kernels(backend, FAMILY).group_stats_fwd(values, where, groups, group_size, mask, stats, lengths)
 
 
 # --- torch.library registration -------------------------------------------------------------
@@ -452,21 +209,6 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
             raise ValueError(f"{name} holds a non-finite value (NaN or inf) for response {first}")
 
 
-def _check_float(x, name, backend):
-    allowed = _checks.FLOAT_DTYPES + ((torch.float64,) if backend == "reference" else ())
-    if x.dtype not in allowed:
-        extra = " (float64 only with backend='reference')" if x.dtype == torch.float64 else ""
-        raise TypeError(f"{name} must be float32, bfloat16 or float16{extra}, got {x.dtype}")
-
-
-def _check_eps(x, name="eps") -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    if not (0.0 <= float(x) < float("inf")):
-        raise ValueError(f"{name} must be a finite non-negative number, got {x}")
-    return float(x)
-
-
 # --- public API --------------------------------------------------------------------------------
 
 
@@ -547,7 +289,7 @@ def group_advantages(
     _checks.flags(norm_by_std=norm_by_std, unbiased=unbiased)
     _checks.tensor(rewards, "rewards", min_dim=1)
     name = _backend.resolve(backend, FAMILY, rewards.device)
-    _check_float(rewards, "rewards", name)
+    _checks.float_input(rewards, "rewards", name)
     if rewards.dim() > 2:
         raise ValueError(f"rewards must be [B] scores or [B, T] token rewards, got shape {tuple(rewards.shape)}")
     _checks.choice(method, "method", METHODS)
@@ -555,7 +297,7 @@ def group_advantages(
     ids, group_size = _check_groups(groups, n, rewards)
     mask = _check_mask(mask, rewards, n, rewards.shape if rewards.dim() == 2 else None)
     lengths = _check_lengths(lengths, rewards, n)
-    eps = _check_eps(eps)
+    eps = _checks.number(eps, "eps", minimum=0.0)
     if method == "opo" and mask is None and lengths is None:
         raise ValueError("method='opo' weights the baseline by response length: pass mask or lengths")
     if task_ids is not None:

@@ -2,9 +2,11 @@
 ``logits = hidden @ weight.T + bias``) without ever holding the ``[N, V]`` logits.
 
 Chain of names: ``linear_logprobs_entropy`` (public) -> ``lenkernels::linear_stats`` (custom op with
-autograd) -> ``linear_stats_fwd`` / ``linear_stats_bwd`` (host launchers) -> kernels
-(``triton/linear_stats.py``; on the cpu and reference backends a GEMM per tile plus the
-token_stats kernels and ``csrc/cpu/linear_stats.cpp``).
+autograd) -> ``linear_stats_fwd`` / ``linear_stats_bwd`` (host launchers) -> the backend's
+``linear_stats_fwd`` / ``linear_stats_bwd_tile`` (``lenkernels.<backend>.linear_stats``: triton,
+cpu, reference; no cuda) -> kernels (``triton/linear_stats.py``; on the cpu and reference backends a
+GEMM per tile plus the token_stats kernels and ``csrc/cpu/linear_stats.cpp``). The backward's
+gradient GEMMs, common to every backend, are here.
 
 Memory. The work is cut into tiles of ``rows x cols`` logits with ``rows * cols <= chunk_size``
 (``tile_plan``). The Triton forward holds no logits at all (the softmax state is folded in the
@@ -20,50 +22,20 @@ tile boundaries as the forward, so it sees the forward's logits bit for bit.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from lenkernels import _backend, _checks
 from lenkernels import distributed as lkdist
-from lenkernels.ops.token_stats import token_stats_bwd, token_stats_fwd
 from lenkernels.reference import linear_stats as ref
+from lenkernels.reference.linear_stats import tile_plan
 
 FAMILY = "linear_stats"
 _backend.register_family(FAMILY, ("triton", "cpu", "reference"))
 
 # Logits elements held at once by default: 64 Mi (128 MiB of bf16) on a GPU, 16 Mi on a CPU.
 DEFAULT_CHUNK = {"cuda": 1 << 26, "cpu": 1 << 24}
-
-
-def tile_plan(n_rows: int, vocab: int, chunk_size: int) -> tuple[int, int]:
-    """``(rows, cols)`` of a logits tile with ``rows * cols <= chunk_size`` (at least 1 x 1).
-
-    Whole rows when they fit; otherwise vocabulary chunks of at least ``sqrt(chunk_size)`` columns
-    (so the GEMMs stay large) covering as many rows as fit. Forward and backward use the same plan.
-    """
-    if n_rows * vocab <= chunk_size:
-        return max(n_rows, 1), max(vocab, 1)
-    cols = min(vocab, max(chunk_size // max(n_rows, 1), math.isqrt(chunk_size)))
-    rows = min(n_rows, max(1, chunk_size // cols))
-    return rows, cols
-
-
-def _spans(total: int, step: int):
-    return [(start, min(total, start + step)) for start in range(0, total, step)]
-
-
-def _row_slice(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows of a per-row [N] tensor, or the tensor itself when it is a broadcast scalar [1]."""
-    return t if t.numel() == 1 else t[r0:r1]
-
-
-def _tile_logits(hidden, weight, bias, r0, r1, v0, v1) -> torch.Tensor:
-    """One logits tile with an eager GEMM in the hidden dtype; forward and backward call it on the
-    same slices, so the recomputed tile is the forward's tile."""
-    return F.linear(hidden[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,68 +75,15 @@ def linear_stats_fwd(hidden, weight, bias, local_ids, temperature, chunk_size: i
     (computed as ``(z_y - max_z) - log_s``) where the target is a column of this shard, 0 for
     ignored rows, NaN for the others.
     """
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    n_rows = hidden.shape[0]
+    # six allocations, not rows of one buffer: a row at an odd offset would change the pointer
+    # alignment Triton specialises on (a second compiled variant)
     outs = [torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(6)]
-    n_out = 6 if state else 4
-    if n_rows == 0:
-        return tuple(outs[:n_out])
-    if backend == "triton":
-        from lenkernels.triton.linear_stats import linear_stats_fwd as launch
-
-        launch(hidden, weight, bias, local_ids, temperature, *outs)
-        return tuple(outs[:n_out])
-
-    rows, cols = tile_plan(n_rows, vocab, chunk_size)
-    if cols >= vocab:  # whole rows per tile: the token_stats kernel finishes each row itself
-        for r0, r1 in _spans(n_rows, rows):
-            logits = _tile_logits(hidden, weight, bias, r0, r1, 0, vocab)
-            ids = lkdist.chunk_ids(local_ids[r0:r1], 0, vocab, for_backward=False)
-            temp = _row_slice(temperature, r0, r1)
-            stats = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend, state=True)
-            for out, s in zip(outs, stats):
-                out[r0:r1] = s
-        outs[0] = torch.where(local_ids == lkdist.ELSEWHERE, torch.full_like(outs[0], float("nan")), outs[0])
-        return tuple(outs[:n_out])
-
-    col_spans = _spans(vocab, cols)
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        module = cpu.load(FAMILY)
-        # O(N) work per chunk: threads only pay off for many rows
-        threads = torch.get_num_threads() if n_rows >= 1 << 15 else 1
-        running = torch.tensor([float("-inf"), 0.0, 0.0]).repeat(n_rows, 1)  # empty online-softmax states
-        z_y = torch.zeros(n_rows, dtype=torch.float32)
-        for v0, v1 in col_spans:  # column order per row: reproducible merges
-            for r0, r1 in _spans(n_rows, rows):
-                logits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
-                ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=False)
-                temp = _row_slice(temperature, r0, r1)
-                _, ent, _, _, max_z, log_s = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend, state=True)
-                module.linear_stats_fold(
-                    r1 - r0, max_z.data_ptr(), log_s.data_ptr(), ent.data_ptr(), logits.data_ptr(),
-                    _checks.DTYPE_CODES[logits.dtype], logits.stride(0), ids.data_ptr(), temp.data_ptr(),
-                    0 if temp.numel() == 1 else 1, running[r0:r1].data_ptr(), z_y[r0:r1].data_ptr(), threads,
-                )  # fmt: skip
-        module.linear_stats_finalize(
-            n_rows, running.data_ptr(), z_y.data_ptr(), local_ids.data_ptr(), *(o.data_ptr() for o in outs), threads
+    if n_rows > 0:
+        _backend.kernels(backend, FAMILY).linear_stats_fwd(
+            hidden, weight, bias, local_ids, temperature, chunk_size, *outs
         )  # fmt: skip
-        return tuple(outs[:n_out])
-
-    # reference: every chunk's statistics, then the same merge the vocab-parallel path uses
-    parts = torch.empty((5, len(col_spans), n_rows), dtype=torch.float32, device=hidden.device)
-    for c, (v0, v1) in enumerate(col_spans):
-        for r0, r1 in _spans(n_rows, rows):
-            logits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
-            ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=False)
-            temp = _row_slice(temperature, r0, r1)
-            lp, ent, _, _, max_z, log_s = token_stats_fwd(logits, ids, temp, lkdist.IGNORED, backend, state=True)
-            for k, part in enumerate((max_z, log_s, ent, lp)):
-                parts[k, c, r0:r1] = part
-            parts[4, c, r0:r1] = (ids >= 0).to(torch.float32)
-    merged = lkdist.merge_stats(*parts[:4], parts[4] > 0, dim=0, state=state)
-    lp = torch.where(local_ids == lkdist.IGNORED, torch.zeros_like(merged[0]), merged[0])
-    return (lp, *merged[1:])
+    return tuple(outs[: 6 if state else 4])
 
 
 def linear_stats_bwd(
@@ -177,6 +96,9 @@ def linear_stats_bwd(
     only (the caller all-reduces it under tensor parallelism and casts it); ``dweight`` [V, D] and
     ``dbias`` [V] are in the weight dtype. Gradients not needed are None. ``lse``/``mean_z`` are
     those of the whole vocabulary.
+
+    Each tile of at most ``chunk_size`` logits gets its dlogits from the backend (written into one
+    reused buffer), then GEMMs accumulate the gradients in a fixed tile order (no atomics).
     """
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
@@ -192,30 +114,21 @@ def linear_stats_bwd(
     g_lp = g_logprobs.reshape(-1).to(torch.float32)
     g_h = g_entropy.reshape(-1).to(torch.float32)
     rows, cols = tile_plan(n_rows, vocab, chunk_size)
-    row_spans = _spans(n_rows, rows)
-    buf = torch.empty((rows, cols), dtype=hidden.dtype, device=device) if backend == "triton" else None
-    for v0, v1 in _spans(vocab, cols):
+    row_spans = ref.spans(n_rows, rows)
+    kernels = _backend.kernels(backend, FAMILY)
+    buf = torch.empty((rows, cols), dtype=hidden.dtype, device=device)
+    for v0, v1 in ref.spans(vocab, cols):
         dw_block = None
         if need_weight:
-            dw_block = dw[v0:v1] if dw.dtype == acc_dtype else torch.empty((v1 - v0, dim), dtype=acc_dtype, device=device)
+            dw_block = (
+                dw[v0:v1] if dw.dtype == acc_dtype else torch.empty((v1 - v0, dim), dtype=acc_dtype, device=device)
+            )
             dw_block.zero_()
         for r0, r1 in row_spans:
-            if backend == "triton":
-                from lenkernels.triton.linear_stats import linear_stats_bwd_tile
-
-                dlogits = buf[: r1 - r0, : v1 - v0]
-                linear_stats_bwd_tile(
-                    hidden, weight, bias, local_ids, temperature, lse, mean_z, g_lp, g_h, (r0, r1), (v0, v1), dlogits
-                )
-            else:
-                ids = lkdist.chunk_ids(local_ids[r0:r1], v0, v1, for_backward=True)
-                temp = _row_slice(temperature, r0, r1)
-                args = (ids, temp, lse[r0:r1], mean_z[r0:r1], g_lp[r0:r1], g_h[r0:r1])
-                dlogits = _tile_logits(hidden, weight, bias, r0, r1, v0, v1)
-                if backend == "cpu":
-                    token_stats_bwd(dlogits, *args, lkdist.IGNORED, backend, dlogits)  # in place
-                else:
-                    dlogits = ref.shard_dlogits(dlogits, *args)
+            dlogits = buf[: r1 - r0, : v1 - v0]
+            kernels.linear_stats_bwd_tile(
+                hidden, weight, bias, local_ids, temperature, lse, mean_z, g_lp, g_h, (r0, r1), (v0, v1), dlogits
+            )
             if need_hidden:
                 _accumulate_mm(dh[r0:r1], dlogits, weight[v0:v1])
             if need_weight:
@@ -419,9 +332,11 @@ def linear_logprobs_entropy(
     _checks.tensor(hidden, "hidden", min_dim=1)
     _checks.tensor(weight, "weight")
     name = _backend.resolve(backend, FAMILY, hidden.device)
-    _checks.logits_dtype(hidden, name, "hidden")
+    _checks.float_input(hidden, "hidden", name)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] (the last dim of hidden), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [V, {hidden.shape[-1]}] (the last dim of hidden), got {tuple(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     _checks.same_device(hidden, "hidden", weight, "weight")
@@ -437,7 +352,9 @@ def linear_logprobs_entropy(
     _checks.tensor(ids, "ids", dtypes=_checks.INT_DTYPES)
     _checks.same_device(hidden, "hidden", ids, "ids")
     if tuple(ids.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"ids must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got {tuple(ids.shape)}")
+        raise ValueError(
+            f"ids must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got {tuple(ids.shape)}"
+        )
     _checks.index(ignore_index, "ignore_index")
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK["cuda" if hidden.device.type == "cuda" else "cpu"]

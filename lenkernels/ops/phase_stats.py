@@ -1,14 +1,15 @@
-"""Phase-split statistics (SPEC 6) and the per-sequence token statistics trainers log every step.
+"""Phase-split statistics (SPEC 6): any per-token value split at the delimiter into the thinking
+and the answer phase of each sequence.
 
 Chains of names:
   ``phase_stats`` / ``phase_entropy`` (public) -> ``lenkernels::phase_stats`` (custom op with
-  autograd) -> ``phase_stats_fwd`` / ``phase_stats_bwd`` (host launchers, one branch per backend)
-  -> ``triton/phase_stats.py``, ``csrc/cpu/phase_stats.cpp`` (maths in
-  ``csrc/include/lenkernels/phase_stats.h``).
-  ``sequence_stats`` -> quantile threshold (sort, or a bisection over ranks with collectives) ->
-  ``lenkernels::sequence_stats`` -> ``sequence_stats_fwd`` -> kernels.
+  autograd) -> ``phase_stats_fwd`` / ``phase_stats_bwd`` (host launchers: one call each into
+  ``lenkernels.<backend>.phase_stats``) -> ``triton/phase_stats.py``, ``csrc/cpu/phase_stats.cpp``,
+  ``csrc/cuda/phase_stats.cu`` (maths in ``csrc/include/lenkernels/phase_stats.h``).
   ``token_stats_with_phases`` -> ``token_logprobs_entropy`` (one read of the logits) and one
   ``lenkernels::phase_stats`` call on the stacked ``[2, N]`` (entropy, logprob) outputs.
+  The per-sequence token statistics of the same family (``sequence_stats``) are in
+  ``ops/sequence_stats.py``.
 
 Layouts: padded ``[B, T]`` with ``mask`` marking response tokens (left or right padding, or
 any other pattern), or packed ``[N]`` with ``cu_seqlens`` ``[B + 1]`` (and optionally ``mask``
@@ -18,7 +19,6 @@ marking the response tokens inside each packed sequence).
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -61,18 +61,6 @@ class PhaseEntropy(PhaseStats):
     __slots__ = ()
 
 
-class SequenceStats(NamedTuple):
-    """Per-sequence token-entropy statistics; see :func:`sequence_stats`."""
-
-    length: torch.Tensor
-    entropy_mean: torch.Tensor
-    entropy_min: torch.Tensor
-    entropy_max: torch.Tensor
-    frac_above_threshold: torch.Tensor
-    high_entropy_mask: torch.Tensor | None
-    high_entropy_threshold: torch.Tensor | None
-
-
 class TokenStatsWithPhases(NamedTuple):
     """Outputs of :func:`token_stats_with_phases`."""
 
@@ -85,19 +73,6 @@ class TokenStatsWithPhases(NamedTuple):
 # --- host launchers -----------------------------------------------------------------------------
 
 
-def _as_uint8(valid: torch.Tensor) -> torch.Tensor:
-    return valid.contiguous().view(torch.uint8)
-
-
-# Tokens per CPU thread below which another thread costs more (fork/join, a descheduled
-# straggler on a busy host) than the ~0.2 ms of streaming work it would take over.
-_TOKENS_PER_THREAD = 1 << 18
-
-
-def _cpu_threads(n_elements: int) -> int:
-    return max(1, min(torch.get_num_threads(), n_elements // _TOKENS_PER_THREAD))
-
-
 def _unit_stride(values2d: torch.Tensor) -> torch.Tensor:
     return values2d if values2d.stride(-1) == 1 or values2d.shape[-1] <= 1 else values2d.contiguous()
 
@@ -106,103 +81,24 @@ def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, backend: str, out
     """Host launcher. values ``[C, N]``, ids ``[N]``, valid bool ``[N]``, cu_seqlens int64
     ``[S + 1]``, delimiter int64 ``[L]``; writes ``outs`` = (think_mean, think_sum, answer_mean,
     answer_sum) fp32 ``[C, S]``, (think_count, answer_count, k) int64 ``[S]``, found bool ``[S]``."""
-    n_seq = cu_seqlens.numel() - 1
-    if n_seq == 0:
+    if cu_seqlens.numel() <= 1:  # no sequence
         return
-    tm, ts, am, as_, tc, ac, k, found = outs
-    x = _unit_stride(values)
-    cu = cu_seqlens.contiguous()
-    delim = delimiter.contiguous()
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        y = ids.to(torch.int64).contiguous()
-        cpu.load(FAMILY).phase_stats_fwd(
-            x.data_ptr(), _checks.DTYPE_CODES[x.dtype], x.shape[0], x.stride(0), y.data_ptr(),
-            _as_uint8(valid).data_ptr(), x.shape[1], cu.data_ptr(), n_seq, delim.data_ptr(), delim.numel(),
-            tm.data_ptr(), ts.data_ptr(), am.data_ptr(), as_.data_ptr(), tc.data_ptr(), ac.data_ptr(),
-            k.data_ptr(), found.data_ptr(), _cpu_threads(x.numel()),
-        )  # fmt: skip
-    elif backend == "triton":
-        from lenkernels.triton.phase_stats import phase_stats_fwd as launch
-
-        launch(x, ids.contiguous(), _as_uint8(valid), cu, delim, tm, ts, am, as_, tc, ac, k, found.view(torch.uint8))
-    elif backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.phase_stats_fwd(x, ids, valid, cu, delim, tm, ts, am, as_, tc, ac, k, found.view(torch.uint8))
-    else:
-        for out, val in zip(outs, ref.phase_stats_forward(x, ids, valid, cu, delim)):
-            out.copy_(val)
+    _backend.kernels(backend, FAMILY).phase_stats_fwd(
+        _unit_stride(values), ids.contiguous(), valid.contiguous(), cu_seqlens.contiguous(), delimiter.contiguous(),
+        *outs,
+    )  # fmt: skip
 
 
 def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len: int, grads, backend: str, dvalues):
-    """Host launcher: writes ``dvalues`` ``[C, N]`` (values dtype) for every token of every
-    sequence; tokens outside all sequences are left as they are. ``grads`` = cotangents of
-    (think_mean, think_sum, answer_mean, answer_sum), fp32 ``[C, S]``."""
-    n_seq = cu_seqlens.numel() - 1
-    if n_seq == 0:
+    """Host launcher: writes ``dvalues`` ``[C, N]`` (values dtype, unit stride along N) for every
+    token of every sequence; tokens outside all sequences are left as they are. ``grads`` =
+    cotangents of (think_mean, think_sum, answer_mean, answer_sum), fp32 ``[C, S]``."""
+    if cu_seqlens.numel() <= 1:  # no sequence
         return
-    g = [x.to(torch.float32).contiguous() for x in grads]
-    cu = cu_seqlens.contiguous()
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        cpu.load(FAMILY).phase_stats_bwd(
-            _as_uint8(valid).data_ptr(), valid.numel(), cu.data_ptr(), n_seq, k.data_ptr(), think_count.data_ptr(),
-            answer_count.data_ptr(), delim_len, *(x.data_ptr() for x in g), dvalues.data_ptr(),
-            _checks.DTYPE_CODES[dvalues.dtype], dvalues.shape[0], dvalues.stride(0), _cpu_threads(dvalues.numel()),
-        )  # fmt: skip
-    elif backend == "triton":
-        from lenkernels.triton.phase_stats import phase_stats_bwd as launch
-
-        launch(_as_uint8(valid), cu, k, think_count, answer_count, delim_len, *g, dvalues)
-    elif backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.phase_stats_bwd(valid, cu, k, think_count, answer_count, delim_len, *g, dvalues)
-    else:
-        grad = ref.phase_stats_backward(dvalues, valid, cu, k, think_count, answer_count, delim_len, *g)
-        seq, _, _ = ref._segments(cu, valid.numel())
-        dvalues.copy_(torch.where(seq >= 0, grad, dvalues))
-
-
-def sequence_stats_fwd(values, valid, cu_seqlens, threshold: float, quantile, backend: str, outs) -> None:
-    """Host launcher. values ``[N]``, valid bool ``[N]``, quantile fp32 ``[1]`` or None; writes
-    ``outs`` = (length int64, mean, min, max, frac_above fp32) ``[S]`` and high bool ``[N]`` (only
-    with a quantile; tokens outside all sequences are left as they are)."""
-    n_seq = cu_seqlens.numel() - 1
-    if n_seq == 0:
-        return
-    length, mean, vmin, vmax, frac, high = outs
-    x = values.contiguous()
-    cu = cu_seqlens.contiguous()
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        cpu.load(FAMILY).sequence_stats_fwd(
-            x.data_ptr(), _checks.DTYPE_CODES[x.dtype], _as_uint8(valid).data_ptr(), x.numel(), cu.data_ptr(),
-            n_seq, float(threshold), 0 if quantile is None else quantile.data_ptr(), length.data_ptr(),
-            mean.data_ptr(), vmin.data_ptr(), vmax.data_ptr(), frac.data_ptr(),
-            0 if quantile is None else high.data_ptr(), _cpu_threads(x.numel()),
-        )  # fmt: skip
-    elif backend == "triton":
-        from lenkernels.triton.phase_stats import sequence_stats_fwd as launch
-
-        launch(x, _as_uint8(valid), cu, threshold, quantile, length, mean, vmin, vmax, frac,
-               None if quantile is None else high.view(torch.uint8))  # fmt: skip
-    elif backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.sequence_stats_fwd(x, valid, cu, threshold, quantile, length, mean, vmin, vmax, frac,
-                                None if quantile is None else high.view(torch.uint8))  # fmt: skip
-    else:
-        res = ref.sequence_stats(x, valid, cu, threshold, quantile)
-        for out, val in zip((length, mean, vmin, vmax, frac), res[:5]):
-            out.copy_(val)
-        if quantile is not None:
-            seq, _, _ = ref._segments(cu, x.numel())
-            high.copy_(torch.where(seq >= 0, res[5], high))
+    _backend.kernels(backend, FAMILY).phase_stats_bwd(
+        valid.contiguous(), cu_seqlens.contiguous(), k.contiguous(), think_count.contiguous(),
+        answer_count.contiguous(), delim_len, *(g.to(torch.float32).contiguous() for g in grads), dvalues,
+    )  # fmt: skip
 
 
 # --- torch.library registration -------------------------------------------------------------
@@ -284,60 +180,12 @@ def _backward(ctx, g_tm, g_ts, g_am, g_as, *_unused):
 _phase_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _sequence_outputs(values, cu_seqlens, with_mask: bool):
-    n_seq, dev = cu_seqlens.shape[0] - 1, values.device
-    length = torch.empty(n_seq, dtype=torch.int64, device=dev)
-    stats = [torch.empty(n_seq, dtype=torch.float32, device=dev) for _ in range(4)]
-    high = torch.zeros(values.shape[0] if with_mask else 0, dtype=torch.bool, device=dev)
-    return (length, *stats, high)
-
-
-@torch.library.custom_op("lenkernels::sequence_stats", mutates_args=())
-def _sequence_stats(
-    values: torch.Tensor,
-    valid: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    threshold: float,
-    quantile: torch.Tensor | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = _sequence_outputs(values, cu_seqlens, quantile is not None)
-    sequence_stats_fwd(values, valid, cu_seqlens, threshold, quantile, backend, outs)
-    return outs
-
-
-@_sequence_stats.register_fake
-def _(values, valid, cu_seqlens, threshold, quantile, backend):
-    return _sequence_outputs(values, cu_seqlens, quantile is not None)
-
-
 # --- argument handling --------------------------------------------------------------------------
 
 
-def _check_values(values: torch.Tensor, name: str, backend: str) -> None:
-    _checks.tensor(values, name)
-    allowed = _checks.FLOAT_DTYPES + ((torch.float64,) if backend == "reference" else ())
-    if values.dtype not in allowed:
-        extra = " (float64 only with backend='reference')" if values.dtype == torch.float64 else ""
-        raise TypeError(f"{name} must be float32, bfloat16 or float16{extra}, got {values.dtype}")
-
-
-def _check_cu_seqlens(cu_seqlens, n_tokens: int, like: torch.Tensor, like_name: str) -> torch.Tensor:
-    _checks.tensor(cu_seqlens, "cu_seqlens", dtypes=_checks.INT_DTYPES)
-    _checks.same_device(like, like_name, cu_seqlens, "cu_seqlens")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 offsets, got shape {tuple(cu_seqlens.shape)}")
-    if _checks.value_checks(cu_seqlens.device) and cu_seqlens.numel() > 0:
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()[:16]}")
-        lo, hi = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        if lo < 0 or hi > n_tokens:
-            raise ValueError(f"cu_seqlens must lie in [0, {n_tokens}] (the number of tokens), got [{lo}, {hi}]")
-    return cu_seqlens.to(torch.int64)
-
-
 def _layout(ids_shape, like: torch.Tensor, like_name: str, mask, cu_seqlens):
-    """Flat ``valid`` bool ``[N]`` and ``cu_seqlens`` int64 ``[B + 1]`` of a padded or packed layout."""
+    """Flat ``valid`` bool ``[N]`` and ``cu_seqlens`` int64 ``[B + 1]`` of a padded or packed layout
+    (also the layout of ``sequence_stats``)."""
     if cu_seqlens is None:
         if len(ids_shape) != 2:
             raise ValueError(
@@ -347,7 +195,7 @@ def _layout(ids_shape, like: torch.Tensor, like_name: str, mask, cu_seqlens):
     else:
         if len(ids_shape) != 1:
             raise ValueError(f"with cu_seqlens, {like_name} must be packed [N], got shape {tuple(ids_shape)}")
-        cu = _check_cu_seqlens(cu_seqlens, ids_shape[0], like, like_name)
+        cu = _checks.cu_seqlens(cu_seqlens, ids_shape[0], like, like_name, min_seqs=0)
     n_tokens = 1
     for d in ids_shape:
         n_tokens *= d
@@ -411,7 +259,7 @@ def _split_phases(values, ids, mask, delimiter, cu_seqlens, backend, name):
     """Runs the custom op; means and sums come back ``[C, B]``."""
     _checks.tensor(ids, "ids", dtypes=_checks.INT_DTYPES)
     name_b = _backend.resolve(backend, FAMILY, ids.device)
-    _check_values(values, name, name_b)
+    _checks.float_input(values, name, name_b)
     _checks.same_device(ids, "ids", values, name)
     if tuple(values.shape) == tuple(ids.shape):
         n_channels = 1
@@ -575,155 +423,3 @@ def token_stats_with_phases(
     ent = PhaseEntropy(tm[0], ts[0], tc, am[0], as_[0], ac, k, found)
     lp = PhaseStats(tm[1], ts[1], tc, am[1], as_[1], ac, k, found)
     return TokenStatsWithPhases(logprobs, entropy, ent, lp)
-
-
-# --- quantile threshold (TRL top_entropy_quantile) -----------------------------------------------
-
-_KEY_SPAN = 1 << 32
-
-
-def _order_keys(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 keys in [0, 2^32) with the order of the values (NaN above +inf)."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 1 << 31, (~bits) & 0xFFFFFFFF, bits | (1 << 31))
-
-
-def _from_keys(keys: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(keys >= 1 << 31, keys - (1 << 31), (~keys) & 0xFFFFFFFF)
-    return torch.where(bits >= 1 << 31, bits - _KEY_SPAN, bits).to(torch.int32).view(torch.float32)
-
-
-def _kth_across_ranks(x: torch.Tensor, valid: torch.Tensor, ranks: torch.Tensor, group) -> torch.Tensor:
-    """Exact order statistics (0-based ``ranks``) of the valid values of every rank: a bisection
-    over the 2^32 float32 keys, one all_reduce of a count per step, no host synchronisation."""
-    import torch.distributed as dist
-
-    keys = torch.where(valid, _order_keys(x), torch.full_like(valid, _KEY_SPAN, dtype=torch.int64))
-    lo = torch.zeros_like(ranks)
-    hi = torch.full_like(ranks, _KEY_SPAN - 1)
-    for _ in range(32):  # 2^32 candidate keys: 32 halvings leave one
-        mid = (lo + hi) // 2
-        count = (keys.unsqueeze(0) <= mid.unsqueeze(1)).sum(1)
-        dist.all_reduce(count, group=group)
-        enough = count > ranks
-        hi = torch.where(enough, mid, hi)
-        lo = torch.where(enough, lo, mid + 1)
-    return _from_keys(lo)
-
-
-def _quantile_threshold(values, valid, level: float, process_group, host_select: bool | None = None) -> torch.Tensor:
-    """``torch.quantile(values[valid], level)`` (linear interpolation, float32, over every rank of
-    ``process_group``) as a ``[1]`` tensor; NaN when there is no valid value or a valid value is
-    NaN (TRL's threshold then selects no token). No host sync on a device: a sort and a gather
-    (or the bisection over ranks); host memory selects the two neighbours in one O(N) pass."""
-    x = values.reshape(-1).to(torch.float32)
-    valid = valid.reshape(-1)
-    on_host = process_group is None and x.device.type == "cpu" and not torch.compiler.is_compiling()
-    on_host = on_host if host_select is None else host_select and on_host
-    if on_host:
-        import numpy as np
-
-        v = valid.numpy()
-        keys = np.where(v, x.numpy(), np.float32(np.inf))  # invalid tokens order last
-        counts = torch.tensor([np.count_nonzero(v), np.count_nonzero(np.isnan(keys))])
-    else:
-        keys = torch.where(valid, x, torch.full_like(x, float("inf")))
-        counts = torch.stack([valid.sum(), torch.isnan(keys).sum()])
-    if process_group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(counts, group=process_group)
-    n, n_nan = counts[0], counts[1]
-    q = torch.full((), level, dtype=torch.float32, device=x.device)
-    # the same float32 arithmetic as torch.quantile: rank = q * (n - 1), lerp between neighbours
-    rank = q * (n - 1)
-    below = rank.to(torch.int64)
-    above = rank.ceil().to(torch.int64)
-    weight = rank - below
-    ranks = torch.stack([below, above]).clamp(min=0)
-    if process_group is not None:
-        neighbours = _kth_across_ranks(x, valid, ranks, process_group)
-    elif x.numel() == 0:
-        neighbours = torch.full((2,), float("nan"), device=x.device)
-    elif on_host:
-        picks = ranks.clamp(max=x.numel() - 1).tolist()
-        neighbours = torch.from_numpy(np.partition(keys, picks)[picks])
-    else:
-        neighbours = torch.sort(keys).values.gather(0, ranks.clamp(max=x.numel() - 1))
-    thr = neighbours[0].lerp(neighbours[1], weight)
-    thr = torch.where((n == 0) | (n_nan > 0), torch.full_like(thr, float("nan")), thr)
-    return thr.reshape(1)
-
-
-def sequence_stats(
-    entropy: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    cu_seqlens: torch.Tensor | None = None,
-    threshold: float = 1.0,
-    top_entropy_quantile: float | None = None,
-    process_group=None,
-    backend: str | None = None,
-) -> SequenceStats:
-    """Per-sequence token-entropy statistics from one kernel: response length, mean/min/max entropy,
-    fraction of tokens above ``threshold``, and TRL's ``top_entropy_quantile`` token mask.
-
-    Args:
-        entropy: float32/bfloat16/float16 per-token entropy (or any per-token value), padded
-            ``[B, T]`` or packed ``[N]`` with ``cu_seqlens``. Not differentiable (statistics to log).
-        mask: response tokens, shape of ``entropy`` (bool, or nonzero = response). Default: all.
-        cu_seqlens: packed layout only, int ``[B + 1]`` (see :func:`phase_stats`).
-        threshold: ``frac_above_threshold`` counts response tokens with entropy ``> threshold``
-            (default 1.0 nat).
-        top_entropy_quantile: TRL's ``top_entropy_quantile`` rho in [0, 1]: keep the tokens whose
-            entropy is ``>=`` the ``(1 - rho)`` quantile (``torch.quantile``, linear interpolation)
-            of all response tokens of the batch. None (default): no mask.
-        process_group: with ``top_entropy_quantile``, the quantile is taken over the response tokens
-            of every rank of this group (exact, like TRL's gather; 33 small all_reduces, no host
-            sync); ranks may hold different shapes.
-        backend: ``None``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
-
-    Returns:
-        :class:`SequenceStats`: ``length`` (int64 ``[B]``, response tokens), ``entropy_mean``,
-        ``entropy_min``, ``entropy_max``, ``frac_above_threshold`` (float32 ``[B]``; 0 for an empty
-        response; NaN entropies propagate into mean/min/max), ``high_entropy_mask`` (bool, shape of
-        ``entropy``, False outside responses; None without ``top_entropy_quantile``) and
-        ``high_entropy_threshold`` (float32 0-d tensor, NaN when the batch has no response token or
-        a NaN entropy; None without ``top_entropy_quantile``).
-
-    Example (packed, mask for a TRL-style loss)::
-
-        st = sequence_stats(entropy, cu_seqlens=cu, top_entropy_quantile=0.2)
-        per_token_loss = per_token_loss * st.high_entropy_mask
-        log({"entropy/max": st.entropy_max.mean(), "entropy/len": st.length.float().mean()})
-    """
-    _checks.tensor(entropy, "entropy")
-    name = _backend.resolve(backend, FAMILY, entropy.device)
-    _check_values(entropy, "entropy", name)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
-    if math.isnan(threshold):
-        raise ValueError("threshold must be a number, got nan (every comparison with it is False)")
-    level = None
-    if top_entropy_quantile is not None:
-        if isinstance(top_entropy_quantile, bool) or not isinstance(top_entropy_quantile, (int, float)):
-            raise TypeError(
-                f"top_entropy_quantile must be a float in [0, 1], got {type(top_entropy_quantile).__name__}"
-            )
-        if not 0.0 <= float(top_entropy_quantile) <= 1.0:
-            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
-        level = 1.0 - float(top_entropy_quantile)
-    elif process_group is not None:
-        raise ValueError("process_group is only used with top_entropy_quantile; pass both or neither")
-    valid, cu = _layout(entropy.shape, entropy, "entropy", mask, cu_seqlens)
-    if cu_seqlens is not None:  # packed tokens outside every sequence are nobody's response tokens
-        t = torch.arange(valid.shape[0], device=valid.device)
-        valid = valid & (t >= cu[0]) & (t < cu[-1])
-    x = entropy.detach().reshape(-1)
-    quantile = None if level is None else _quantile_threshold(x, valid, level, process_group)
-    length, mean, vmin, vmax, frac, high = torch.ops.lenkernels.sequence_stats(
-        x, valid, cu, float(threshold), quantile, name
-    )
-    if quantile is None:
-        return SequenceStats(length, mean, vmin, vmax, frac, None, None)
-    return SequenceStats(length, mean, vmin, vmax, frac, high.reshape(entropy.shape), quantile.reshape(()))

@@ -2,24 +2,28 @@
 entropy bonus, importance weights, top-entropy mask, aggregation and metrics in one fused pass.
 
 Chain of names: ``policy_loss`` (public) -> ``lenkernels::policy_loss`` (custom op with autograd)
--> ``policy_loss_fwd`` / ``policy_loss_bwd`` (host launchers, one per backend) -> kernels
-(``triton/policy_loss.py``, ``csrc/cpu/policy_loss.cpp``; the maths shared by the compiled
-backends is ``csrc/include/lenkernels/policy_loss.h``). ``kl_penalty`` follows the same chain.
-``policy_loss_from_logits`` composes ``token_logprobs_entropy`` with the loss.
+-> ``policy_loss_fwd`` / ``policy_loss_bwd`` (host launchers) -> one call of
+``_backend.kernels(backend, "policy_loss")``: ``lenkernels/{triton,cuda,cpu,reference}/policy_loss.py``,
+the same launchers on every backend (typed tensors, a frozen config, the outputs to write) -> kernels
+(``triton/policy_loss.py``, ``csrc/cpu/policy_loss.cpp``, ``csrc/cuda/policy_loss.cu``; the maths
+shared by the compiled backends is ``csrc/include/lenkernels/policy_loss.h``). ``kl_penalty``
+follows the same chain. ``policy_loss_from_logits`` composes ``token_logprobs_entropy`` with the loss.
+The arguments' types, checks and the custom ops' schemas are ``ops/policy_loss_args.py``.
 
-The op returns a statistics vector (loss and metrics, ``lk::policy::Stat`` layout) and the
+The op returns a statistics vector (loss and metrics, ``_codes.Stat`` layout) and the
 per-sequence values its backward needs; only the loss is differentiable.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
 from lenkernels import _backend, _checks
+from lenkernels._codes import NormSource, SeqValue, Stat
+from lenkernels.ops import policy_loss_args as args
+from lenkernels.ops.policy_loss_args import KLConfig, PolicyConfig, PolicyInputs, kernel_tokens
 from lenkernels.ops.token_stats import token_logprobs_entropy
 from lenkernels.reference import policy_loss as ref
 
@@ -28,21 +32,10 @@ _backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
 
 MODES = ref.MODES
 AGGS = ref.AGGS
-_MODE_CODES = {name: i for i, name in enumerate(MODES)}  # lk::policy::Mode
-_AGG_CODES = {name: i for i, name in enumerate(AGGS)}  # lk::policy::Agg
-_KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}  # lk::policy::KLEstimator
-_NORM_COUNTED, _NORM_TENSOR, _NORM_CONSTANT = 0, 1, 2
-_SEQ_MODES = ("gspo", "luspo", "gmpo")
-_DUAL_MODES = ("ppo", "gspo", "luspo")
-
-# lk::policy::Stat
-STAT_NAMES = (
-    "loss", "pg_loss", "kl_loss", "entropy_loss", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl",
-    "ratio_min", "ratio_mean", "ratio_max", "entropy_mean", "num_tokens", "num_seqs", "inv_norm", "entropy_kept",
-)  # fmt: skip
-_STAT = {name: i for i, name in enumerate(STAT_NAMES)}
-NUM_STATS = len(STAT_NAMES)
-NUM_SEQ_VALUES = 4
+STAT_NAMES = tuple(ref.STAT_NAMES[code] for code in sorted(ref.STAT_NAMES))  # in _codes.Stat order
+NUM_STATS = int(Stat.NUM_STATS)
+NUM_SEQ_VALUES = int(SeqValue.NUM_SEQ_VALUES)
+_STAT_OF = {name: int(code) for code, name in ref.STAT_NAMES.items()}
 
 
 class PolicyLoss(NamedTuple):
@@ -56,9 +49,9 @@ class PolicyLoss(NamedTuple):
     """The aggregated loss: ``agg(w e P + kl_coef K - entropy_coef H)``."""
     pg_loss: torch.Tensor
     """The policy term alone, aggregated (with importance weights and the top-entropy mask)."""
-    kl_loss: Optional[torch.Tensor]
+    kl_loss: torch.Tensor | None
     """The KL estimator aggregated like the loss (without ``kl_coef``); None without ref_logprobs."""
-    entropy_loss: Optional[torch.Tensor]
+    entropy_loss: torch.Tensor | None
     """The entropy aggregated like the loss (without ``entropy_coef``); None without entropy."""
     clip_frac_low: torch.Tensor
     """Fraction of valid tokens whose low clip is active (A < 0 and ratio < 1 - eps_low)."""
@@ -73,9 +66,9 @@ class PolicyLoss(NamedTuple):
     ratio_mean: torch.Tensor
     ratio_max: torch.Tensor
     """Largest importance ratio over valid tokens (-inf without valid tokens)."""
-    entropy_mean: Optional[torch.Tensor]
+    entropy_mean: torch.Tensor | None
     """Mean entropy over valid tokens; None without entropy."""
-    entropy_kept: Optional[torch.Tensor]
+    entropy_kept: torch.Tensor | None
     """Fraction of valid tokens the top-entropy mask keeps; None without that mask."""
     num_tokens: torch.Tensor
     """Number of valid tokens (float32)."""
@@ -85,557 +78,177 @@ class PolicyLoss(NamedTuple):
         return {k: v.detach() for k, v in self._asdict().items() if v is not None}
 
 
-# --- kernel-side view of the inputs -------------------------------------------------------------
+# --- host launchers: allocate, then one call of the backend's launcher ---------------------------
 
 
-@dataclass
-class _Config:
-    mode: int
-    lo: float
-    hi: float
-    dual: bool
-    dual_c: float
-    tau_pos: float
-    tau_neg: float
-    agg: int
-    kl_est: int
-    kl_straight: bool
-    kl_clamp: bool
-    kl_coef: float
-    entropy_coef: float
-    has_seq: bool
-    norm_source: int
-    norm_const: float
-    scale: float
+def _n_seqs(inputs: PolicyInputs) -> int:
+    return inputs.cu_seqlens.shape[0] - 1 if inputs.cu_seqlens is not None else inputs.logprobs.shape[0]
 
 
-@dataclass
-class _Tokens:
-    """The per-token tensors in the layout the kernels read: padded ``[B, T]`` with unit column
-    stride (any row stride) or packed ``[N]`` contiguous with ``cu_seqlens``."""
-
-    logprobs: torch.Tensor
-    old_logprobs: torch.Tensor
-    advantages: torch.Tensor  # per token (like logprobs) or per sequence [B]
-    mask: Optional[torch.Tensor]
-    ref_logprobs: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
-    importance_weights: Optional[torch.Tensor]
-    threshold: Optional[torch.Tensor]  # [1] float64
-    normaliser: Optional[torch.Tensor]  # [1] float32
-    cu_seqlens: Optional[torch.Tensor]
-    adv_per_token: bool
-    n_seqs: int
-    seq_len: int  # padded T (0 for packed)
+def _check_consistent(inputs: PolicyInputs, config: PolicyConfig) -> None:
+    """The optional tensors the config reads are there (a direct call of the op could omit them)."""
+    if (config.norm_source == NormSource.NORM_TENSOR) != (inputs.normaliser is not None):
+        raise ValueError("normaliser must be given exactly when norm_source is NormSource.NORM_TENSOR")
+    if inputs.threshold is not None and inputs.entropy is None:
+        raise ValueError("an entropy threshold needs the entropy")
 
 
-def _config(mode, clip_low, clip_high, clip_dual, tau_pos, tau_neg, kl_coef, kl_estimator, kl_clamp, entropy_coef,
-            agg, norm_const, norm_length, dp_size, has_normaliser) -> _Config:  # fmt: skip
-    est, straight = ref.parse_kl_estimator(kl_estimator)
-    lo, hi = (-clip_low, clip_high) if mode == "gmpo" else (1.0 - clip_low, 1.0 + clip_high)
-    if has_normaliser:
-        source = _NORM_TENSOR
-    elif norm_const > 0:
-        source = _NORM_CONSTANT
-    else:
-        source = _NORM_COUNTED
-    scale = dp_size / norm_length if agg == "seq-mean-token-sum-norm" else dp_size
-    return _Config(
-        mode=_MODE_CODES[mode], lo=lo, hi=hi, dual=clip_dual > 0, dual_c=clip_dual, tau_pos=tau_pos, tau_neg=tau_neg,
-        agg=_AGG_CODES[agg], kl_est=_KL_CODES[est], kl_straight=straight and est != "k2", kl_clamp=kl_clamp,
-        kl_coef=kl_coef, entropy_coef=entropy_coef, has_seq=mode in _SEQ_MODES or agg.startswith("seq-mean"),
-        norm_source=source, norm_const=norm_const, scale=scale,
-    )  # fmt: skip
-
-
-def _kernel_layout(x: Optional[torch.Tensor], packed: bool, dtype=None) -> Optional[torch.Tensor]:
-    """Unit stride along tokens (a copy only when needed); optionally converted to ``dtype``."""
-    if x is None:
-        return None
-    if dtype is not None and x.dtype != dtype:
-        x = x.to(dtype)
-    if packed or x.dim() == 1:
-        return x.contiguous()
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _tokens(logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, entropy, importance_weights,
-            threshold, normaliser, *, for_cpu: bool) -> _Tokens:  # fmt: skip
-    packed = cu_seqlens is not None
-    per_token = _per_token(logprobs, advantages, cu_seqlens)
-    f32 = torch.float32 if for_cpu else None
-    if mask is not None:
-        if for_cpu:
-            mask = (mask if mask.dtype in (torch.bool, torch.uint8, torch.int8) else mask != 0).view(torch.uint8)
-        mask = _kernel_layout(mask, packed)
-    adv = _kernel_layout(advantages, packed, f32) if per_token else advantages.reshape(-1)
-    if not per_token and for_cpu:
-        adv = adv.to(torch.float32)
-    return _Tokens(
-        logprobs=_kernel_layout(logprobs, packed, f32),
-        old_logprobs=_kernel_layout(old_logprobs, packed, f32),
-        advantages=adv,
-        mask=mask,
-        ref_logprobs=_kernel_layout(ref_logprobs, packed, f32),
-        entropy=_kernel_layout(entropy, packed, f32),
-        importance_weights=_kernel_layout(importance_weights, packed, f32),
-        threshold=None if threshold is None else threshold.to(torch.float64).reshape(1),
-        normaliser=None if normaliser is None else normaliser.to(torch.float32).reshape(1),
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous(),
-        adv_per_token=per_token,
-        n_seqs=cu_seqlens.shape[0] - 1 if packed else logprobs.shape[0],
-        seq_len=0 if packed else logprobs.shape[1],
-    )
-
-
-def _per_token(logprobs, advantages, cu_seqlens) -> bool:
-    """Advantages per token (the layout of logprobs) or per sequence ([B] or [B, 1])."""
-    if cu_seqlens is None:
-        return advantages.dim() == 2 and tuple(advantages.shape) == tuple(logprobs.shape)
-    # packed: [N] is per token; [B] per sequence unless B == N (then per token); [B, 1] per sequence
-    return advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]
-
-
-def _cpu_args(t: _Tokens, cfg: _Config) -> dict:
-    def p(x):
-        return 0 if x is None else x.data_ptr()
-
-    def rs(x):
-        return 0 if (x is None or t.cu_seqlens is not None) else x.stride(0)
-
-    return {
-        "n_seqs": t.n_seqs, "seq_len": t.seq_len, "cu_seqlens": p(t.cu_seqlens),
-        "logprobs": p(t.logprobs), "logprobs_rs": rs(t.logprobs),
-        "old_logprobs": p(t.old_logprobs), "old_logprobs_rs": rs(t.old_logprobs),
-        "advantages": p(t.advantages), "advantages_rs": rs(t.advantages) if t.adv_per_token else t.advantages.stride(0),
-        "adv_per_token": t.adv_per_token, "mask": p(t.mask), "mask_rs": rs(t.mask),
-        "ref_logprobs": p(t.ref_logprobs), "ref_logprobs_rs": rs(t.ref_logprobs),
-        "entropy": p(t.entropy), "entropy_rs": rs(t.entropy),
-        "importance_weights": p(t.importance_weights), "importance_weights_rs": rs(t.importance_weights),
-        "threshold": p(t.threshold), "normaliser": p(t.normaliser),
-        "mode": cfg.mode, "lo": cfg.lo, "hi": cfg.hi, "dual": cfg.dual, "dual_c": cfg.dual_c,
-        "tau_pos": cfg.tau_pos, "tau_neg": cfg.tau_neg, "agg": cfg.agg, "kl_est": cfg.kl_est,
-        "kl_straight": cfg.kl_straight, "kl_clamp": cfg.kl_clamp, "has_seq": cfg.has_seq, "kl_coef": cfg.kl_coef,
-        "entropy_coef": cfg.entropy_coef, "norm_source": cfg.norm_source, "norm_const": cfg.norm_const,
-        "scale": cfg.scale, "threads": torch.get_num_threads(),
-    }  # fmt: skip
-
-
-# --- host launchers ---------------------------------------------------------------------------
-
-
-def _reference_loss(inputs, params, logprobs=None, entropy=None, dtype=torch.float64):
-    """The reference backend: the float64 definition on the op's arguments (``logprobs`` and
-    ``entropy`` replace the inputs of those names when given, for torch.func.vjp)."""
-    (lp_in, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, ent_in, importance_weights, threshold,
-     normaliser) = inputs  # fmt: skip
-    (mode, clip_low, clip_high, clip_dual, tau_pos, tau_neg, kl_coef, kl_estimator, kl_clamp, entropy_coef, agg,
-     norm_const, norm_length, dp_size) = params  # fmt: skip
-
-    def cast(x):
-        return None if x is None else x.detach().to(dtype)
-
-    norm = normaliser.to(dtype).reshape(()) if normaliser is not None else (norm_const if norm_const > 0 else None)
-    return ref.policy_loss(
-        cast(lp_in) if logprobs is None else logprobs, cast(old_logprobs), cast(advantages), mask, mode=mode,
-        clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual if clip_dual > 0 else None, tau_pos=tau_pos,
-        tau_neg=tau_neg, ref_logprobs=cast(ref_logprobs), kl_coef=kl_coef, kl_estimator=kl_estimator,
-        kl_clamp=kl_clamp, entropy=cast(ent_in) if entropy is None else entropy, entropy_coef=entropy_coef,
-        entropy_threshold=None if threshold is None else threshold.reshape(()).to(torch.float64),
-        importance_weights=cast(importance_weights), agg=agg,
-        num_tokens=norm if agg == "token-mean" else None, num_seqs=norm if agg.startswith("seq-mean") else None,
-        norm_length=norm_length, dp_size=dp_size, cu_seqlens=cu_seqlens, dtype=dtype,
-    )  # fmt: skip
-
-
-def policy_loss_fwd(inputs, params, backend: str):
-    """Host launcher: ``(stats [16] fp32, seq [B, 4] fp32)`` (``lk::policy`` Stat / SeqValue layouts)."""
-    logprobs, cu_seqlens = inputs[0], inputs[4]
-    device = logprobs.device
-    n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else logprobs.shape[0]
+def policy_loss_fwd(inputs: PolicyInputs, config: PolicyConfig, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host launcher: ``(stats [16] fp32, seq [B, 4] fp32)`` (``_codes.Stat`` / ``SeqValue`` layouts;
+    ``seq`` stays 0 where the mode and aggregation need no per-sequence values)."""
+    _check_consistent(inputs, config)
+    device = inputs.logprobs.device
     stats = torch.empty(NUM_STATS, dtype=torch.float32, device=device)
-    seq = torch.zeros((n_seqs, NUM_SEQ_VALUES), dtype=torch.float32, device=device)
-    if backend == "reference":
-        out = _reference_loss(inputs, params)
-        values = [out.get(name) for name in STAT_NAMES]
-        values[_STAT["num_seqs"]] = None
-        values[_STAT["inv_norm"]] = None
-        stats.copy_(torch.stack([torch.zeros((), dtype=torch.float64) if v is None else v.detach().cpu().to(torch.float64)
-                                 for v in values]).to(torch.float32))  # fmt: skip
-        return stats, seq
-    cfg = _config(*params, has_normaliser=inputs[9] is not None)
-    t = _tokens(*inputs, for_cpu=backend == "cpu")
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        cpu.load(FAMILY).policy_loss_fwd(_cpu_args(t, cfg), stats.data_ptr(), seq.data_ptr())
-    elif backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.policy_loss_fwd(t, cfg, stats, seq)
-    else:
-        from lenkernels.triton.policy_loss import policy_loss_fwd as launch
-
-        launch(t, cfg, stats, seq)
+    seq = torch.zeros((_n_seqs(inputs), NUM_SEQ_VALUES), dtype=torch.float32, device=device)
+    _backend.kernels(backend, FAMILY).policy_loss_fwd(kernel_tokens(inputs), config, stats, seq)
     return stats, seq
 
 
-def policy_loss_bwd(inputs, params, backend: str, stats, seq, g_stats, need_dentropy: bool):
+def policy_loss_bwd(inputs: PolicyInputs, config: PolicyConfig, backend: str, stats, seq, g_stats,
+                    need_dentropy: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Host launcher: ``(dlogprobs, dentropy)`` in the dtypes and shapes of their inputs
     (``dentropy`` is an empty tensor when not needed)."""
-    logprobs, entropy, cu_seqlens = inputs[0], inputs[6], inputs[4]
-    empty = logprobs.new_empty(0)
-    if backend == "reference":
-        # a custom op's body runs below autograd: differentiate the definition with torch.func
-        primals = (logprobs.detach().to(torch.float64),) + (
-            (entropy.detach().to(torch.float64),) if need_dentropy else ()
-        )
-
-        def loss(*xs):
-            return _reference_loss(inputs, params, *xs)["loss"]
-
-        _, vjp = torch.func.vjp(loss, *primals)
-        grads = vjp(g_stats[0].to(torch.float64))
-        d_lp = grads[0].to(logprobs.dtype)
-        d_ent = grads[1].to(entropy.dtype) if need_dentropy else empty
-        return d_lp, d_ent
-    cfg = _config(*params, has_normaliser=inputs[9] is not None)
-    packed = cu_seqlens is not None
-    t = _tokens(*inputs, for_cpu=backend == "cpu")
-    g_stats = g_stats.to(torch.float32).contiguous()
-    alloc = torch.zeros if packed else torch.empty  # packed: tokens outside every sequence get 0
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        d_lp = alloc(logprobs.shape, dtype=torch.float32, device=logprobs.device)
-        d_ent = alloc(entropy.shape, dtype=torch.float32, device=logprobs.device) if need_dentropy else None
-        cpu.load(FAMILY).policy_loss_bwd(
-            _cpu_args(t, cfg), stats.data_ptr(), seq.data_ptr(), g_stats.data_ptr(), d_lp.data_ptr(),
-            0 if packed else d_lp.stride(0), 0 if d_ent is None else d_ent.data_ptr(),
-            0 if (packed or d_ent is None) else d_ent.stride(0),
-        )  # fmt: skip
-        d_lp = d_lp.to(logprobs.dtype)
-        d_ent = d_ent.to(entropy.dtype) if need_dentropy else empty
-        return d_lp, d_ent
-    if backend == "cuda":
-        from lenkernels import cuda
-
-        d_lp = alloc(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
-        d_ent = alloc(entropy.shape, dtype=entropy.dtype, device=logprobs.device) if need_dentropy else None
-        cuda.policy_loss_bwd(t, cfg, stats, seq, g_stats, d_lp, d_ent)
-        return d_lp, (d_ent if need_dentropy else empty)
-    from lenkernels.triton.policy_loss import policy_loss_bwd as launch
-
+    _check_consistent(inputs, config)
+    logprobs, entropy = inputs.logprobs, inputs.entropy
+    alloc = torch.zeros if inputs.cu_seqlens is not None else torch.empty  # packed: tokens outside sequences get 0
     d_lp = alloc(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     d_ent = alloc(entropy.shape, dtype=entropy.dtype, device=logprobs.device) if need_dentropy else None
-    launch(t, cfg, stats, seq, g_stats, d_lp, d_ent)
-    return d_lp, (d_ent if need_dentropy else empty)
+    g_stats = g_stats.to(torch.float32).contiguous()
+    _backend.kernels(backend, FAMILY).policy_loss_bwd(kernel_tokens(inputs), config, stats, seq, g_stats, d_lp, d_ent)
+    return d_lp, (d_ent if need_dentropy else logprobs.new_empty(0))
 
 
-# --- torch.library registration -------------------------------------------------------------
+def kl_penalty_fwd(logprobs, ref_logprobs, config: KLConfig, backend: str) -> torch.Tensor:
+    """Host launcher: the per-token estimate, fp32 of ``logprobs.shape``."""
+    out = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
+    if logprobs.numel() > 0:
+        _backend.kernels(backend, FAMILY).kl_penalty_fwd(logprobs.contiguous(), ref_logprobs.contiguous(), config, out)
+    return out
 
 
-@torch.library.custom_op("lenkernels::policy_loss", mutates_args=())
-def _policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    cu_seqlens: Optional[torch.Tensor],
-    ref_logprobs: Optional[torch.Tensor],
-    entropy: Optional[torch.Tensor],
-    importance_weights: Optional[torch.Tensor],
-    entropy_threshold: Optional[torch.Tensor],
-    normaliser: Optional[torch.Tensor],
-    mode: str,
-    clip_low: float,
-    clip_high: float,
-    clip_dual: float,
-    tau_pos: float,
-    tau_neg: float,
-    kl_coef: float,
-    kl_estimator: str,
-    kl_clamp: bool,
-    entropy_coef: float,
-    agg: str,
-    norm_const: float,
-    norm_length: float,
-    dp_size: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = (logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, entropy, importance_weights,
-              entropy_threshold, normaliser)  # fmt: skip
-    params = (mode, clip_low, clip_high, clip_dual, tau_pos, tau_neg, kl_coef, kl_estimator, kl_clamp, entropy_coef,
-              agg, norm_const, norm_length, dp_size)  # fmt: skip
-    return policy_loss_fwd(inputs, params, backend)
+def kl_penalty_bwd(grad, logprobs, ref_logprobs, config: KLConfig, backend: str):
+    """Host launcher: ``(d logprobs, d ref_logprobs)`` in the dtypes of their inputs."""
+    d_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+    d_rf = torch.empty(ref_logprobs.shape, dtype=ref_logprobs.dtype, device=logprobs.device)
+    if logprobs.numel() > 0:
+        _backend.kernels(backend, FAMILY).kl_penalty_bwd(
+            logprobs.contiguous(), ref_logprobs.contiguous(), grad.contiguous(), config, d_lp, d_rf
+        )
+    return d_lp, d_rf
 
 
-@_policy_loss.register_fake
-def _(logprobs, old_logprobs, advantages, mask, cu_seqlens, *args):
-    n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else logprobs.shape[0]
-    return (
-        logprobs.new_empty(NUM_STATS, dtype=torch.float32),
-        logprobs.new_empty((n_seqs, NUM_SEQ_VALUES), dtype=torch.float32),
-    )
+# --- torch.library registration: flat schemas generated from the fields of the typed arguments ----------
+
+_N_INPUTS = len(PolicyInputs._fields)
+_LOGPROBS, _ENTROPY = PolicyInputs._fields.index("logprobs"), PolicyInputs._fields.index("entropy")
 
 
-@torch.library.custom_op("lenkernels::policy_loss_backward", mutates_args=())
-def _policy_loss_backward(
-    g_stats: torch.Tensor,
-    stats: torch.Tensor,
-    seq: torch.Tensor,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    cu_seqlens: Optional[torch.Tensor],
-    ref_logprobs: Optional[torch.Tensor],
-    entropy: Optional[torch.Tensor],
-    importance_weights: Optional[torch.Tensor],
-    entropy_threshold: Optional[torch.Tensor],
-    normaliser: Optional[torch.Tensor],
-    mode: str,
-    clip_low: float,
-    clip_high: float,
-    clip_dual: float,
-    tau_pos: float,
-    tau_neg: float,
-    kl_coef: float,
-    kl_estimator: str,
-    kl_clamp: bool,
-    entropy_coef: float,
-    agg: str,
-    norm_const: float,
-    norm_length: float,
-    dp_size: float,
-    backend: str,
-    need_dentropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = (logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, entropy, importance_weights,
-              entropy_threshold, normaliser)  # fmt: skip
-    params = (mode, clip_low, clip_high, clip_dual, tau_pos, tau_neg, kl_coef, kl_estimator, kl_clamp, entropy_coef,
-              agg, norm_const, norm_length, dp_size)  # fmt: skip
-    return policy_loss_bwd(inputs, params, backend, stats, seq, g_stats, need_dentropy)
+def op_args(inputs: PolicyInputs, config: PolicyConfig, backend: str) -> tuple:
+    """The flat arguments of ``lenkernels::policy_loss``: ``(*inputs, *config fields, backend)``."""
+    return (*inputs, *args.flatten(config), backend)
 
 
-@_policy_loss_backward.register_fake
-def _(g_stats, stats, seq, logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, entropy, *args):
-    need_dentropy = args[-1]
-    d_ent = torch.empty_like(entropy) if need_dentropy else logprobs.new_empty(0)
-    return torch.empty_like(logprobs), d_ent
+def kl_op_args(logprobs, ref_logprobs, config: KLConfig, backend: str) -> tuple:
+    """The flat arguments of ``lenkernels::kl_penalty``."""
+    return (logprobs, ref_logprobs, *args.flatten(config), backend)
 
 
-_N_INPUTS = 25
+def _policy_loss(*flat):
+    inputs, config, backend = args.unflatten(flat, PolicyInputs, PolicyConfig)
+    return policy_loss_fwd(inputs, config, backend)
+
+
+def _policy_loss_fake(*flat):
+    inputs = PolicyInputs(*flat[:_N_INPUTS])
+    lp = inputs.logprobs
+    f32 = {"dtype": torch.float32, "device": lp.device}
+    return torch.empty(NUM_STATS, **f32), torch.empty((_n_seqs(inputs), NUM_SEQ_VALUES), **f32)
+
+
+def _policy_loss_backward(g_stats, stats, seq, *flat):
+    inputs, config, backend, need_dentropy = args.unflatten(flat, PolicyInputs, PolicyConfig)
+    return policy_loss_bwd(inputs, config, backend, stats, seq, g_stats, need_dentropy)
+
+
+def _policy_loss_backward_fake(g_stats, stats, seq, *flat):
+    inputs, need_dentropy = PolicyInputs(*flat[:_N_INPUTS]), flat[-1]
+    lp, ent = inputs.logprobs, inputs.entropy
+    d_ent = torch.empty(ent.shape, dtype=ent.dtype, device=lp.device) if need_dentropy else lp.new_empty(0)
+    return torch.empty(lp.shape, dtype=lp.dtype, device=lp.device), d_ent
 
 
 def _setup_context(ctx, inputs, output):
     stats, seq = output
-    ctx.save_for_backward(*inputs[:10], stats, seq)
-    ctx.scalars = inputs[10:]
+    ctx.save_for_backward(*inputs[:_N_INPUTS], stats, seq)
+    ctx.scalars = inputs[_N_INPUTS:]
 
 
 def _backward(ctx, g_stats, g_seq):
-    saved = ctx.saved_tensors
-    tensors, stats, seq = saved[:10], saved[10], saved[11]
-    entropy = tensors[6]
-    need_dentropy = entropy is not None and ctx.needs_input_grad[6]
-    d_lp, d_ent = torch.ops.lenkernels.policy_loss_backward(
-        g_stats, stats, seq, *tensors, *ctx.scalars, need_dentropy
-    )
-    grads = [None] * _N_INPUTS
-    grads[0] = d_lp
+    *tensors, stats, seq = ctx.saved_tensors
+    need_dentropy = tensors[_ENTROPY] is not None and ctx.needs_input_grad[_ENTROPY]
+    d_lp, d_ent = torch.ops.lenkernels.policy_loss_backward(g_stats, stats, seq, *tensors, *ctx.scalars, need_dentropy)
+    grads = [None] * (_N_INPUTS + len(ctx.scalars))
+    grads[_LOGPROBS] = d_lp
     if need_dentropy:
-        grads[6] = d_ent
+        grads[_ENTROPY] = d_ent
     return tuple(grads)
 
 
-_policy_loss.register_autograd(_backward, setup_context=_setup_context)
+_policy_loss_op = torch.library.custom_op(
+    "lenkernels::policy_loss", _policy_loss, mutates_args=(),
+    schema=args.schema(PolicyInputs, PolicyConfig, "str backend", returns="(Tensor, Tensor)"),
+)  # fmt: skip
+_policy_loss_op.register_fake(_policy_loss_fake)
+_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.custom_op(
+    "lenkernels::policy_loss_backward", _policy_loss_backward, mutates_args=(),
+    schema=args.schema("Tensor g_stats", "Tensor stats", "Tensor seq", PolicyInputs, PolicyConfig, "str backend",
+                       "bool need_dentropy", returns="(Tensor, Tensor)"),
+).register_fake(_policy_loss_backward_fake)  # fmt: skip
 
 
-@torch.library.custom_op("lenkernels::kl_penalty", mutates_args=())
-def _kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, clamp: bool, backend: str) -> torch.Tensor:
-    return kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, backend)
+def _kl_penalty(logprobs, ref_logprobs, *flat):
+    config, backend = args.unflatten(flat, KLConfig)
+    return kl_penalty_fwd(logprobs, ref_logprobs, config, backend)
 
 
-@_kl_penalty.register_fake
-def _(logprobs, ref_logprobs, estimator, clamp, backend):
+def _kl_penalty_fake(logprobs, ref_logprobs, *flat):
     return torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
 
 
-@torch.library.custom_op("lenkernels::kl_penalty_backward", mutates_args=())
-def _kl_penalty_backward(
-    grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, clamp: bool, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, backend)
+def _kl_penalty_backward(grad, logprobs, ref_logprobs, *flat):
+    config, backend = args.unflatten(flat, KLConfig)
+    return kl_penalty_bwd(grad, logprobs, ref_logprobs, config, backend)
 
 
-@_kl_penalty_backward.register_fake
-def _(grad, logprobs, ref_logprobs, estimator, clamp, backend):
-    return torch.empty_like(logprobs), torch.empty_like(ref_logprobs)
-
-
-def kl_penalty_fwd(logprobs, ref_logprobs, estimator: str, clamp: bool, backend: str) -> torch.Tensor:
-    """Host launcher: the per-token estimate, fp32 of ``logprobs.shape``."""
-    base, _ = ref.parse_kl_estimator(estimator)
-    if backend == "reference":
-        return ref.kl_penalty(logprobs.double(), ref_logprobs.double(), base, clamp).to(torch.float32)
-    out = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
-    if logprobs.numel() == 0:
-        return out
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        lp = logprobs.to(torch.float32).contiguous()
-        rf = ref_logprobs.to(torch.float32).contiguous()
-        cpu.load(FAMILY).kl_penalty_fwd(
-            lp.data_ptr(), rf.data_ptr(), out.data_ptr(), lp.numel(), _KL_CODES[base], clamp, torch.get_num_threads()
-        )
-    elif backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.kl_penalty_fwd(logprobs, ref_logprobs, _KL_CODES[base], clamp, out)
-    else:
-        from lenkernels.triton.policy_loss import kl_penalty_fwd as launch
-
-        launch(logprobs.contiguous(), ref_logprobs.contiguous(), _KL_CODES[base], clamp, out)
-    return out
-
-
-def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator: str, clamp: bool, backend: str):
-    """Host launcher: ``(d logprobs, d ref_logprobs)`` in the dtypes of their inputs."""
-    base, straight = ref.parse_kl_estimator(estimator)
-    if backend == "reference":
-        _, vjp = torch.func.vjp(
-            lambda a, b: ref.kl_penalty(a, b, estimator, clamp), logprobs.detach().double(), ref_logprobs.detach().double()
-        )
-        d_lp, d_rf = vjp(grad.double())
-        return d_lp.to(logprobs.dtype), d_rf.to(ref_logprobs.dtype)
-    if logprobs.numel() == 0:
-        return torch.zeros_like(logprobs), torch.zeros_like(ref_logprobs)
-    est = _KL_CODES[base]
-    straight = straight and base != "k2"
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        lp = logprobs.to(torch.float32).contiguous()
-        rf = ref_logprobs.to(torch.float32).contiguous()
-        g = grad.to(torch.float32).contiguous()
-        d_lp = torch.empty(lp.shape, dtype=torch.float32)
-        d_rf = torch.empty(lp.shape, dtype=torch.float32)
-        cpu.load(FAMILY).kl_penalty_bwd(
-            lp.data_ptr(), rf.data_ptr(), g.data_ptr(), d_lp.data_ptr(), d_rf.data_ptr(), lp.numel(), est, straight,
-            clamp, torch.get_num_threads(),
-        )  # fmt: skip
-        return d_lp.to(logprobs.dtype), d_rf.to(ref_logprobs.dtype)
-    if backend == "cuda":
-        from lenkernels import cuda
-
-        d_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
-        d_rf = torch.empty(ref_logprobs.shape, dtype=ref_logprobs.dtype, device=logprobs.device)
-        cuda.kl_penalty_bwd(logprobs, ref_logprobs, grad, est, straight, clamp, d_lp, d_rf)
-        return d_lp, d_rf
-    from lenkernels.triton.policy_loss import kl_penalty_bwd as launch
-
-    d_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
-    d_rf = torch.empty(ref_logprobs.shape, dtype=ref_logprobs.dtype, device=logprobs.device)
-    launch(logprobs.contiguous(), ref_logprobs.contiguous(), grad.contiguous(), est, straight, clamp, d_lp, d_rf)
-    return d_lp, d_rf
+def _kl_penalty_backward_fake(grad, logprobs, ref_logprobs, *flat):
+    return (torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device),
+            torch.empty(ref_logprobs.shape, dtype=ref_logprobs.dtype, device=logprobs.device))  # fmt: skip
 
 
 def _kl_setup_context(ctx, inputs, output):
-    logprobs, ref_logprobs, estimator, clamp, backend = inputs
+    logprobs, ref_logprobs, *scalars = inputs
     ctx.save_for_backward(logprobs, ref_logprobs)
-    ctx.args = (estimator, clamp, backend)
+    ctx.scalars = scalars
 
 
 def _kl_backward(ctx, grad):
     logprobs, ref_logprobs = ctx.saved_tensors
-    d_lp, d_rf = torch.ops.lenkernels.kl_penalty_backward(grad, logprobs, ref_logprobs, *ctx.args)
-    return d_lp, d_rf, None, None, None
+    d_lp, d_rf = torch.ops.lenkernels.kl_penalty_backward(grad, logprobs, ref_logprobs, *ctx.scalars)
+    return (d_lp, d_rf) + (None,) * len(ctx.scalars)
 
 
-_kl_penalty.register_autograd(_kl_backward, setup_context=_kl_setup_context)
-
-
-# --- argument checks --------------------------------------------------------------------------
-
-
-def _float_input(x, name: str, backend: str, like: Optional[torch.Tensor] = None, like_name: str = "logprobs"):
-    allowed = _checks.FLOAT_DTYPES + ((torch.float64,) if backend == "reference" else ())
-    _checks.tensor(x, name)
-    if x.dtype not in allowed:
-        extra = " (float64 only with backend='reference')" if x.dtype == torch.float64 else ""
-        raise TypeError(f"{name} must be float32, bfloat16 or float16{extra}, got {x.dtype}")
-    if like is not None:
-        _checks.same_device(like, like_name, x, name)
-        if tuple(x.shape) != tuple(like.shape):
-            raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}")
-    return x
-
-
-def _number(value, name: str, *, minimum=None, exclusive=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and (value <= minimum if exclusive else value < minimum):
-        raise ValueError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
-    return value
-
-
-def _normaliser(value, name: str, device) -> tuple[Optional[torch.Tensor], float]:
-    """A global normaliser: a positive number (-> constant) or a one-element tensor on the device."""
-    if value is None:
-        return None, 0.0
-    if isinstance(value, torch.Tensor):
-        value, ok = _checks.scalar_tensor(value, name, torch.empty(0, device=device), "logprobs", positive=True)
-        # unchecked (GPU outside debug mode): a non-positive or non-finite normaliser becomes NaN
-        return _checks.nan_unless(value.to(torch.float32), ok), 0.0
-    return None, _number(value, name, minimum=0.0, exclusive=True)
-
-
-def _check_mask(mask, logprobs):
-    _checks.tensor(mask, "mask")
-    _checks.same_device(logprobs, "logprobs", mask, "mask")
-    if tuple(mask.shape) != tuple(logprobs.shape):
-        raise ValueError(f"mask must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(mask.shape)}")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool, integer or floating, got {mask.dtype}")
-    if mask.dtype != torch.bool and _checks.value_checks(mask.device):
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold only 0 and 1 (a weighting belongs in importance_weights)")
-
-
-def _check_cu_seqlens(cu_seqlens, logprobs):
-    _checks.tensor(cu_seqlens, "cu_seqlens", dtypes=_checks.INT_DTYPES)
-    _checks.same_device(logprobs, "logprobs", cu_seqlens, "cu_seqlens")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
-    if logprobs.dim() != 1:
-        raise ValueError(f"with cu_seqlens (packed layout) logprobs must be [N], got shape {tuple(logprobs.shape)}")
-    if _checks.value_checks(cu_seqlens.device):
-        steps = cu_seqlens[1:] - cu_seqlens[:-1]
-        if int(cu_seqlens[0]) < 0 or bool((steps < 0).any()) or int(cu_seqlens[-1]) > logprobs.shape[0]:
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing offsets within [0, N={logprobs.shape[0]}], got {cu_seqlens.tolist()}"
-            )
-
-
-def _check_advantages(advantages, logprobs, cu_seqlens, backend):
-    _float_input(advantages, "advantages", backend)
-    _checks.same_device(logprobs, "logprobs", advantages, "advantages")
-    shape = tuple(advantages.shape)
-    if cu_seqlens is None:
-        b, t = logprobs.shape
-        ok = shape in ((b, t), (b,), (b, 1))
-        expected = f"[B, T] = {(b, t)} (per token), [B] or [B, 1] = ({b},) (per sequence)"
-    else:
-        b, n = cu_seqlens.shape[0] - 1, logprobs.shape[0]
-        ok = shape in ((n,), (b,), (b, 1))
-        expected = f"[N] = ({n},) (per token), [B] or [B, 1] = ({b},) (per sequence)"
-    if not ok:
-        raise ValueError(f"advantages must be {expected}, got {shape}")
+_kl_op = torch.library.custom_op(
+    "lenkernels::kl_penalty", _kl_penalty, mutates_args=(),
+    schema=args.schema("Tensor logprobs", "Tensor ref_logprobs", KLConfig, "str backend", returns="Tensor"),
+)  # fmt: skip
+_kl_op.register_fake(_kl_penalty_fake)
+_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+torch.library.custom_op(
+    "lenkernels::kl_penalty_backward", _kl_penalty_backward, mutates_args=(),
+    schema=args.schema("Tensor grad", "Tensor logprobs", "Tensor ref_logprobs", KLConfig, "str backend",
+                       returns="(Tensor, Tensor)"),
+).register_fake(_kl_penalty_backward_fake)  # fmt: skip
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -645,30 +258,30 @@ def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
     *,
     mode: str = "ppo",
-    clip_low: Optional[float] = None,
-    clip_high: Optional[float] = None,
-    clip_dual: Optional[float] = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    clip_dual: float | None = None,
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
-    ref_logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_clamp: bool = True,
-    entropy: Optional[torch.Tensor] = None,
+    entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     top_entropy_quantile: float = 1.0,
     entropy_threshold=None,
-    importance_weights: Optional[torch.Tensor] = None,
-    agg: Optional[str] = None,
+    importance_weights: torch.Tensor | None = None,
+    agg: str | None = None,
     num_tokens=None,
     num_seqs=None,
-    norm_length: Optional[float] = None,
+    norm_length: float | None = None,
     dp_size: int = 1,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    backend: Optional[str] = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> PolicyLoss:
     """Policy loss of SPEC 3 with its metrics, fused. Forward: one pass over the tokens (two for
     gspo/luspo/gmpo and the seq-mean-* aggregations, which need per-sequence sums first) and a
@@ -759,117 +372,28 @@ def policy_loss(
     _checks.flags(kl_clamp=kl_clamp)
     _checks.tensor(logprobs, "logprobs")
     name = _backend.resolve(backend, FAMILY, logprobs.device)
-    _float_input(logprobs, "logprobs", name)
-    _checks.choice(mode, "mode", MODES)
-    if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, logprobs)
-    elif logprobs.dim() != 2:
-        raise ValueError(
-            f"logprobs must be [B, T] (padded), or [N] with cu_seqlens (packed); got shape {tuple(logprobs.shape)}"
-        )
-    if logprobs.numel() == 0:
-        raise ValueError(f"empty batch: logprobs of shape {tuple(logprobs.shape)} holds no tokens")
-    _float_input(old_logprobs, "old_logprobs", name, logprobs)
-    _check_advantages(advantages, logprobs, cu_seqlens, name)
-    if mask is not None:
-        _check_mask(mask, logprobs)
-    for x, x_name in ((ref_logprobs, "ref_logprobs"), (entropy, "entropy"), (importance_weights, "importance_weights")):
-        if x is not None:
-            _float_input(x, x_name, name, logprobs)
-
-    agg = ref.MODE_DEFAULTS[mode][2] if agg is None else agg
-    _checks.choice(agg, "agg", AGGS)
-    for value, v_name in ((clip_low, "clip_low"), (clip_high, "clip_high")):
-        if value is not None:
-            _number(value, v_name, minimum=0.0)
-    low, high = ref.resolve_clip(mode, clip_low, clip_high)
-    if mode != "gmpo" and low > 1.0:
-        raise ValueError(f"clip_low must be <= 1 (the lower ratio bound is 1 - clip_low), got {low}")
-    dual = 0.0
-    if clip_dual is not None:
-        if mode not in _DUAL_MODES:
-            raise ValueError(f"clip_dual applies to mode in {_DUAL_MODES}, not {mode!r}")
-        dual = _number(clip_dual, "clip_dual", minimum=1.0, exclusive=True)
-    tau_pos = _number(tau_pos, "tau_pos", minimum=0.0, exclusive=True)
-    tau_neg = _number(tau_neg, "tau_neg", minimum=0.0, exclusive=True)
-    kl_coef = _number(kl_coef, "kl_coef")
-    ref.parse_kl_estimator(kl_estimator)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("ref_logprobs is required when kl_coef != 0")
-    if not isinstance(kl_clamp, bool):
-        raise TypeError(f"kl_clamp must be a bool, got {type(kl_clamp).__name__}")
-    entropy_coef = _number(entropy_coef, "entropy_coef")
-    if entropy_coef != 0.0 and entropy is None:
-        raise ValueError("entropy is required when entropy_coef != 0")
-    rho = _number(top_entropy_quantile, "top_entropy_quantile", minimum=0.0, exclusive=True)
-    if rho > 1.0:
-        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {rho}")
-    if (rho < 1.0 or entropy_threshold is not None) and entropy is None:
-        raise ValueError("entropy is required for top_entropy_quantile < 1 or entropy_threshold")
-    if num_tokens is not None and agg != "token-mean":
-        raise ValueError(f"num_tokens is the token-mean normaliser; agg={agg!r} takes num_seqs or nothing")
-    if num_seqs is not None and not agg.startswith("seq-mean"):
-        raise ValueError(f"num_seqs is the normaliser of the seq-mean-* aggregations, not of agg={agg!r}")
-    normaliser, norm_const = _normaliser(num_tokens if num_tokens is not None else num_seqs,
-                                         "num_tokens" if num_tokens is not None else "num_seqs", logprobs.device)  # fmt: skip
-    if norm_length is not None:
-        if agg != "seq-mean-token-sum-norm":
-            raise ValueError(f"norm_length is the constant of seq-mean-token-sum-norm, not of agg={agg!r}")
-        norm_length = _number(norm_length, "norm_length", minimum=0.0, exclusive=True)
-    elif agg == "seq-mean-token-sum-norm":
-        if cu_seqlens is not None:
-            raise ValueError("norm_length is required for seq-mean-token-sum-norm with packed inputs (cu_seqlens)")
-        norm_length = float(logprobs.shape[1])
-    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
-        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
-
-    threshold, threshold_ok = None, None
-    if entropy is not None:
-        if entropy_threshold is not None:
-            if isinstance(entropy_threshold, torch.Tensor):
-                value, threshold_ok = _checks.scalar_tensor(entropy_threshold, "entropy_threshold", logprobs, "logprobs")
-                threshold = value.detach().to(torch.float64).reshape(1)
-            else:
-                value = _number(entropy_threshold, "entropy_threshold")
-                threshold = torch.full((1,), value, dtype=torch.float64, device=logprobs.device)
-        elif rho < 1.0:
-            valid = mask
-            if cu_seqlens is not None:  # packed tokens outside every sequence are no one's tokens
-                t = torch.arange(logprobs.shape[0], device=logprobs.device)
-                inside = (t >= cu_seqlens[0]) & (t < cu_seqlens[-1])
-                valid = inside if mask is None else inside & (mask != 0)
-            threshold = _entropy_threshold(entropy.detach(), valid, 1.0 - rho)
-
-    stats, _ = torch.ops.lenkernels.policy_loss(
-        logprobs, old_logprobs, advantages, mask, cu_seqlens, ref_logprobs, entropy, importance_weights, threshold,
-        normaliser, mode, low, high, dual, tau_pos, tau_neg, kl_coef, kl_estimator, kl_clamp, entropy_coef, agg,
-        norm_const, float(norm_length or 0.0), float(dp_size), name,
+    inputs, config, threshold_ok = args.resolve(
+        logprobs, old_logprobs, advantages, mask, mode=mode, clip_low=clip_low, clip_high=clip_high,
+        clip_dual=clip_dual, tau_pos=tau_pos, tau_neg=tau_neg, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy=entropy, entropy_coef=entropy_coef,
+        top_entropy_quantile=top_entropy_quantile, entropy_threshold=entropy_threshold,
+        importance_weights=importance_weights, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+        norm_length=norm_length, dp_size=dp_size, cu_seqlens=cu_seqlens, backend=name,
     )  # fmt: skip
-    fields = {k: stats[_STAT[k]].detach() for k in PolicyLoss._fields if k != "loss"}
+    stats, _ = torch.ops.lenkernels.policy_loss(*op_args(inputs, config, name))
+    fields = {k: stats[_STAT_OF[k]].detach() for k in PolicyLoss._fields if k != "loss"}
     # a fresh tensor, not a view of the saved stats: trainers update the loss in place
     # (verl: ``policy_loss -= entropy_coeff * entropy_loss``)
-    fields["loss"] = stats[_STAT["loss"]].clone()
+    fields["loss"] = stats[_STAT_OF["loss"]].clone()
     if threshold_ok is not None:  # an unchecked NaN/inf threshold keeps no token: say NaN, not 0
         fields["loss"] = _checks.nan_unless(fields["loss"], threshold_ok)
     if ref_logprobs is None:
         fields["kl_loss"] = None
     if entropy is None:
         fields["entropy_loss"] = fields["entropy_mean"] = None
-    if threshold is None:
+    if inputs.threshold is None:
         fields["entropy_kept"] = None
     return PolicyLoss(**fields)
-
-
-def _entropy_threshold(entropy: torch.Tensor, mask: Optional[torch.Tensor], q: float) -> torch.Tensor:
-    """The q-quantile (linear interpolation, torch.quantile's) of the valid tokens' entropies, as a
-    [1] float64 tensor, with fixed shapes: a sort with invalid tokens at +inf, no host sync."""
-    valid = torch.ones_like(entropy, dtype=torch.bool) if mask is None else mask != 0
-    values = torch.where(valid, entropy.to(torch.float64), torch.full_like(entropy, math.inf, dtype=torch.float64))
-    ordered = torch.sort(values.reshape(-1)).values
-    rank = ((valid.sum() - 1).clamp(min=0).to(torch.float64) * q).reshape(1)
-    below = rank.floor().to(torch.int64)
-    above = rank.ceil().to(torch.int64)
-    return torch.lerp(ordered.gather(0, below), ordered.gather(0, above), rank - below.to(torch.float64))
 
 
 def kl_penalty(
@@ -878,7 +402,7 @@ def kl_penalty(
     estimator: str = "k3",
     *,
     clamp: bool = True,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Per-token KL estimate of SPEC 2 between the policy and a reference, delta = ref - logprob.
 
@@ -904,12 +428,10 @@ def kl_penalty(
     _checks.flags(clamp=clamp)
     _checks.tensor(logprobs, "logprobs")
     name = _backend.resolve(backend, FAMILY, logprobs.device)
-    _float_input(logprobs, "logprobs", name)
-    _float_input(ref_logprobs, "ref_logprobs", name, logprobs)
-    ref.parse_kl_estimator(estimator)
-    if not isinstance(clamp, bool):
-        raise TypeError(f"clamp must be a bool, got {type(clamp).__name__}")
-    return torch.ops.lenkernels.kl_penalty(logprobs, ref_logprobs, estimator, clamp, name)
+    _checks.float_input(logprobs, "logprobs", name)
+    _checks.float_input(ref_logprobs, "ref_logprobs", name, logprobs, "logprobs")
+    config = args.kl_config(estimator, clamp)
+    return torch.ops.lenkernels.kl_penalty(*kl_op_args(logprobs, ref_logprobs, config, name))
 
 
 def policy_loss_from_logits(
@@ -917,13 +439,13 @@ def policy_loss_from_logits(
     ids: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
     *,
     temperature=1.0,
     ignore_index: int = -100,
     inplace_backward: bool = False,
     process_group=None,
-    backend: Optional[str] = None,
+    backend: str | None = None,
     **loss_kwargs,
 ) -> PolicyLoss:
     """:func:`policy_loss` straight from the logits: ``token_logprobs_entropy`` (one read of the

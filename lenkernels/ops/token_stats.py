@@ -3,9 +3,14 @@
 Chain of names: ``token_logprobs_entropy`` (public) -> ``lenkernels::token_stats`` (custom op with
 autograd) -> ``token_stats_fwd`` / ``token_stats_bwd`` (host launchers, one per backend) -> kernels
 (``triton/token_stats.py``, ``csrc/cpu/token_stats.cpp``, ``csrc/cuda/token_stats.cu``).
+``token_stats`` (public, SPEC 7) -> the same op when only logprob/entropy are asked for, else
+``lenkernels::token_stats_extra`` -> ``token_stats_extra_fwd`` / ``token_stats_extra_bwd`` launchers
+(triton, cpu, reference; the cuda backend has none yet and raises BackendUnavailableError).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -13,7 +18,13 @@ from lenkernels import _backend, _checks
 from lenkernels.reference import token_stats as ref
 
 FAMILY = "token_stats"
-_backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
+# On CUDA tensors the CUDA C++ kernels are the default: the static SASS report
+# (benchmarks/results/sass-sm90.json) has their backward at 16 instructions per logit with 128-bit
+# loads and stores against Triton's 33 with 2-byte accesses (forwards: 10 and 11). The outputs
+# beyond logprob/entropy (token_stats(outputs=...)) are a family of their own, without cuda kernels.
+_backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"), prefer={"cuda": ("cuda", "triton")})
+EXTRA_FAMILY = "token_stats_extra"
+_backend.register_family(EXTRA_FAMILY, ("triton", "cpu", "reference"), module=FAMILY)
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -26,11 +37,6 @@ def _is_row_view(logits: torch.Tensor) -> bool:
     """Whether _rows(logits) aliases logits (required to write the gradient in place)."""
     x = _rows(logits)
     return x.numel() == 0 or x.data_ptr() == logits.data_ptr() and x.stride(-1) == 1 and logits.stride(-1) == 1
-
-
-def _check_ids_on_host(ids: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    if _checks.value_checks(ids.device):
-        _checks.ids_in_range(ids, vocab, ignore_index)
 
 
 def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str, state: bool = False):
@@ -47,65 +53,24 @@ def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str, s
     outs = [torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(6 if state else 4)]
     if n_rows == 0:
         return tuple(o.reshape(shape) for o in outs)
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        y = y.to(torch.int64).contiguous()
-        ptrs = [o.data_ptr() for o in outs] + [0, 0] * (not state)  # 0: no state wanted
-        bad = cpu.load(FAMILY).token_stats_fwd(
-            x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
-            temperature.data_ptr(), 0 if temperature.numel() == 1 else 1, ignore_index,
-            *ptrs, torch.get_num_threads(),
-        )  # fmt: skip
-        if bad >= 0:
-            _checks.ids_in_range(ids, vocab, ignore_index)
-    elif backend == "triton":
-        from lenkernels.triton.token_stats import token_stats_fwd as launch
-
-        _check_ids_on_host(y, vocab, ignore_index)
-        launch(x, y.contiguous(), temperature, ignore_index, *outs)
-    elif backend == "cuda":
-        from lenkernels import cuda
-
-        _check_ids_on_host(y, vocab, ignore_index)
-        cuda.token_stats_fwd(x, y.contiguous(), temperature, ignore_index, *outs)
-    else:
-        _check_ids_on_host(y, vocab, ignore_index)
-        outs = ref.token_stats_forward(x, y, temperature, ignore_index, state=state)
+    kernels = _backend.kernels(backend, FAMILY)
+    if _checks.value_checks(y.device) and not getattr(kernels, "IDS_CHECKED_IN_KERNEL", False):
+        _checks.ids_in_range(y, vocab, ignore_index)
+    kernels.token_stats_fwd(x, y.contiguous(), temperature, ignore_index, *outs)
     return tuple(o.reshape(shape) for o in outs)
 
 
 def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend, dlogits):
     """Host launcher: writes ``dlogits`` ([..., V], logits dtype; may be ``logits`` itself)."""
     x = _rows(logits)
-    d = dlogits.view(-1, dlogits.shape[-1])
-    n_rows, vocab = x.shape
-    if n_rows == 0:
+    if x.shape[0] == 0:
         return
-    y = ids.reshape(-1)
     g_lp = g_logprobs.reshape(-1).to(torch.float32)
     g_h = g_entropy.reshape(-1).to(torch.float32)
-    lse, mean_z = lse.reshape(-1), mean_z.reshape(-1)
-    if backend == "cpu":
-        from lenkernels import cpu
-
-        y = y.to(torch.int64).contiguous()
-        cpu.load(FAMILY).token_stats_bwd(
-            x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
-            temperature.data_ptr(), 0 if temperature.numel() == 1 else 1, ignore_index,
-            lse.data_ptr(), mean_z.data_ptr(), g_lp.data_ptr(), g_lp.stride(0), g_h.data_ptr(), g_h.stride(0),
-            d.data_ptr(), d.stride(0), torch.get_num_threads(),
-        )  # fmt: skip
-    elif backend == "triton":
-        from lenkernels.triton.token_stats import token_stats_bwd as launch
-
-        launch(x, y.contiguous(), temperature, lse, mean_z, g_lp, g_h, ignore_index, d)
-    elif backend == "cuda":
-        from lenkernels import cuda
-
-        cuda.token_stats_bwd(x, y.contiguous(), temperature, lse, mean_z, g_lp, g_h, ignore_index, d)
-    else:
-        d.copy_(ref.token_stats_backward(x, y, temperature, g_lp, g_h, ignore_index))
+    _backend.kernels(backend, FAMILY).token_stats_bwd(
+        x, ids.reshape(-1).contiguous(), temperature, lse.reshape(-1), mean_z.reshape(-1), g_lp, g_h, ignore_index,
+        dlogits.view(-1, dlogits.shape[-1]),
+    )
 
 
 # --- torch.library registration -------------------------------------------------------------
@@ -269,6 +234,207 @@ def _vp_backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z, g_offset):
 
 
 _token_stats_vocab_parallel.register_autograd(_vp_backward, setup_context=_vp_setup_context)
+
+
+# --- extra vocabulary statistics (SPEC 7): lenkernels.token_stats --------------------------------
+# A second custom op, so the two-output path above (its kernels, bits and instruction count) is
+# untouched: the extra statistics are separate kernels, launched only when asked for.
+
+EXTRA_OUTPUTS = 9  # logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2, argmax, max_logprob, mean_logit
+_ARGMAX = 6
+
+
+def _extra_kernels(backend: str):
+    kernels = _backend.kernels(backend, FAMILY)
+    if getattr(kernels, "token_stats_extra_fwd", None) is None:
+        raise _backend.BackendUnavailableError(
+            f"backend {backend!r} computes only logprob and entropy; token_stats outputs "
+            "'sum_p2', 'argmax' and 'mean_logit' need backend='triton', 'cpu' or 'reference'"
+        )
+    return kernels
+
+
+def token_stats_extra_fwd(logits, ids, temperature, ignore_index: int, backend: str):
+    """Host launcher: the ``EXTRA_OUTPUTS`` statistics of shape ``ids.shape`` (fp32, argmax int64)."""
+    shape = ids.shape
+    x = _rows(logits)
+    y = ids.reshape(-1)
+    n_rows, vocab = x.shape
+    outs = [
+        torch.empty(n_rows, dtype=torch.int64 if i == _ARGMAX else torch.float32, device=logits.device)
+        for i in range(EXTRA_OUTPUTS)
+    ]
+    if n_rows == 0:
+        return tuple(o.reshape(shape) for o in outs)
+    kernels = _extra_kernels(backend)
+    if _checks.value_checks(y.device) and not getattr(kernels, "IDS_CHECKED_IN_KERNEL", False):
+        _checks.ids_in_range(y, vocab, ignore_index)
+    kernels.token_stats_extra_fwd(x, y.contiguous(), temperature, ignore_index, *outs)
+    return tuple(o.reshape(shape) for o in outs)
+
+
+@torch.library.custom_op("lenkernels::token_stats_extra", mutates_args=())
+def _token_stats_extra(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor, ignore_index: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:  # fmt: skip
+    return token_stats_extra_fwd(logits, ids, temperature, ignore_index, backend)
+
+
+@_token_stats_extra.register_fake
+def _(logits, ids, temperature, ignore_index, backend):
+    return tuple(
+        torch.empty(ids.shape, dtype=torch.int64 if i == _ARGMAX else torch.float32, device=logits.device)
+        for i in range(EXTRA_OUTPUTS)
+    )
+
+
+@torch.library.custom_op("lenkernels::token_stats_extra_backward", mutates_args=())
+def _token_stats_extra_backward(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor,
+    log_sum_p2: torch.Tensor,
+    argmax: torch.Tensor,
+    g_logprobs: torch.Tensor,
+    g_entropy: torch.Tensor,
+    g_sum_p2: torch.Tensor,
+    g_log_sum_p2: torch.Tensor,
+    g_max_logprob: torch.Tensor,
+    g_mean_logit: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    x = _rows(logits)
+    if x.shape[0] == 0:
+        return dlogits
+    grads = tuple(
+        g.reshape(-1).to(torch.float32).contiguous()
+        for g in (g_logprobs, g_entropy, g_sum_p2, g_log_sum_p2, g_max_logprob, g_mean_logit)
+    )
+    _extra_kernels(backend).token_stats_extra_bwd(
+        x, ids.reshape(-1).contiguous(), temperature, lse.reshape(-1).contiguous(), mean_z.reshape(-1).contiguous(),
+        log_sum_p2.reshape(-1).contiguous(), argmax.reshape(-1).contiguous(), grads, ignore_index,
+        dlogits.view(-1, dlogits.shape[-1]),
+    )  # fmt: skip
+    return dlogits
+
+
+@_token_stats_extra_backward.register_fake
+def _(logits, ids, temperature, lse, mean_z, log_sum_p2, argmax, *rest):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _extra_setup_context(ctx, inputs, output):
+    logits, ids, temperature, ignore_index, backend = inputs
+    _, _, lse, mean_z, _, log_sum_p2, argmax, _, _ = output
+    # per-row scalars only (besides the logits the backward reads once)
+    ctx.save_for_backward(logits, ids, temperature, lse, mean_z, log_sum_p2, argmax)
+    ctx.ignore_index = ignore_index
+    ctx.backend = backend
+
+
+def _extra_backward(ctx, g_lp, g_h, g_lse, g_mean_z, g_sp2, g_lsp2, g_argmax, g_mlp, g_mean):
+    logits, ids, temperature, lse, mean_z, log_sum_p2, argmax = ctx.saved_tensors
+    zeros = torch.zeros_like(lse)
+    grads = [zeros if g is None else g for g in (g_lp, g_h, g_sp2, g_lsp2, g_mlp, g_mean)]
+    dlogits = torch.ops.lenkernels.token_stats_extra_backward(
+        logits, ids, temperature, lse, mean_z, log_sum_p2, argmax, *grads, ctx.ignore_index, ctx.backend
+    )
+    return dlogits, None, None, None, None
+
+
+_token_stats_extra.register_autograd(_extra_backward, setup_context=_extra_setup_context)
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics of ``lenkernels.token_stats`` (float32 of ``ids.shape``, ``argmax``
+    int64); a field whose output was not asked for is None."""
+
+    logprob: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    sum_p2: torch.Tensor | None = None
+    log_sum_p2: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
+    max_logprob: torch.Tensor | None = None
+    mean_logit: torch.Tensor | None = None
+
+
+OUTPUTS = ("logprob", "entropy", "sum_p2", "argmax", "mean_logit")
+
+
+def token_stats(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    outputs=("logprob", "entropy"),
+    backend: str | None = None,
+) -> TokenStats:
+    """Every per-token vocabulary statistic asked for, from one read of the logits (SPEC 1, 7).
+
+    Args:
+        logits, ids, temperature, ignore_index, backend: as in ``token_logprobs_entropy``.
+        outputs: names of the statistics wanted (any order, at least one) among
+            ``"logprob"``, ``"entropy"`` (SPEC 1), ``"sum_p2"`` (fields ``sum_p2 = sum_j p_j^2``, verl's
+            optimal-token baseline, and ``log_sum_p2 = logsumexp(2z) - 2 lse``, TRL's
+            ``log_sum_sq_probs``; both without cancellation), ``"argmax"`` (fields ``argmax``: the
+            lowest id among the maxima of z, int64, 0 for an all ``-inf`` row; and ``max_logprob =
+            max z - lse``; TRL's is-top1 is ``argmax == ids``) and ``"mean_logit"`` (``(1/V) sum_j
+            z_j`` over the finite entries of the vocabulary, V = the full last dimension).
+
+    Returns:
+        ``TokenStats``: the fields asked for, None elsewhere. Every float field is differentiable in
+        ``logits`` with one read of the logits and one write of the gradient, whatever the
+        combination. A row of all ``-inf`` gives NaN in every float field; rows with
+        ``ids == ignore_index`` get logprob 0, their other statistics are still computed.
+
+    ``outputs`` of only logprob/entropy run exactly ``token_logprobs_entropy``'s kernels (same bits).
+    Any other output runs the extended kernels (which also compute logprob and entropy, with the
+    same per-chunk arithmetic); backend ``"cuda"`` implements only the two-output path, so
+    ``backend=None`` runs the others with Triton on CUDA tensors and ``backend="cuda"`` raises
+    ``BackendUnavailableError`` for them.
+    """
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
+        raise TypeError(f"outputs must be a tuple or list of names among {OUTPUTS}, got {outputs!r}")
+    wanted = set()
+    for name in outputs:
+        if name not in OUTPUTS:
+            raise ValueError(f"unknown token_stats output {name!r}: expected names among {OUTPUTS}")
+        wanted.add(name)
+    if not wanted:
+        raise ValueError(f"outputs must name at least one statistic among {OUTPUTS}")
+    _checks.tensor(logits, "logits", min_dim=1)
+    extra = not wanted <= {"logprob", "entropy"}
+    name = _backend.resolve(backend, EXTRA_FAMILY if extra else FAMILY, logits.device)
+    _checks.logits_dtype(logits, name)
+    _checks.ids_match(logits, ids)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary (last) dimension")
+    _checks.index(ignore_index, "ignore_index")
+    temp = _checks.temperature(temperature, ids)
+    if not extra:
+        lp, ent, _, _ = torch.ops.lenkernels.token_stats(logits, ids, temp, ignore_index, False, name)
+        return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
+    if not torch.compiler.is_compiling():  # raise before the op (it raises inside too when traced)
+        _extra_kernels(name)
+    lp, ent, _, _, sp2, lsp2, amax, mlp, mean = torch.ops.lenkernels.token_stats_extra(
+        logits, ids, temp, ignore_index, name
+    )
+    has = wanted.__contains__
+    return TokenStats(
+        logprob=lp if has("logprob") else None,
+        entropy=ent if has("entropy") else None,
+        sum_p2=sp2 if has("sum_p2") else None,
+        log_sum_p2=lsp2 if has("sum_p2") else None,
+        argmax=amax if has("argmax") else None,
+        max_logprob=mlp if has("argmax") else None,
+        mean_logit=mean if has("mean_logit") else None,
+    )
 
 
 # --- public API --------------------------------------------------------------------------------

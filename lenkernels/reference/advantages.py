@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "batch", "gaussian", "grpo_passk", "opo")
+from lenkernels import _codes
+from lenkernels._codes import Method
+
+METHODS = _codes.names(Method)  # the public method strings, in code order
 WHITEN_EPS = 1e-8
 
 
@@ -202,3 +205,27 @@ def group_stats(values: torch.Tensor, groups, where: torch.Tensor | None = None,
                 lo = hi = std = torch.tensor(float("nan"), dtype=dtype)
             out[idx, j] = torch.stack([torch.tensor(float(k), dtype=dtype), v.sum(), mean, std, lo, hi])
     return out
+
+
+# --- launchers of the reference backend (the signatures of lenkernels/{cpu,cuda,triton}/advantages.py)
+
+
+def group_advantages_fwd(rewards, groups, group_size, mask, lengths, task_ids, cfg, out) -> None:
+    """Writes ``out`` (fp32, ``[B]`` or ``mask.shape``): SPEC 4 evaluated whole in float64 (the
+    compiled backends' stages, lenkernels/_grouping.py, have no counterpart here)."""
+    res = group_advantages(
+        rewards, groups if groups is not None else group_size, _codes.name_of(Method(cfg.method)), eps=cfg.eps,
+        mask=mask, lengths=lengths, norm_by_std=cfg.norm_by_std, unbiased=cfg.unbiased, task_ids=task_ids,
+    )  # fmt: skip
+    out.copy_(res)
+
+
+def group_stats_fwd(values, where, groups, group_size, mask, stats, lengths) -> None:
+    """Writes stats ``[B, C', 6]`` and, with a mask, its row sums into lengths ``[B]`` (the last
+    statistic column)."""
+    cols = values.to(torch.float64)
+    if mask is not None:
+        length = mask.to(torch.float64).sum(-1)
+        lengths.copy_(length)
+        cols = torch.cat([cols, length[:, None]], 1)
+    stats.copy_(group_stats(cols, groups if groups is not None else group_size, where))

@@ -181,3 +181,37 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     """TRL ``get_high_entropy_mask``: response tokens whose entropy is >= the threshold above."""
     threshold = top_entropy_threshold(entropy, mask, top_quantile)
     return (entropy.float() >= threshold) & mask.bool()
+
+
+# --- launchers of the reference backend (the signatures of lenkernels/{cpu,cuda,triton}/phase_stats.py)
+
+
+def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, think_mean, think_sum, answer_mean, answer_sum,
+                    think_count, answer_count, k, found) -> None:  # fmt: skip
+    """Writes the split of values ``[C, N]`` into the outputs given: means and sums fp32 ``[C, S]``,
+    counts and k int64 ``[S]``, found bool ``[S]`` (float64 maths)."""
+    outs = (think_mean, think_sum, answer_mean, answer_sum, think_count, answer_count, k, found)
+    for out, value in zip(outs, phase_stats_forward(values, ids, valid, cu_seqlens, delimiter)):
+        out.copy_(value)
+
+
+def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len: int, g_think_mean, g_think_sum,
+                    g_answer_mean, g_answer_sum, dvalues) -> None:  # fmt: skip
+    """Writes dvalues ``[C, N]`` for every token of every sequence; tokens outside all sequences
+    are left as they are."""
+    grad = phase_stats_backward(dvalues, valid, cu_seqlens, k, think_count, answer_count, delim_len, g_think_mean,
+                                g_think_sum, g_answer_mean, g_answer_sum)  # fmt: skip
+    seq, _, _ = _segments(cu_seqlens, valid.numel())
+    dvalues.copy_(torch.where(seq >= 0, grad, dvalues))
+
+
+def sequence_stats_fwd(values, valid, cu_seqlens, threshold: float, quantile, length, mean, vmin, vmax, frac,
+                       high) -> None:  # fmt: skip
+    """Writes length int64 ``[S]``, mean/min/max/frac fp32 ``[S]`` and, with a quantile (fp32
+    ``[1]``), high bool ``[N]`` (tokens outside all sequences left as they are)."""
+    res = sequence_stats(values, valid, cu_seqlens, threshold, quantile)
+    for out, value in zip((length, mean, vmin, vmax, frac), res[:5]):
+        out.copy_(value)
+    if quantile is not None:
+        seq, _, _ = _segments(cu_seqlens, values.numel())
+        high.copy_(torch.where(seq >= 0, res[5], high))

@@ -4,7 +4,8 @@ Written the way the trainers write them (verl's ``core_algos``: ``compute_policy
 ``kl_penalty``, ``agg_loss``; TRL's ``GRPOTrainer._compute_loss``), with autograd supplying every
 gradient, so the kernels' closed-form derivatives are tested against an independent definition.
 Packed inputs are unpacked into a padded ``[B, T_max]`` layout first (a Python loop: this is a
-definition, not a kernel).
+definition, not a kernel). The launchers at the end are the ``backend="reference"`` implementation
+of the policy_loss family (the signatures of ``lenkernels/{cpu,cuda,triton}/policy_loss.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,24 @@ import math
 
 import torch
 
-MODES = ("ppo", "gspo", "luspo", "cispo", "sapo", "gmpo", "reinforce")
-AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+from lenkernels._codes import Agg, Mode, NormSource, Stat, name_of, names
+from lenkernels.reference.phase_stats import top_entropy_threshold
+
+MODES = names(Mode)  # ("ppo", "gspo", "luspo", "cispo", "sapo", "gmpo", "reinforce")
+AGGS = names(Agg)  # ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# public spellings of the estimators -> their names in _codes.KLEstimator
 KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+
+# What each entry of the statistics vector (``_codes.Stat``) is: the keys of :func:`policy_loss`'s
+# dict and the fields of ``lenkernels.PolicyLoss``. num_seqs and inv_norm are the kernels' own
+# (what the backward reads), not part of the definition.
+STAT_NAMES = {
+    Stat.STAT_LOSS: "loss", Stat.STAT_POLICY: "pg_loss", Stat.STAT_KL: "kl_loss", Stat.STAT_ENTROPY: "entropy_loss",
+    Stat.STAT_CLIP_LOW: "clip_frac_low", Stat.STAT_CLIP_HIGH: "clip_frac_high", Stat.STAT_CLIP_DUAL: "clip_frac_dual",
+    Stat.STAT_APPROX_KL: "approx_kl", Stat.STAT_RATIO_MIN: "ratio_min", Stat.STAT_RATIO_MEAN: "ratio_mean",
+    Stat.STAT_RATIO_MAX: "ratio_max", Stat.STAT_ENTROPY_MEAN: "entropy_mean", Stat.STAT_TOKENS: "num_tokens",
+    Stat.STAT_SEQS: "num_seqs", Stat.STAT_INV_NORM: "inv_norm", Stat.STAT_KEPT: "entropy_kept",
+}  # fmt: skip
 
 # Mode defaults: (clip_low, clip_high, aggregation). GSPO's eps from the GSPO paper (v2, 5.1);
 # GMPO's bounds are on the log-ratio (the GMPO paper's (e^-0.4, e^0.4)); SAPO, GSPO and LUSPO
@@ -88,12 +104,11 @@ def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, fill=0.0) -> torch.Tensor:
 
 
 def entropy_quantile_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float):
-    """TRL's ``get_high_entropy_mask`` threshold: the (1 - rho) quantile (linear interpolation)
-    of the entropies of the valid tokens; tokens with ``H >= threshold`` keep their policy term."""
-    valid = entropy[mask.bool()]
-    if valid.numel() == 0:
-        return None
-    return torch.quantile(valid.to(torch.float64), 1.0 - top_entropy_quantile)
+    """TRL's ``get_high_entropy_mask`` threshold: ``torch.quantile`` of the float32 entropies of the
+    valid tokens at ``1 - rho`` (linear interpolation, float32 as TRL computes it); tokens with
+    ``H >= threshold`` keep their policy term. NaN (no token kept) without valid tokens or with a
+    NaN entropy among them."""
+    return top_entropy_threshold(entropy, mask, top_entropy_quantile)
 
 
 def _aggregate(x, m, n, agg, num_tokens, num_seqs, norm_length, dp_size):
@@ -242,7 +257,10 @@ def policy_loss(
         thr = entropy_threshold
         if thr is None:
             thr = entropy_quantile_threshold(ent.detach(), m, top_entropy_quantile)
-        kept = m if thr is None else m & (ent.detach() >= torch.as_tensor(thr, dtype=torch.float64).to(ent.device))
+        # entropies compared as float32 (TRL's dtype, what every kernel reads): with float64 inputs a
+        # token at the float32 quantile must not fall below it by the rounding of its own value
+        h32 = ent.detach().float().to(torch.float64)
+        kept = m & (h32 >= torch.as_tensor(thr, dtype=torch.float64).to(ent.device))
         pg = pg * kept
     total = pg
     kl = None
@@ -285,3 +303,81 @@ def policy_loss(
     out["scales"].update(approx_kl=mean(neg_kl.detach().abs()), ratio_mean=mean(ratio_d.abs()),
                          entropy_mean=None if ent is None else mean(ent.detach().abs()))
     return out
+
+
+# --- launchers of the reference backend (the signatures of lenkernels/{cpu,cuda,triton}/policy_loss.py)
+
+
+def _definition(t, cfg, logprobs=None, entropy=None) -> dict:
+    """:func:`policy_loss` in float64 on the op's tensors ``t`` (``PolicyTokens``) and config
+    ``cfg`` (``PolicyConfig``); ``logprobs`` / ``entropy`` replace those inputs when given (the
+    primals of ``torch.func.vjp``)."""
+
+    def f64(x):
+        return None if x is None else x.detach().to(torch.float64)
+
+    norm = {
+        NormSource.NORM_COUNTED: None,
+        NormSource.NORM_TENSOR: None if t.normaliser is None else f64(t.normaliser).reshape(()),
+        NormSource.NORM_CONSTANT: cfg.norm_const,
+    }[cfg.norm_source]
+    seq_mean = cfg.agg not in (Agg.TOKEN_MEAN, Agg.TOKEN_SUM)
+    # per-sequence advantages as [B, 1]: a packed [B] with B == N would read as per token
+    adv = t.advantages if t.adv_per_token else t.advantages.reshape(-1, 1)
+    return policy_loss(
+        f64(t.logprobs) if logprobs is None else logprobs, f64(t.old_logprobs), f64(adv), t.mask,
+        mode=name_of(cfg.mode), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        clip_dual=cfg.clip_dual if cfg.clip_dual > 0 else None, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
+        ref_logprobs=f64(t.ref_logprobs), kl_coef=cfg.kl_coef,
+        kl_estimator=name_of(cfg.kl_est) + ("+" if cfg.kl_straight else ""), kl_clamp=cfg.kl_clamp,
+        entropy=f64(t.entropy) if entropy is None else entropy, entropy_coef=cfg.entropy_coef,
+        entropy_threshold=None if t.threshold is None else f64(t.threshold).reshape(()),
+        importance_weights=f64(t.importance_weights), agg=name_of(cfg.agg),
+        num_tokens=norm if cfg.agg == Agg.TOKEN_MEAN else None, num_seqs=norm if seq_mean else None,
+        norm_length=cfg.norm_length, dp_size=cfg.dp_size, cu_seqlens=t.cu_seqlens, dtype=torch.float64,
+    )  # fmt: skip
+
+
+def policy_loss_fwd(t, cfg, stats: torch.Tensor, seq: torch.Tensor) -> None:
+    """Writes ``stats`` (fp32 ``[16]``, Stat layout; num_seqs and inv_norm 0) from the float64
+    definition; ``seq`` (the kernels' per-sequence values) is left as given."""
+    out = _definition(t, cfg)
+    zero = torch.zeros((), dtype=torch.float64)
+    values = []
+    for code in sorted(STAT_NAMES):
+        value = None if code in (Stat.STAT_SEQS, Stat.STAT_INV_NORM) else out.get(STAT_NAMES[code])
+        values.append(zero if value is None else value.detach().cpu().to(torch.float64))
+    stats.copy_(torch.stack(values).to(torch.float32))
+
+
+def policy_loss_bwd(t, cfg, stats, seq, g_stats, dlogprobs: torch.Tensor, dentropy: torch.Tensor | None) -> None:
+    """Writes d loss / d logprobs (and d loss / d entropy when ``dentropy`` is given): the custom
+    op's body runs below autograd, so the definition is differentiated with torch.func."""
+    primals = (t.logprobs.detach().to(torch.float64),)
+    if dentropy is not None:
+        primals += (t.entropy.detach().to(torch.float64),)
+
+    def loss(*xs):
+        return _definition(t, cfg, *xs)["loss"]
+
+    _, vjp = torch.func.vjp(loss, *primals)
+    grads = vjp(g_stats[Stat.STAT_LOSS].to(torch.float64))
+    dlogprobs.copy_(grads[0])
+    if dentropy is not None:
+        dentropy.copy_(grads[1])
+
+
+def kl_penalty_fwd(logprobs, ref_logprobs, cfg, out: torch.Tensor) -> None:
+    """Writes the per-token estimate (``cfg``: ``KLConfig``) into ``out`` (fp32)."""
+    out.copy_(kl_penalty(logprobs.double(), ref_logprobs.double(), name_of(cfg.est), cfg.clamp))
+
+
+def kl_penalty_bwd(logprobs, ref_logprobs, grad, cfg, dlogprobs: torch.Tensor, dref: torch.Tensor) -> None:
+    """Writes d logprobs and d ref_logprobs from the cotangent ``grad`` of the estimate."""
+    estimator = name_of(cfg.est) + ("+" if cfg.straight else "")
+    _, vjp = torch.func.vjp(
+        lambda a, b: kl_penalty(a, b, estimator, cfg.clamp), logprobs.detach().double(), ref_logprobs.detach().double()
+    )
+    d_lp, d_rf = vjp(grad.double())
+    dlogprobs.copy_(d_lp)
+    dref.copy_(d_rf)

@@ -1,6 +1,6 @@
 """Reference length-aware reward shaping (SPEC 5): plain per-response / per-group loops in float64,
 the definitions ``lenkernels.shaping`` is tested against. Arguments mirror the public functions
-(lengths already resolved to a ``[B]`` tensor); see ``lenkernels/shaping.py`` for the documentation.
+(lengths already resolved to a ``[B]`` tensor); see ``lenkernels/shaping/`` for the documentation.
 """
 
 from __future__ import annotations

@@ -87,3 +87,89 @@ def token_stats_backward(logits2d, ids1d, temperature1d, g_logprobs, g_entropy, 
     onehot = onehot * valid
     ent = torch.where(p > 0, p * (z_finite - mean_z), torch.zeros_like(p))
     return ((g_lp * (onehot - p) - g_h * ent) / temp).to(logits2d.dtype)
+
+
+# --- launchers of the reference backend (the signatures of lenkernels/{cpu,cuda,triton}/token_stats.py)
+
+
+def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z, max_z=None, log_s=None):
+    """Writes the statistics of rows ``x`` ``[N, V]`` into the fp32 ``[N]`` outputs given."""
+    outs = [logprobs, entropy, lse, mean_z] + ([max_z, log_s] if max_z is not None else [])
+    for out, value in zip(outs, token_stats_forward(x, ids, temperature, ignore_index, state=max_z is not None)):
+        out.copy_(value)
+
+
+def token_stats_bwd(x, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, dlogits):
+    """Writes ``dlogits`` ``[N, V]`` (SPEC 1's closed form in float64; ``lse``/``mean_z`` unused)."""
+    dlogits.copy_(token_stats_backward(x, ids, temperature, g_logprobs, g_entropy, ignore_index))
+
+
+# --- extra vocabulary statistics (SPEC 7): sum_p2 / log_sum_p2, argmax / max_logprob, mean_logit ----
+
+
+def token_stats_extra_forward(logits2d, ids1d, temperature1d, ignore_index):
+    """Float64 definitions of every output of ``lenkernels.token_stats``, as float32 (argmax int64):
+    ``(logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2, argmax, max_logprob, mean_logit)``.
+
+    z = logits / T, p = softmax(z): log_sum_p2 = logsumexp(2z) - 2 lse, sum_p2 = exp(log_sum_p2);
+    argmax = lowest index among the maxima of z (0 for an all -inf row); max_logprob = max z - lse;
+    mean_logit = (1/V) sum of the finite z. A row whose lse is not finite gives NaN in every float
+    statistic (argmax stays defined).
+    """
+    temp = temperature1d.to(torch.float64).expand(ids1d.shape)
+    logprobs, entropy = token_logprobs_entropy(logits2d, ids1d, temp, ignore_index)
+    z = _scaled(logits2d, temp, torch.float64)
+    shift = z.amax(-1, keepdim=True)
+    finite_shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    zs = z - finite_shift  # lse and lse2 against the max: no cancellation at |z| = 1e4
+    log_s = torch.logsumexp(zs, -1)
+    lse = log_s + finite_shift.squeeze(-1)
+    mean_z = lse - entropy
+    log_sum_p2 = torch.logsumexp(2 * zs, -1) - 2 * log_s
+    finite = torch.isfinite(lse)
+    nan = torch.full_like(lse, float("nan"))
+    argmax = torch.argmax(z, -1)
+    max_logprob = torch.where(finite, -log_s, nan)
+    vocab = z.shape[-1]
+    mean_logit = torch.where(torch.isfinite(z), z, torch.zeros_like(z)).sum(-1) / vocab
+    mean_logit = torch.where(finite, mean_logit, nan)
+    log_sum_p2 = torch.where(finite, log_sum_p2, nan)
+    f32 = torch.float32
+    return (logprobs.to(f32), entropy.to(f32), lse.to(f32), mean_z.to(f32), torch.exp(log_sum_p2).to(f32),
+            log_sum_p2.to(f32), argmax, max_logprob.to(f32), mean_logit.to(f32))  # fmt: skip
+
+
+def token_stats_extra_backward(logits2d, ids1d, temperature1d, grads, ignore_index):
+    """Float64 d logits of ``token_stats``'s float outputs. ``grads``: cotangents ``(g_logprobs,
+    g_entropy, g_sum_p2, g_log_sum_p2, g_max_logprob, g_mean_logit)``, fp32 ``[N]`` each.
+
+    In z (then / T): lp: 1[j=y] - p_j; H: -p_j (z_j - E_p z); sum_p2: 2 p_j (p_j - sum_p2);
+    log_sum_p2: 2 q_j - 2 p_j with q = softmax(2z); max_logprob: 1[j=argmax] - p_j;
+    mean_logit: 1/V on finite z_j.
+    """
+    _, _, g_sp2, g_lsp2, g_mlp, g_mean = (g.to(torch.float64).unsqueeze(-1) for g in grads)
+    base = token_stats_backward(logits2d.to(torch.float64), ids1d, temperature1d, grads[0], grads[1], ignore_index)
+    temp = temperature1d.to(torch.float64).expand(ids1d.shape).unsqueeze(-1)
+    z = logits2d.to(torch.float64) / temp
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    p = torch.exp(z - lse)
+    q = torch.exp(2 * z - torch.logsumexp(2 * z, -1, keepdim=True))
+    sum_p2 = (p * p).sum(-1, keepdim=True)
+    onehot = torch.zeros_like(z)
+    onehot.scatter_(-1, torch.argmax(z, -1, keepdim=True), 1.0)
+    finite = torch.isfinite(z).to(z.dtype)
+    extra = g_sp2 * 2 * p * (p - sum_p2) + g_lsp2 * 2 * (q - p) + g_mlp * (onehot - p) + g_mean * finite / z.shape[-1]
+    return (base.to(torch.float64) + extra / temp).to(logits2d.dtype)
+
+
+def token_stats_extra_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2,
+                          argmax, max_logprob, mean_logit):  # fmt: skip
+    """Writes every statistic of rows ``x`` ``[N, V]`` into the ``[N]`` outputs given."""
+    outs = (logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2, argmax, max_logprob, mean_logit)
+    for out, value in zip(outs, token_stats_extra_forward(x, ids, temperature, ignore_index)):
+        out.copy_(value)
+
+
+def token_stats_extra_bwd(x, ids, temperature, lse, mean_z, log_sum_p2, argmax, grads, ignore_index, dlogits):
+    """Writes ``dlogits`` ``[N, V]`` (closed forms in float64; the saved row scalars are unused)."""
+    dlogits.copy_(token_stats_extra_backward(x, ids, temperature, grads, ignore_index))

@@ -19,7 +19,9 @@ once per tile pair, O(N V D / BLOCK) bytes of traffic; a bounded dlogits tile pl
 O(tile) bytes and runs at GEMM speed.
 
 Ids are shard-local (``lenkernels.distributed``): -1 ignored, -2 target elsewhere, else a column.
-Sizes, strides and the split plan are runtime values (do_not_specialize): no recompiles.
+Sizes, strides and the split plan are runtime values (do_not_specialize): no recompiles. The
+launchers (``linear_stats_fwd``, ``linear_stats_bwd_tile``) are the ``backend="triton"``
+implementation of the linear_stats family (same signatures as ``lenkernels/{cpu,reference}/linear_stats.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import triton
 import triton.language as tl
 
 from lenkernels import _backend
+from lenkernels import distributed as lkdist
 from lenkernels.triton.utils import inverse_temperature, max_nan, merge_state, rescale_state, split_plan
 
 NUM_WARPS = 8
@@ -37,6 +40,8 @@ NUM_WARPS = 8
 TILES = {torch.bfloat16: (64, 128, 32), torch.float16: (64, 128, 32), torch.float32: (64, 64, 32)}
 _AOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FINALIZE_BLOCK = 128
+# shard-local id of an ignored row (lenkernels.distributed; csrc/include/lenkernels/linear_stats.h)
+IGNORED_ID = tl.constexpr(lkdist.IGNORED)
 
 
 @triton.jit
@@ -129,7 +134,7 @@ def linear_stats_fwd_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     inv_t = inverse_temperature(tl.load(temp_ptr + rows * temp_stride, mask=row_ok, other=1.0))
-    y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    y = tl.load(ids_ptr + rows, mask=row_ok, other=IGNORED_ID).to(tl.int64)
     m = tl.zeros([BLOCK_N], tl.float32) - float("inf")
     s = tl.zeros([BLOCK_N], tl.float32)
     u = tl.zeros([BLOCK_N], tl.float32)
@@ -187,10 +192,10 @@ def linear_stats_finalize_kernel(
     log_s = tl.log(s)
     ratio = u / s
     lse = m + log_s
-    y = tl.load(ids_ptr + rows, mask=ok, other=-1)
+    y = tl.load(ids_ptr + rows, mask=ok, other=IGNORED_ID)
     held = (y >= 0) & (y < vocab)
     # two small terms: z_y - lse would cancel two numbers of the logits' size (~4e-4 off at 1e4)
-    logprob = tl.where(y == -1, 0.0, tl.where(held, (z_y - m) - log_s, float("nan")))
+    logprob = tl.where(y == IGNORED_ID, 0.0, tl.where(held, (z_y - m) - log_s, float("nan")))
     tl.store(logprobs_ptr + rows, logprob, mask=ok)
     tl.store(entropy_ptr + rows, log_s - ratio, mask=ok)
     tl.store(lse_ptr + rows, lse, mask=ok)
@@ -247,8 +252,8 @@ def linear_stats_bwd_kernel(
     inv_t = inverse_temperature(tl.load(temp_ptr + rows * temp_stride, mask=row_ok, other=1.0))
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     mean_z = tl.load(mean_z_ptr + rows, mask=row_ok, other=0.0)
-    y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    g_lp = tl.where(y == -1, 0.0, tl.load(g_lp_ptr + rows * g_lp_stride, mask=row_ok, other=0.0))
+    y = tl.load(ids_ptr + rows, mask=row_ok, other=IGNORED_ID).to(tl.int64)
+    g_lp = tl.where(y == IGNORED_ID, 0.0, tl.load(g_lp_ptr + rows * g_lp_stride, mask=row_ok, other=0.0))
     g_h = tl.load(g_h_ptr + rows * g_h_stride, mask=row_ok, other=0.0)
     z = logits * inv_t[:, None]
     p = tl.exp(z - lse[:, None])
@@ -286,15 +291,13 @@ def _common(hidden, weight, bias):
     }
 
 
-def linear_stats_fwd(hidden, weight, bias, ids, temperature, logprobs, entropy, lse, mean_z, max_z=None, log_s=None):
+def linear_stats_fwd(hidden, weight, bias, ids, temperature, chunk_size, logprobs, entropy, lse, mean_z, max_z,
+                     log_s):  # fmt: skip
     """Host launcher. hidden [N, D], weight [V, D] (unit stride along D), bias [V] or None,
-    ids [N] int64 shard-local, temperature [N] or [1] fp32; writes the four [N] fp32 outputs, and
-    the rows' states into max_z and log_s when given."""
+    ids [N] int64 shard-local, temperature [N] or [1] fp32; writes the six [N] fp32 outputs
+    (statistics, then the rows' states max_z, log_s). ``chunk_size`` does not apply: the forward
+    holds no logits (the state is folded in the matmul's epilogue)."""
     n_rows = hidden.shape[0]
-    if max_z is None or log_s is None:  # always written: one kernel variant, 8 bytes a row
-        # two allocations, not two rows of one: a row at an odd offset would change the pointer
-        # alignment Triton specialises on (a second compiled variant)
-        max_z, log_s = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(2))
     vocab = weight.shape[0]
     block_n, block_v, _ = TILES[hidden.dtype]
     row_tiles = triton.cdiv(n_rows, block_n)

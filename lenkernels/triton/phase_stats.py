@@ -11,11 +11,13 @@
 Sequences are ``cu_seqlens[s] <= t < cu_seqlens[s + 1]`` of a flat [N] layout (a padded [B, T]
 batch uses ``arange(B + 1) * T``). Reductions are per-sequence, in a fixed tile order: no atomics,
 bitwise reproducible. Sizes, strides, the delimiter length and the threshold are runtime values
-(do_not_specialize): new lengths never recompile.
+(do_not_specialize): new lengths never recompile. The launchers at the end are the ``backend="triton"``
+implementation of the phase_stats family (same signatures as ``lenkernels/{cpu,cuda,reference}/phase_stats.py``).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -192,14 +194,15 @@ def sequence_stats_fwd_kernel(
 
 def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, think_mean, think_sum, answer_mean, answer_sum,
                     think_count, answer_count, k, found):  # fmt: skip
-    """Host launcher. values [C, N] (unit stride along N), ids [N], valid [N] uint8, cu_seqlens
-    [S + 1] int64, delimiter [L] int64; writes the [C, S] fp32 and [S] int64/uint8 outputs."""
+    """Host launcher. values [C, N] (unit stride along N), ids [N] int32/int64, valid [N] bool,
+    cu_seqlens [S + 1] int64, delimiter [L] int64 (all contiguous); writes the [C, S] fp32, [S]
+    int64 and found [S] bool outputs."""
     n_channels, n_tokens = values.shape
     n_seq = cu_seqlens.numel() - 1
     phase_stats_fwd_kernel[(n_seq, n_channels)](
         values_ptr=values,
         ids_ptr=ids,
-        valid_ptr=valid,
+        valid_ptr=valid.view(torch.uint8),
         cu_ptr=cu_seqlens,
         delim_ptr=delimiter,
         think_mean_ptr=think_mean,
@@ -209,7 +212,7 @@ def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, think_mean, think
         think_count_ptr=think_count,
         answer_count_ptr=answer_count,
         k_ptr=k,
-        found_ptr=found,
+        found_ptr=found.view(torch.uint8),
         n_tokens=n_tokens,
         n_seq=n_seq,
         channel_stride=values.stride(0),
@@ -221,11 +224,12 @@ def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, think_mean, think
 
 def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len, g_think_mean, g_think_sum,
                     g_answer_mean, g_answer_sum, dvalues):  # fmt: skip
-    """Host launcher: writes dvalues [C, N] (values dtype) for every token of every sequence."""
+    """Host launcher: writes dvalues [C, N] (values dtype) for every token of every sequence from
+    the fp32 [C, S] contiguous cotangents; valid [N] bool."""
     n_channels, n_tokens = dvalues.shape
     n_seq = cu_seqlens.numel() - 1
     phase_stats_bwd_kernel[(n_seq, n_channels)](
-        valid_ptr=valid,
+        valid_ptr=valid.view(torch.uint8),
         cu_ptr=cu_seqlens,
         k_ptr=k,
         think_count_ptr=think_count,
@@ -245,9 +249,11 @@ def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len, 
 
 
 def sequence_stats_fwd(values, valid, cu_seqlens, threshold, quantile, length, mean, vmin, vmax, frac, high):
-    """Host launcher. values [N], valid [N] uint8, quantile [1] fp32 or None (then high is unused)."""
+    """Host launcher. values [N], valid [N] bool, quantile [1] fp32 or None; high [N] bool is
+    written only with a quantile."""
     n_seq = cu_seqlens.numel() - 1
     write_mask = quantile is not None
+    valid = valid.view(torch.uint8)
     sequence_stats_fwd_kernel[(n_seq,)](
         values_ptr=values,
         valid_ptr=valid,
@@ -258,7 +264,7 @@ def sequence_stats_fwd(values, valid, cu_seqlens, threshold, quantile, length, m
         min_ptr=vmin,
         max_ptr=vmax,
         frac_ptr=frac,
-        high_ptr=high if write_mask else valid,
+        high_ptr=high.view(torch.uint8) if write_mask else valid,
         n_tokens=values.numel(),
         threshold=float(threshold),
         WRITE_MASK=write_mask,

@@ -1,15 +1,24 @@
 """Triton kernels for token log-probabilities and entropy (SPEC 1).
 
 Forward, two launches:
-  token_stats_fwd_kernel       grid (N, n_splits): each program folds its vocabulary range into an
-                               online-softmax state (m, S, U) -> state[N, n_splits, 3]
-  token_stats_finalize_kernel  grid (N,): merges a row's states left to right, reads z_y, writes
-                               logprob, entropy, lse and mean_z, and the state (max z, log S)
+  token_stats_fwd_kernel       grid (N, n_programs): each program walks whole vocabulary chunks;
+                               each thread folds its column of every tile of a chunk into its own
+                               online-softmax state (m, S, U) (no cross-thread work in the loop),
+                               and the block reduces those once per chunk -> state[N, n_chunks, 3]
+  token_stats_finalize_kernel  grid (N,): merges a row's chunk states left to right, reads z_y,
+                               writes logprob, entropy, lse and mean_z, and the state (max z, log S)
 Backward, one launch:
-  token_stats_bwd_kernel       grid (N, n_splits): one read of the logits, one write of dlogits in
+  token_stats_bwd_kernel       grid (N, n_programs): one read of the logits, one write of dlogits in
                                the logits dtype (dlogits may alias logits: in-place backward)
-n_splits > 1 only when rows are too few to fill the device. Sizes, strides, the ignore index and
-the split plan are runtime values (do_not_specialize): a new length never recompiles.
+
+Batch invariance (DESIGN.md): the reduction tree over a row is a function of V alone. A chunk is
+CHUNK_TILES tiles of BLOCK_V (both chosen from V), always folded from the empty state, and the
+finalize merges the chunk states in index order. How many programs a row gets (more when rows are
+too few to fill the device) only decides which program folds which chunk: one program walking all
+chunks and ten programs taking one each run the same fp32 operations on the same values, so a row's
+statistics are bitwise identical whatever N, its position, or padded vs packed input.
+Sizes, strides, the ignore index and the program plan are runtime values (do_not_specialize): a new
+length never recompiles.
 """
 
 from __future__ import annotations
@@ -18,47 +27,124 @@ import torch
 import triton
 import triton.language as tl
 
-from lenkernels.triton.utils import inverse_temperature, merge_state, split_plan, tile_update
+from lenkernels.triton.utils import inverse_temperature, max_nan, merge_state, split_plan
 
 _MAX_BLOCK_V = 4096
+CHUNK_TILES = 8  # tiles per chunk: 32 768 logits at V >= 4096 (V = 151 936: 5 chunks)
 
 
-@triton.jit(do_not_specialize=["vocab", "stride_row", "temp_stride", "tiles_per_split", "n_splits"])
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def fold_columns(m, s, u, x, inv_t):
+    """Folds a [ROWS, COLS] tile of raw logits (padding = -inf) into per-column states: column j of
+    every tile belongs to one thread, so the tile's max and sums are that thread's own registers (no
+    shuffle, no barrier). m in natural units (max of x / T); s = sum 2^w and u = sum 2^w * w in base
+    2 with w = (x / T - m) * log2(e): one FMA, one multiply and one exp2 per logit, and one exp2 per
+    column and tile to rescale. x / T - m is formed first (rounded once, small), as in
+    csrc/include/lenkernels/token_stats.h: scaling x and m into base 2 apart would cancel two large
+    rounded numbers at |z| = 1e4."""
+    m_new = max_nan(m, tl.max(x, 0) * inv_t)  # max(x) / T == max(x / T): division by T > 0 is monotonic
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a column of -inf so far: w = -inf, not NaN
+    w = (x * inv_t - ref[None, :]) * LOG2E
+    e = tl.exp2(w)
+    delta = (m - ref) * LOG2E
+    c = tl.exp2(delta)
+    empty = s == 0.0  # nothing but -inf so far: (m - ref) may be NaN, the state stays empty
+    s_old = tl.where(empty, 0.0, c * s)
+    u_old = tl.where(empty, 0.0, c * (u + delta * s))
+    # a masked logit has e = 0 and w = -inf: 0 * -FLT_MAX = 0 where 0 * -inf would be NaN
+    return m_new, s_old + tl.sum(e, 0), u_old + tl.sum(e * tl.maximum(w, -FLT_MAX), 0)
+
+
+@triton.jit
+def reduce_columns(m, s, u):
+    """The chunk's state from the per-column states (u in base 2): the chunk max first (a max is the
+    same in any order), every column rebased onto it (one exp), then S and U summed: a reduction
+    tree fixed by the kernel's layout, with no exponential per step."""
+    m_max = tl.max(m, 0)
+    delta = m - m_max
+    c = tl.exp(delta)
+    empty = s == 0.0
+    s_r = tl.where(empty, 0.0, c * s)
+    u_r = tl.where(empty, 0.0, c * (u * LN2 + delta * s))
+    return m_max, tl.sum(s_r, 0), tl.sum(u_r, 0)
+
+
+@triton.jit
+def chunk_state(row_ptr, tile_offs, start, stop, inv_t, BLOCK_V: tl.constexpr, COLS: tl.constexpr, TAIL: tl.constexpr):
+    """(m, S, U) of logits [start, stop), folded tile by tile from the empty state. TAIL: the
+    chunk ends in a partial tile (the row's last chunk when BLOCK_V does not divide V), folded last
+    with a mask; every other tile is whole and loads without one."""
+    m = tl.zeros([COLS], tl.float32) - float("inf")
+    s = tl.zeros([COLS], tl.float32)
+    u = tl.zeros([COLS], tl.float32)
+    full = start + (stop - start) // BLOCK_V * BLOCK_V
+    for tile in range(start, full, BLOCK_V):
+        x = tl.load(row_ptr + tile + tile_offs).to(tl.float32)
+        m, s, u = fold_columns(m, s, u, x, inv_t)
+    if TAIL:
+        offs = full + tile_offs
+        x = tl.load(row_ptr + offs, mask=offs < stop, other=float("-inf")).to(tl.float32)
+        m, s, u = fold_columns(m, s, u, x, inv_t)
+    return reduce_columns(m, s, u)
+
+
+@triton.jit(do_not_specialize=["vocab", "stride_row", "temp_stride", "n_chunks", "chunks_per_program"])
 def token_stats_fwd_kernel(
     logits_ptr,  # [N, V] rows with stride_row, unit stride along V
     temp_ptr,  # [N] or [1] fp32
-    state_ptr,  # [N, n_splits, 3] fp32 out: (m, S, U)
+    state_ptr,  # [N, n_chunks, 3] fp32 out: (m, S, U) of each chunk
     vocab,
     stride_row,
     temp_stride,
-    tiles_per_split,
-    n_splits,
+    n_chunks,
+    chunks_per_program,
     BLOCK_V: tl.constexpr,
+    COLS: tl.constexpr,
+    CHUNK_TILES: tl.constexpr,
 ):
+    ROWS: tl.constexpr = BLOCK_V // COLS
+    CHUNK: tl.constexpr = CHUNK_TILES * BLOCK_V
     row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(1).to(tl.int64)
     inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
     row_ptr = logits_ptr + row * stride_row
-    m = tl.zeros([], tl.float32) - float("inf")
-    s = tl.zeros([], tl.float32)
-    u = tl.zeros([], tl.float32)
-    first = split * tiles_per_split * BLOCK_V
-    for i in range(0, tiles_per_split):
-        offs = first + i * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
-        m, s, u = tile_update(m, s, u, z)
-    out = state_ptr + (row * n_splits + split) * 3
-    tl.store(out, m)
-    tl.store(out + 1, s)
-    tl.store(out + 2, u)
+    out = state_ptr + row * n_chunks * 3
+    # element (r, j) of a tile: logit r * COLS + j, so a warp's loads are contiguous and column j
+    # (ROWS logits COLS apart) is one thread's
+    tile_offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    first = program * chunks_per_program
+    last = tl.minimum(first + chunks_per_program, n_chunks)
+    # the chunk with the row's partial tile (if any) is always the last, and always takes the TAIL
+    # path: which path folds a chunk is a function of V, whichever program folds it
+    tail = (vocab % BLOCK_V != 0) & (last == n_chunks)
+    for chunk in range(first, last - tail.to(tl.int32)):
+        # every chunk starts from the empty state: its (m, S, U) never depends on which program,
+        # or after which other chunk, it was folded
+        start = chunk * CHUNK
+        stop = tl.minimum(start + CHUNK, vocab)  # whole tiles: the row's last chunk may hold fewer
+        m, s, u = chunk_state(row_ptr, tile_offs, start, stop, inv_t, BLOCK_V, COLS, False)
+        tl.store(out + chunk * 3, m)
+        tl.store(out + chunk * 3 + 1, s)
+        tl.store(out + chunk * 3 + 2, u)
+    if tail:
+        end = (n_chunks - 1).to(tl.int64)
+        m, s, u = chunk_state(row_ptr, tile_offs, end * CHUNK, vocab, inv_t, BLOCK_V, COLS, True)
+        tl.store(out + end * 3, m)
+        tl.store(out + end * 3 + 1, s)
+        tl.store(out + end * 3 + 2, u)
 
 
-@triton.jit(do_not_specialize=["vocab", "stride_row", "temp_stride", "n_splits", "ignore_index"])
+@triton.jit(do_not_specialize=["vocab", "stride_row", "temp_stride", "n_chunks", "ignore_index"])
 def token_stats_finalize_kernel(
     logits_ptr,
     ids_ptr,  # [N] int32/int64
     temp_ptr,
-    state_ptr,  # [N, n_splits, 3]
+    state_ptr,  # [N, n_chunks, 3]
     logprobs_ptr,  # [N] fp32 out
     entropy_ptr,
     lse_ptr,
@@ -68,15 +154,16 @@ def token_stats_finalize_kernel(
     vocab,
     stride_row,
     temp_stride,
-    n_splits,
+    n_chunks,
     ignore_index,
 ):
     row = tl.program_id(0).to(tl.int64)
-    st = state_ptr + row * n_splits * 3
+    st = state_ptr + row * n_chunks * 3
+    # chunk 0's state, then chunks 1, 2, ... merged in index order: a tree fixed by V
     m = tl.load(st)
     s = tl.load(st + 1)
     u = tl.load(st + 2)
-    for i in range(1, n_splits):
+    for i in range(1, n_chunks):
         m, s, u = merge_state(m, s, u, tl.load(st + 3 * i), tl.load(st + 3 * i + 1), tl.load(st + 3 * i + 2))
     # all -inf row: s = 0 -> lse = -inf, entropy and logprob NaN (SPEC 1); NaN anywhere stays NaN
     log_s = tl.log(s)
@@ -139,7 +226,7 @@ def token_stats_bwd_kernel(
     row_ptr = logits_ptr + row * stride_row
     out_ptr = dlogits_ptr + row * stride_drow
     first = split * tiles_per_split * BLOCK_V
-    for i in range(0, tiles_per_split):
+    for i in range(tiles_per_split):
         offs = first + i * BLOCK_V + tl.arange(0, BLOCK_V)
         valid = offs < vocab
         z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
@@ -164,19 +251,23 @@ def token_stats_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, l
         # alignment Triton specialises on (a second compiled variant)
         max_z, log_s = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(2))
     block, warps = _block(vocab)
-    n_splits, tiles_per_split = split_plan(n_rows, triton.cdiv(vocab, block), logits.device)
-    state = torch.empty((n_rows, n_splits, 3), dtype=torch.float32, device=logits.device)
+    n_chunks = triton.cdiv(vocab, block * CHUNK_TILES)
+    # the plan depends on N (few rows: several programs per row) but only picks who folds which chunk
+    n_programs, chunks_per_program = split_plan(n_rows, n_chunks, logits.device)
+    state = torch.empty((n_rows, n_chunks, 3), dtype=torch.float32, device=logits.device)
     temp_stride = 0 if temperature.numel() == 1 else 1
-    token_stats_fwd_kernel[(n_rows, n_splits)](
+    token_stats_fwd_kernel[(n_rows, n_programs)](
         logits_ptr=logits,
         temp_ptr=temperature,
         state_ptr=state,
         vocab=vocab,
         stride_row=logits.stride(0),
         temp_stride=temp_stride,
-        tiles_per_split=tiles_per_split,
-        n_splits=n_splits,
+        n_chunks=n_chunks,
+        chunks_per_program=chunks_per_program,
         BLOCK_V=block,
+        COLS=min(block, 32 * warps),
+        CHUNK_TILES=CHUNK_TILES,
         num_warps=warps,
     )
     token_stats_finalize_kernel[(n_rows,)](
@@ -193,7 +284,7 @@ def token_stats_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, l
         vocab=vocab,
         stride_row=logits.stride(0),
         temp_stride=temp_stride,
-        n_splits=n_splits,
+        n_chunks=n_chunks,
         ignore_index=ignore_index,
         num_warps=1,
     )
@@ -203,6 +294,7 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
     """Host launcher: writes dlogits [N, V] (logits dtype; may be ``logits`` itself)."""
     n_rows, vocab = logits.shape
     block, warps = _block(vocab)
+    # elementwise given lse and mean_z: any split of the tiles gives the same bits
     n_splits, tiles_per_split = split_plan(n_rows, triton.cdiv(vocab, block), logits.device)
     token_stats_bwd_kernel[(n_rows, n_splits)](
         logits_ptr=logits,
@@ -231,8 +323,9 @@ AOT_SPECS = [
     {
         "kernel": token_stats_fwd_kernel,
         "signature": {"logits_ptr": f"*{dt}", "temp_ptr": "*fp32", "state_ptr": "*fp32", **_COMMON,
-                      "tiles_per_split": "i32", "n_splits": "i32", "BLOCK_V": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V},
+                      "n_chunks": "i32", "chunks_per_program": "i32", "BLOCK_V": "constexpr",
+                      "COLS": "constexpr", "CHUNK_TILES": "constexpr"},
+        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "COLS": 256, "CHUNK_TILES": CHUNK_TILES},
         "num_warps": 8,
     }
     for dt in ("bf16", "fp16", "fp32")
@@ -241,7 +334,7 @@ AOT_SPECS = [
         "kernel": token_stats_finalize_kernel,
         "signature": {"logits_ptr": "*bf16", "ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32",
                       "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "mean_z_ptr": "*fp32",
-                      "max_z_ptr": "*fp32", "log_s_ptr": "*fp32", **_COMMON, "n_splits": "i32", "ignore_index": "i64"},
+                      "max_z_ptr": "*fp32", "log_s_ptr": "*fp32", **_COMMON, "n_chunks": "i32", "ignore_index": "i64"},
         "num_warps": 1,
     },
 ] + [
@@ -256,3 +349,7 @@ AOT_SPECS = [
     }
     for dt in ("bf16", "fp16", "fp32")
 ]  # fmt: skip
+
+
+# the extra vocabulary statistics (lenkernels.token_stats(outputs=...)) live beside, same family
+from lenkernels.triton.token_stats_extra import token_stats_extra_bwd, token_stats_extra_fwd  # noqa: F401

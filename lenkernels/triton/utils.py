@@ -3,11 +3,22 @@
 
 from __future__ import annotations
 
+import enum
 import functools
+import types
 
 import torch
 import triton
 import triton.language as tl
+
+
+def constexprs(codes: type[enum.IntEnum]) -> types.ModuleType:
+    """An enum of ``lenkernels._codes`` as a namespace of ``tl.constexpr`` globals, the form Triton
+    kernels may read: ``if MODE == MODES.GSPO:`` compiles to one branch per mode, with no literal."""
+    namespace = types.ModuleType(codes.__name__)
+    for member in codes:
+        setattr(namespace, member.name, tl.constexpr(int(member)))
+    return namespace
 
 
 @triton.jit

@@ -22,17 +22,29 @@
 namespace lk {
 namespace adv {
 
-// method codes shared with lenkernels/ops/advantages.py
+// method codes: lenkernels/_codes.py Method
 enum Method : int {
   kGrpo = 0,
   kDrGrpo = 1,
   kRloo = 2,
-  kReinforcePP = 3,  // group baseline, then whitening over the batch's valid tokens
+  kReinforcePPBaseline = 3,  // group baseline, then whitening over the batch's valid tokens
   kBatch = 4,        // group baseline, then divided by the batch std of the raw scores
   kGaussian = 5,     // rank -> normal quantile, ties averaged (separate kernel)
-  kPassK = 6,
+  kGrpoPassk = 6,
   kOpo = 7,
 };
+
+// where per-response lengths come from (opo, reinforce_pp_baseline): lenkernels/_codes.py LenSource
+enum LenSource : int { kLenNone = 0, kLenMask = 1, kLenTensor = 2 };
+
+// Codes arrive from Python as ints: the bindings check them with these before any work, so an unknown
+// method or dtype raises instead of running as some default.
+LK_HOST_DEVICE bool known_method(int code) { return code >= kGrpo && code <= kOpo; }
+// The batch-level (shift, scale) exists for these two methods only (global_shift_scale).
+LK_HOST_DEVICE bool batch_level_method(int code) { return code == kBatch || code == kReinforcePPBaseline; }
+// lk::DType of rewards; lk::Weight of masks, lengths and weights.
+LK_HOST_DEVICE bool known_dtype(int code) { return code >= kFloat32 && code <= kFloat16; }
+LK_HOST_DEVICE bool known_weight(int code) { return code >= int(Weight::kFloat32) && code <= int(Weight::kInt64); }
 
 // Whitening epsilon of verl's masked_whiten (reinforce_pp_baseline).
 constexpr float kWhitenEps = 1e-8f;
@@ -181,7 +193,7 @@ constexpr float kFloatMax = 3.40282347e38f;
 LK_HOST_DEVICE void global_shift_scale(int method, const Moments& m, float eps, float* shift, float* scale) {
   const float var = unbiased_var(m);
   const float up = pow2f(m.e);
-  if (method == kReinforcePP) {
+  if (method == kReinforcePPBaseline) {
     *shift = m.mean * up;
     const float var_x = var * up * up;
     const bool past = var_x > kFloatMax && var <= kFloatMax;

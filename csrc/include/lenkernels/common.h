@@ -12,8 +12,11 @@
 
 namespace lk {
 
-// dtype codes shared with lenkernels/_dtypes.py
+// Codes declared in lenkernels/_codes.py (tests/test_codes.py checks these enums against it).
+// Element type of a floating input.
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// Element type of a mask or length tensor (uint8 masks read as bool).
+enum class Weight : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kBool = 3, kInt32 = 4, kInt64 = 5 };
 
 constexpr float kNegInf = -__builtin_huge_valf();
 

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cmath>
+#include <string>
 
 #include "lenkernels/common.h"
 
@@ -67,6 +68,43 @@ enum Stat : int {
 // Per-sequence sums of the segment reduction, and the per-sequence values derived from them.
 enum SeqPartial : int { kSeqTokens = 0, kSeqLogRatio = 1, kSeqAdvantage = 2, kSeqLogWeight = 3, kSeqKept = 4, kNumSeqPartials = 8 };
 enum SeqValue : int { kSeqN = 0, kSeqX = 1, kSeqY = 2, kSeqRatio = 3, kNumSeqValues = 4 };
+// The float hyper-parameters as the Triton kernels read them: one fp32 vector in this layout
+// (lenkernels/_codes.py PolicyParam; the C++ kernels take them as PolicyScalars fields).
+enum PolicyParam : int {
+  kLo = 0,
+  kHi = 1,
+  kDualC = 2,
+  kTauPos = 3,
+  kTauNeg = 4,
+  kKlCoef = 5,
+  kEntropyCoef = 6,
+  kNormConst = 7,
+  kScale = 8,
+  kNumPolicyParams = 9
+};
+
+// Host-side check of the codes a launch reads (declared in lenkernels/_codes.py): what is wrong, or
+// an empty string when every code is a member of its enum. Run before any kernel or parallel region,
+// so no branch on a code ever falls back to a default.
+inline std::string invalid_kl_estimator(int est) {
+  if (est < kK1 || est > kK3) {
+    return "kl_est must be a lk::policy::KLEstimator code (0..3), got " + std::to_string(est);
+  }
+  return "";
+}
+
+inline std::string invalid_codes(int mode, int agg, int kl_est, int norm_source) {
+  if (mode < kPPO || mode > kReinforce) {
+    return "mode must be a lk::policy::Mode code (0..6), got " + std::to_string(mode);
+  }
+  if (agg < kTokenMean || agg > kSeqMeanTokenSumNorm) {
+    return "agg must be a lk::policy::Agg code (0..4), got " + std::to_string(agg);
+  }
+  if (norm_source < kNormCounted || norm_source > kNormConstant) {
+    return "norm_source must be a lk::policy::NormSource code (0..2), got " + std::to_string(norm_source);
+  }
+  return invalid_kl_estimator(kl_est);
+}
 
 constexpr float kLogRatioBound = 20.0f;   // r = exp(clamp(l, -20, 20))
 constexpr float kSeqLogRatioMax = 10.0f;  // GSPO: log s_b clamped above (verl)
@@ -256,6 +294,17 @@ struct PolicyParams {
   int dual;      // 1: dual clip at dual_c
   float dual_c;
   float tau_pos, tau_neg;
+};
+
+// Every scalar of the op the kernels read (both backends' Args derive from it): the one struct a new
+// scalar hyper-parameter is added to, with one line in parse_policy_scalars (policy_args.h).
+struct PolicyScalars {
+  PolicyParams pp;
+  int agg, kl_est;
+  bool kl_straight, kl_clamp, has_seq;
+  float kl_coef, entropy_coef;
+  int norm_source;
+  float norm_const, scale;  // scale: dp_size (/ C for seq-mean-token-sum-norm)
 };
 
 struct PolicyTerm {

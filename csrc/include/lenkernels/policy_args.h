@@ -1,0 +1,43 @@
+// The policy loss's scalars from the launchers' argument dict, shared by the CPU and CUDA bindings
+// (csrc/cpu/policy_loss.cpp, csrc/cuda/policy_loss.cu). Host-only: pybind11 never reaches device code.
+// The keys are PolicyConfig.kernel_scalars() (lenkernels/ops/policy_loss_args.py): a new scalar is one
+// PolicyScalars field (policy_loss.h) and one line here.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "lenkernels/policy_loss.h"
+
+namespace lk {
+namespace policy {
+
+// Every code is checked here, before any launch: an unknown code raises (ValueError in Python).
+inline PolicyScalars parse_policy_scalars(const pybind11::dict& d) {
+  PolicyScalars s{};
+  s.pp.mode = d["mode"].cast<int>();
+  s.pp.lo = d["lo"].cast<float>();
+  s.pp.hi = d["hi"].cast<float>();
+  s.pp.dual = d["dual"].cast<bool>() ? 1 : 0;
+  s.pp.dual_c = d["dual_c"].cast<float>();
+  s.pp.tau_pos = d["tau_pos"].cast<float>();
+  s.pp.tau_neg = d["tau_neg"].cast<float>();
+  s.agg = d["agg"].cast<int>();
+  s.kl_est = d["kl_est"].cast<int>();
+  s.kl_straight = d["kl_straight"].cast<bool>();
+  s.kl_clamp = d["kl_clamp"].cast<bool>();
+  s.has_seq = d["has_seq"].cast<bool>();
+  s.kl_coef = d["kl_coef"].cast<float>();
+  s.entropy_coef = d["entropy_coef"].cast<float>();
+  s.norm_source = d["norm_source"].cast<int>();
+  s.norm_const = d["norm_const"].cast<float>();
+  s.scale = d["scale"].cast<float>();
+  const std::string why = invalid_codes(s.pp.mode, s.agg, s.kl_est, s.norm_source);
+  if (!why.empty()) throw std::invalid_argument(why);
+  return s;
+}
+
+}  // namespace policy
+}  // namespace lk
