@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     console.print(report.table(results, title=f"lenkernels benchmark on {stamp['device']} ({device.type})"))
     console.print(
         "speedup: against the provider marked baseline (eager verl code) of the same case and mode; "
+        "x copy: median time over one copy of the largest input (the logits) measured in the same run; "
         "peak extra MB: peak memory above the inputs (CPU: process peak RSS)"
     )
     if args.markdown:

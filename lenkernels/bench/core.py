@@ -90,6 +90,7 @@ class Result:
     peak_extra_mb: float | None = None
     gbps: float | None = None
     copy_share: float | None = None
+    x_copy: float | None = None  # median time / time to copy the largest input once, same run
     speedup: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -206,6 +207,14 @@ def peak_extra_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     del out
     gc.collect()
     return max(0, peak - before) / 1024
+
+
+def copy_ms(x: torch.Tensor, device: torch.device) -> float:
+    """Median time of one copy of ``x`` into a preallocated buffer (``dst.copy_(x)``): the floor an
+    op that reads ``x`` once can be compared with on this machine, CPU or GPU."""
+    dst = torch.empty_like(x)
+    times = time_fn(lambda i: dst.copy_(x), device, min_repeats=10, budget_s=0.2, warmup=2)
+    return statistics.median(times)
 
 
 def copy_bandwidth_gbps(nbytes: int, device: torch.device) -> float | None:

@@ -98,7 +98,7 @@ def table(results: list[Result], title: str = "lenkernels benchmark"):
     for col, just in [
         ("suite", "left"), ("case", "left"), ("mode", "left"), ("provider", "left"), ("median ms", "right"),
         ("spread ms", "right"), ("speedup", "right"), ("peak extra MB", "right"), ("GB/s", "right"),
-        ("% copy", "right"), ("max err", "right"), ("status", "left"),
+        ("% copy", "right"), ("x copy", "right"), ("max err", "right"), ("status", "left"),
     ]:  # fmt: skip
         t.add_column(col, justify=just)
     for r in results:
@@ -114,6 +114,7 @@ def table(results: list[Result], title: str = "lenkernels benchmark"):
             f"{r.peak_extra_mb:.1f}" if ok and r.peak_extra_mb is not None else "",
             f"{r.gbps:.1f}" if ok and r.gbps else "",
             f"{100 * r.copy_share:.0f}%" if ok and r.copy_share else "",
+            f"{r.x_copy:.2f}" if ok and r.x_copy else "",
             f"{r.max_error:.1e}" if r.max_error is not None else "",
             r.status if ok else f"{r.status}: {r.note}",
         )
@@ -122,15 +123,16 @@ def table(results: list[Result], title: str = "lenkernels benchmark"):
 
 def markdown(results: list[Result]) -> str:
     """The same table as GitHub markdown (for the README)."""
-    head = "| suite | case | mode | provider | median ms | speedup | peak extra MB | max err |\n|---|---|---|---|---:|---:|---:|---:|"
+    head = ("| suite | case | mode | provider | median ms | speedup | x copy | peak extra MB | max err |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|")
     rows = []
     for r in results:
         if r.status != "ok":
-            rows.append(f"| {r.suite} | {_case_text(r.case)} | {r.mode} | {r.provider} | {r.status} | | | |")
+            rows.append(f"| {r.suite} | {_case_text(r.case)} | {r.mode} | {r.provider} | {r.status} | | | | |")
             continue
         rows.append(
             f"| {r.suite} | {_case_text(r.case)} | {r.mode} | {r.provider} | {r.median_ms:.2f} | "
-            f"{f'{r.speedup:.1f}x' if r.speedup else ''} | "
+            f"{f'{r.speedup:.1f}x' if r.speedup else ''} | {f'{r.x_copy:.2f}' if r.x_copy else ''} | "
             f"{f'{r.peak_extra_mb:.1f}' if r.peak_extra_mb is not None else ''} | {r.max_error:.1e} |"
         )
     return "\n".join([head, *rows])

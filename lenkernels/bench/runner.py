@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from lenkernels.bench.core import Result, Suite, _sync, copy_bandwidth_gbps, max_error, peak_extra_mb, time_fn
+from lenkernels.bench.core import Result, Suite, _sync, copy_bandwidth_gbps, copy_ms, max_error, peak_extra_mb, time_fn
 
 ROTATE_BELOW_BYTES = 64 * 2**20  # inputs smaller than this are rotated among copies (cache effects)
 ROTATIONS = 4
@@ -45,6 +45,8 @@ def run_suite(
             [_clone_inputs(inputs) for _ in range(ROTATIONS - 1)] if _nbytes(inputs) < ROTATE_BELOW_BYTES else []
         )
         pristine = None
+        largest = max((v for v in inputs.values() if isinstance(v, torch.Tensor)), key=lambda t: t.nbytes)
+        copy_time = copy_ms(largest, device)
         for mode in suite.modes:
             expected = suite.expected(inputs, mode)
             nbytes = suite.bytes_moved(case, mode)
@@ -91,6 +93,8 @@ def run_suite(
                         for r in rotated:
                             _restore(r, pristine)
                     res.median_ms = statistics.median(times)
+                    res.x_copy = res.median_ms / copy_time if copy_time > 0 else None
+                    res.extra["copy_ms"] = copy_time
                     res.min_ms, res.max_ms, res.repeats = min(times), max(times), len(times)
                     res.peak_extra_mb = peak_extra_mb(lambda: provider.fn(inputs, mode), device)
                     if mutates:
