@@ -41,7 +41,7 @@ def _expm1(x):
 
 
 @triton.jit
-def _expm1mx(x):
+def expm1mx(x):
     """exp(x) - 1 - x (k3) with full relative precision for small |x|."""
     small = tl.abs(x) < 0.5
     s = tl.where(small, x, 0.0)
@@ -71,11 +71,11 @@ def kl_estimator(lp, ref, EST: tl.constexpr, STRAIGHT: tl.constexpr, CLAMP: tl.c
     else:  # K3
         if CLAMP:
             dc = _clamp(delta, -20.0, 20.0)
-            v = _expm1mx(dc)
+            v = expm1mx(dc)
             value = tl.where(v > 10.0, 10.0, v)
             d_delta = tl.where((tl.abs(delta) <= 20.0) & (v <= 10.0), _expm1(dc), 0.0)
         else:
-            value = _expm1mx(delta)
+            value = expm1mx(delta)
             d_delta = _expm1(delta)
     if STRAIGHT:
         d_delta = delta

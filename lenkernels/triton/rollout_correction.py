@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from lenkernels._codes import CorrectionCount, CorrectionLevel, CorrectionMode, CorrectionPartial, CorrectionStat
+from lenkernels.triton.policy_loss_math import expm1mx  # k3 without cancellation, shared with the KL terms
 from lenkernels.triton.utils import constexprs
 
 LEVELS = constexprs(CorrectionLevel)
@@ -54,21 +55,6 @@ def _clamp(x, bound):
 def _outside(w, lo, hi):
     """Outside [lo, hi]; False for NaN (a NaN weight is kept and propagates)."""
     return (w < lo) | (w > hi)
-
-
-@triton.jit
-def _expm1mx(x):
-    """exp(x) - 1 - x (verl's k3) without the cancellation near 0: Taylor series for |x| < 0.5."""
-    small = tl.abs(x) < 0.5
-    s = tl.where(small, x, 0.0)
-    p = 1.0 + s * (1.0 / 9.0)
-    p = 1.0 + s * (1.0 / 8.0) * p
-    p = 1.0 + s * (1.0 / 7.0) * p
-    p = 1.0 + s * (1.0 / 6.0) * p
-    p = 1.0 + s * (1.0 / 5.0) * p
-    p = 1.0 + s * (1.0 / 4.0) * p
-    p = 1.0 + s * (1.0 / 3.0) * p
-    return tl.where(small, 0.5 * s * s * p, (tl.exp(x) - 1.0) - x)
 
 
 @triton.jit
@@ -163,7 +149,7 @@ def rollout_correction_fwd_kernel(
         w_min = tl.minimum(w_min, tl.min(tl.where(kept & is_num, w, float("inf")), 0))
         w_max = tl.maximum(w_max, tl.max(tl.where(kept & is_num, w, float("-inf")), 0))
         k1_sum += tl.sum(tl.where(valid, -d, 0.0), 0)
-        k3_sum += tl.sum(tl.where(valid, _expm1mx(d), 0.0), 0)
+        k3_sum += tl.sum(tl.where(valid, expm1mx(d), 0.0), 0)
 
     row = part_ptr + seq * PARTS.NUM_CORRECTION_PARTIALS
     tl.store(row + PARTS.PART_WEIGHT_SUM, w_sum)
