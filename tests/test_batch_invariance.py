@@ -203,3 +203,98 @@ def test_cuda_replay_rows_bitwise_identical(replay, dtype):
         for n_splits in plans(n_rows):
             got = _replay(replay, n_splits, *batch)
             _assert_same_rows("cuda (replay)", alone, got, where, f"N={n_rows} {layout} n_splits={n_splits}")
+
+
+# --- linear_logprobs_entropy: hidden states @ LM head ---------------------------------------------
+
+LINEAR_VOCAB = 2_501  # odd; Triton: 40 tiles of 64 in fp32 (5 chunks), 20 of 128 in 16-bit (3 chunks)
+LINEAR_DIM = 80  # not a multiple of BLOCK_K (32): the last K block is masked
+LINEAR_CHUNK = 1 << 24  # one fixed chunk_size: it picks the tile plan by design (invariance is per chunk_size)
+
+# (N, layout, {probe: flat row position}): positions 0, 63 (the last of a 64-row tile), 64, the
+# second and fourth row tile; N = 1, 5, 70, 200 give the Triton interpreter 1, 1, 2 and 4 row tiles,
+# so its plan splits a row tile's work across 8, 8, 4 and 2 programs. Before the vocabulary was cut
+# into fixed chunks those were 8, 8, 4, 2 splits of a row's 40 fp32 tiles (7, 7, 4, 2 of 20 in bf16)
+# merged in a tree that followed them, and the interpreter's tl.dot (a numpy matmul) rounded a row
+# by its place in the 64-row tile: statistics and dlogits differed in the last bits (this failed).
+LINEAR_BATCHES = [
+    (5, "packed", {0: 4, 1: 0, 2: 2}),
+    (70, "packed", {0: 63, 1: 64, 2: 0}),
+    (70, "padded", {0: 69, 1: 35, 2: 36}),
+    (200, "packed", {0: 199, 1: 130, 2: 191}),
+]
+
+
+def _linear_probes(dtype):
+    gen = torch.Generator().manual_seed(4321)
+    h = torch.randn(N_PROBES, LINEAR_DIM, generator=gen).to(dtype)
+    h[2] *= 4  # a peaked distribution
+    ids = torch.tensor([5, LINEAR_VOCAB - 1, IGNORE])
+    temp = torch.tensor([0.7, 1.0, 1.3])
+    g_lp = torch.tensor([0.5, -1.25, 2.0])
+    g_h = torch.tensor([-0.75, 0.25, 1.5])
+    return h, ids, temp, g_lp, g_h
+
+
+def _linear_batch(probes, n_rows, layout, where):
+    h_p, ids_p, temp_p, g_lp_p, g_h_p = probes
+    total = 2 * -(-n_rows // 2) if layout == "padded" else n_rows
+    h = torch.randn(total, LINEAR_DIM).to(h_p.dtype)
+    ids = torch.randint(0, LINEAR_VOCAB, (total,))
+    temp = torch.rand(total) + 0.5
+    g_lp, g_h = torch.randn(total), torch.randn(total)
+    for probe, row in where.items():
+        h[row], ids[row], temp[row], g_lp[row], g_h[row] = (
+            h_p[probe], ids_p[probe], temp_p[probe], g_lp_p[probe], g_h_p[probe],
+        )  # fmt: skip
+    if layout == "padded":
+        shape = (2, total // 2)
+        return h.reshape(*shape, LINEAR_DIM), ids.reshape(shape), temp.reshape(shape), g_lp, g_h
+    return h, ids, temp, g_lp, g_h
+
+
+def _linear_run(backend, weight, bias, hidden, ids, temp, g_lp, g_h):
+    """Every forward output ([N] each) and the dlogits rows ([N, V], one backward tile of the whole
+    batch) through the op's host launchers, flattening padded input as the public function does."""
+    from lenkernels import _backend
+    from lenkernels import distributed as lkdist
+    from lenkernels.ops.linear_stats import FAMILY, linear_stats_fwd
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    n_rows, vocab = h.shape[0], weight.shape[0]
+    local = lkdist.shard_local_ids(ids.reshape(-1), torch.zeros(1, dtype=torch.int64), vocab, IGNORE)
+    temp = temp.reshape(-1).contiguous()
+    stats = linear_stats_fwd(h, weight, bias, local, temp, LINEAR_CHUNK, backend, state=True)
+    dlogits = torch.full((n_rows, vocab), float("nan"), dtype=h.dtype, device=h.device)
+    _backend.kernels(backend, FAMILY).linear_stats_bwd_tile(
+        h, weight, bias, local, temp, stats[2], stats[3], g_lp, g_h, (0, n_rows), (0, vocab), dlogits
+    )  # fmt: skip
+    return list(stats), dlogits
+
+
+def _linear_backend_params():
+    """triton only: the cpu and reference backends take their logits from an eager GEMM (MKL here),
+    which picks its kernel, and so its summation order over D, by the number of rows (fp32 differs
+    from N = 2 on): they are not batch invariant, and the README says so."""
+    return [p for p in backend_params("linear_stats") if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", _linear_backend_params())
+def test_linear_rows_bitwise_identical_in_any_batch(backend, device, dtype):
+    """linear_logprobs_entropy: a row's statistics and its dlogits row are bitwise identical whatever
+    N (which picks the Triton split plan), its position (in and across BLOCK_N row tiles) and padded
+    [B, T, D] vs packed [N, D], for a fixed chunk_size (it picks the tile plan by design). The hidden
+    gradient row is dlogits @ W by a host GEMM: not covered."""
+    gen = torch.Generator().manual_seed(99)
+    weight = (torch.randn(LINEAR_VOCAB, LINEAR_DIM, generator=gen) * 0.5).to(dtype).to(device)
+    bias = torch.randn(LINEAR_VOCAB, generator=gen).to(dtype).to(device)
+    probes = _linear_probes(dtype)
+    alone = []
+    for probe in range(N_PROBES):
+        batch = _linear_batch(probes, 1, "packed", {probe: 0})
+        alone.append(_linear_run(backend, weight, bias, *(t.to(device) for t in batch)))
+    for n_rows, layout, where in LINEAR_BATCHES:
+        batch = _linear_batch(probes, n_rows, layout, where)
+        got = _linear_run(backend, weight, bias, *(t.to(device) for t in batch))
+        _assert_same_rows(backend, alone, got, where, f"linear N={n_rows} {layout}")

@@ -2,12 +2,19 @@
 head, never holding the ``[N, V]`` logits.
 
 Forward, two launches:
-  linear_stats_fwd_kernel       grid (row tiles, n_splits): a tiled matmul (tl.dot over D) whose
+  linear_stats_fwd_kernel       grid (row tiles, n_programs): a tiled matmul (tl.dot over D) whose
                                 epilogue folds each [BLOCK_N, BLOCK_V] logits tile into the per-row
-                                online-softmax state (m, S, U) and picks up z_y
-                                -> state[N, n_splits, 4] = (m, S, U, z_y part)
-  linear_stats_finalize_kernel  grid (row blocks,): merges each row's split states left to right,
+                                online-softmax state (m, S, U) and picks up z_y; each vocabulary chunk
+                                (CHUNK_TILES tiles) is folded from the empty state into its own slot
+                                -> state[N, n_chunks, 4] = (m, S, U, z_y part)
+  linear_stats_finalize_kernel  grid (row blocks,): merges each row's chunk states in index order,
                                 writes logprob, entropy, lse and mean_z, and the state (max z, log S)
+Batch invariance (DESIGN.md): the reduction tree over a row's vocabulary is a function of V alone;
+the split plan (more programs per row tile when rows are few) only assigns chunks to programs, and
+tl.dot's MMA sums over D in one order for every element of a tile (the same instructions for every
+row; checked on the interpreter, not yet on a GPU), so a row's statistics and dlogits are bitwise
+identical whatever N, its place in a BLOCK_N tile, or padded vs packed input (on the CPU
+interpreter, whose tl.dot is a position-dependent numpy matmul, the dot is an explicit fp32 sum).
 Backward, per tile of rows x vocabulary columns (the host bounds the tile, and with it the memory):
   linear_stats_bwd_kernel       recomputes the logits tile with the forward's own code (same
                                 blocks, same K order, rounded to the hidden dtype) and writes
@@ -19,7 +26,7 @@ once per tile pair, O(N V D / BLOCK) bytes of traffic; a bounded dlogits tile pl
 O(tile) bytes and runs at GEMM speed.
 
 Ids are shard-local (``lenkernels.distributed``): -1 ignored, -2 target elsewhere, else a column.
-Sizes, strides and the split plan are runtime values (do_not_specialize): no recompiles. The
+Sizes, strides and the chunk plan are runtime values (do_not_specialize): no recompiles. The
 launchers (``linear_stats_fwd``, ``linear_stats_bwd_tile``) are the ``backend="triton"``
 implementation of the linear_stats family (same signatures as ``lenkernels/{cpu,reference}/linear_stats.py``).
 """
@@ -40,6 +47,9 @@ NUM_WARPS = 8
 TILES = {torch.bfloat16: (64, 128, 32), torch.float16: (64, 128, 32), torch.float32: (64, 64, 32)}
 _AOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FINALIZE_BLOCK = 128
+# vocabulary tiles per chunk (1024 columns in 16-bit, 512 in fp32): the reduction tree over a row's
+# vocabulary is a function of V alone (see linear_stats_fwd)
+CHUNK_TILES = tl.constexpr(8)
 # shard-local id of an ignored row (lenkernels.distributed; csrc/include/lenkernels/linear_stats.h)
 IGNORED_ID = tl.constexpr(lkdist.IGNORED)
 
@@ -73,10 +83,14 @@ def logits_tile(
         k_ok = ks < dim
         h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST_DOT:  # CPU interpreter only: its tl.dot multiplies bf16 bit patterns as integers
-            h = h.to(tl.float32)  # bf16 x bf16 products are exact in fp32: the same sums
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        if UPCAST_DOT:
+            # CPU interpreter only: its tl.dot multiplies bf16 bit patterns as integers, and is a
+            # numpy matmul whose summation order depends on the row's position in the tile (BLAS
+            # edge kernels). Products in fp32 (exact for 16-bit inputs) summed over K in one order
+            # for every element: a row's logits do not depend on its place in the row tile.
+            acc += tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1)
+        else:
+            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if h_ptr.dtype.element_ty == tl.bfloat16:
@@ -105,7 +119,16 @@ def fold_rows(m, s, u, z):
 
 
 @triton.jit(
-    do_not_specialize=["n_rows", "vocab", "dim", "stride_h", "stride_w", "temp_stride", "tiles_per_split", "n_splits"]
+    do_not_specialize=[
+        "n_rows",
+        "vocab",
+        "dim",
+        "stride_h",
+        "stride_w",
+        "temp_stride",
+        "chunks_per_program",
+        "n_chunks",
+    ]
 )
 def linear_stats_fwd_kernel(
     h_ptr,
@@ -113,15 +136,15 @@ def linear_stats_fwd_kernel(
     b_ptr,
     ids_ptr,  # [N] int64 shard-local ids
     temp_ptr,  # [N] or [1] fp32
-    state_ptr,  # [N, n_splits, 4] fp32 out: (m, S, U, z_y or 0)
+    state_ptr,  # [N, n_chunks, 4] fp32 out: (m, S, U, z_y or 0) of each vocabulary chunk
     n_rows,
     vocab,
     dim,
     stride_h,
     stride_w,
     temp_stride,
-    tiles_per_split,
-    n_splits,
+    chunks_per_program,
+    n_chunks,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -130,32 +153,36 @@ def linear_stats_fwd_kernel(
     UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     inv_t = inverse_temperature(tl.load(temp_ptr + rows * temp_stride, mask=row_ok, other=1.0))
     y = tl.load(ids_ptr + rows, mask=row_ok, other=IGNORED_ID).to(tl.int64)
-    m = tl.zeros([BLOCK_N], tl.float32) - float("inf")
-    s = tl.zeros([BLOCK_N], tl.float32)
-    u = tl.zeros([BLOCK_N], tl.float32)
-    z_y = tl.zeros([BLOCK_N], tl.float32)
-    first = split * tiles_per_split
-    n_here = tl.minimum(tiles_per_split, tl.cdiv(vocab, BLOCK_V) - first)
-    for t in range(0, n_here):
-        cols = (first + t) * BLOCK_V + tl.arange(0, BLOCK_V)
-        logits = logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, stride_w,
-            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT,
-        )  # fmt: skip
-        z = tl.where((cols < vocab)[None, :], logits * inv_t[:, None], float("-inf"))
-        # exactly one column of one split holds the target: the other terms are exact zeros
-        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-        m, s, u = fold_rows(m, s, u, z)
-    out = state_ptr + (rows * n_splits + split) * 4
-    tl.store(out, m, mask=row_ok)
-    tl.store(out + 1, s, mask=row_ok)
-    tl.store(out + 2, u, mask=row_ok)
-    tl.store(out + 3, z_y, mask=row_ok)
+    n_tiles = tl.cdiv(vocab, BLOCK_V)
+    first = program * chunks_per_program
+    last = tl.minimum(first + chunks_per_program, n_chunks)
+    for chunk in range(first, last):
+        # every chunk starts from the empty state and lands in its own slot: its (m, S, U) never
+        # depends on which program, or after which other chunk, folded it
+        m = tl.zeros([BLOCK_N], tl.float32) - float("inf")
+        s = tl.zeros([BLOCK_N], tl.float32)
+        u = tl.zeros([BLOCK_N], tl.float32)
+        z_y = tl.zeros([BLOCK_N], tl.float32)
+        for tile in range(chunk * CHUNK_TILES, tl.minimum(chunk * CHUNK_TILES + CHUNK_TILES, n_tiles)):
+            cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+            logits = logits_tile(
+                h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, stride_w,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
+            z = tl.where((cols < vocab)[None, :], logits * inv_t[:, None], float("-inf"))
+            # exactly one column of one chunk holds the target: the other terms are exact zeros
+            z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+            m, s, u = fold_rows(m, s, u, z)
+        out = state_ptr + (rows * n_chunks + chunk) * 4
+        tl.store(out, m, mask=row_ok)
+        tl.store(out + 1, s, mask=row_ok)
+        tl.store(out + 2, u, mask=row_ok)
+        tl.store(out + 3, z_y, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_rows", "vocab", "n_splits"])
@@ -287,7 +314,7 @@ def _common(hidden, weight, bias):
         "HAS_BIAS": bias is not None,
         **dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K"), TILES[hidden.dtype])),
         "DOT_PRECISION": _dot_precision(hidden.dtype),
-        "UPCAST_DOT": hidden.dtype == torch.bfloat16 and _backend._triton_status()[1],
+        "UPCAST_DOT": _backend._triton_status()[1],  # the interpreter, every dtype
     }
 
 
@@ -301,17 +328,21 @@ def linear_stats_fwd(hidden, weight, bias, ids, temperature, chunk_size, logprob
     vocab = weight.shape[0]
     block_n, block_v, _ = TILES[hidden.dtype]
     row_tiles = triton.cdiv(n_rows, block_n)
-    n_splits, tiles_per_split = split_plan(row_tiles, triton.cdiv(vocab, block_v), hidden.device)
-    state = torch.empty((n_rows, n_splits, 4), dtype=torch.float32, device=hidden.device)
-    linear_stats_fwd_kernel[(row_tiles, n_splits)](
+    n_chunks = triton.cdiv(triton.cdiv(vocab, block_v), CHUNK_TILES.value)
+    # batch invariance: chunks of CHUNK_TILES tiles, each folded from the empty state into its own
+    # slot and merged in index order by the finalize (a tree fixed by V); the plan, which depends on
+    # N, only decides how many programs share a row tile's chunks
+    n_programs, chunks_per_program = split_plan(row_tiles, n_chunks, hidden.device)
+    state = torch.empty((n_rows, n_chunks, 4), dtype=torch.float32, device=hidden.device)
+    linear_stats_fwd_kernel[(row_tiles, n_programs)](
         ids_ptr=ids,
         temp_ptr=temperature,
         state_ptr=state,
         n_rows=n_rows,
         vocab=vocab,
         temp_stride=0 if temperature.numel() == 1 else 1,
-        tiles_per_split=tiles_per_split,
-        n_splits=n_splits,
+        chunks_per_program=chunks_per_program,
+        n_chunks=n_chunks,
         num_warps=NUM_WARPS,
         **_common(hidden, weight, bias),
     )
@@ -326,7 +357,7 @@ def linear_stats_fwd(hidden, weight, bias, ids, temperature, chunk_size, logprob
         log_s_ptr=log_s,
         n_rows=n_rows,
         vocab=vocab,
-        n_splits=n_splits,
+        n_splits=n_chunks,
         BLOCK=_FINALIZE_BLOCK,
         num_warps=4,
     )
@@ -376,7 +407,7 @@ AOT_SPECS = [
     {
         "kernel": linear_stats_fwd_kernel,
         "signature": _aot_signature(dt, {"ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32", **_SIZES,
-                                         "tiles_per_split": "i32", "n_splits": "i32", **_TILE}),
+                                         "chunks_per_program": "i32", "n_chunks": "i32", **_TILE}),
         "constexprs": {"HAS_BIAS": has_bias, **dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K"), TILES[_AOT_DTYPES[dt]])),
                        "DOT_PRECISION": precision, "UPCAST_DOT": False},
         "num_warps": NUM_WARPS,
