@@ -139,6 +139,28 @@ def token_stats_fwd_kernel(
         tl.store(out + end * 3 + 2, u)
 
 
+@triton.jit
+def store_row_stats(row, m, s, u, logits_ptr, ids_ptr, temp_ptr, logprobs_ptr, entropy_ptr, lse_ptr, mean_z_ptr,
+                    vocab, stride_row, temp_stride, ignore_index):  # fmt: skip
+    """Writes a row's logprob, entropy, lse and mean_z from its merged (m, S, U) state; returns
+    (log S, 1/T). Shared by every finalize kernel, so all paths give the same bits."""
+    # all -inf row: s = 0 -> lse = -inf, entropy and logprob NaN (SPEC 1); NaN anywhere stays NaN
+    log_s = tl.log(s)
+    ratio = u / s
+    inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
+    y = tl.load(ids_ptr + row).to(tl.int64)
+    in_range = (y >= 0) & (y < vocab)
+    z_y = tl.load(logits_ptr + row * stride_row + tl.where(in_range, y, 0)).to(tl.float32) * inv_t
+    # (z_y - m) - log S: two small terms; z_y - lse would cancel two numbers of the logits' size
+    # (lse rounded at |z| = 1e4 is ~4e-4 off)
+    logprob = tl.where(y == ignore_index, 0.0, tl.where(in_range, (z_y - m) - log_s, float("nan")))
+    tl.store(logprobs_ptr + row, logprob)
+    tl.store(entropy_ptr + row, log_s - ratio)
+    tl.store(lse_ptr + row, m + log_s)
+    tl.store(mean_z_ptr + row, m + ratio)
+    return log_s, inv_t
+
+
 @triton.jit(do_not_specialize=["vocab", "stride_row", "temp_stride", "n_chunks", "ignore_index"])
 def token_stats_finalize_kernel(
     logits_ptr,
@@ -165,21 +187,8 @@ def token_stats_finalize_kernel(
     u = tl.load(st + 2)
     for i in range(1, n_chunks):
         m, s, u = merge_state(m, s, u, tl.load(st + 3 * i), tl.load(st + 3 * i + 1), tl.load(st + 3 * i + 2))
-    # all -inf row: s = 0 -> lse = -inf, entropy and logprob NaN (SPEC 1); NaN anywhere stays NaN
-    log_s = tl.log(s)
-    ratio = u / s
-    lse = m + log_s
-    inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
-    y = tl.load(ids_ptr + row).to(tl.int64)
-    in_range = (y >= 0) & (y < vocab)
-    z_y = tl.load(logits_ptr + row * stride_row + tl.where(in_range, y, 0)).to(tl.float32) * inv_t
-    # (z_y - m) - log S: two small terms; z_y - lse would cancel two numbers of the logits' size
-    # (lse rounded at |z| = 1e4 is ~4e-4 off)
-    logprob = tl.where(y == ignore_index, 0.0, tl.where(in_range, (z_y - m) - log_s, float("nan")))
-    tl.store(logprobs_ptr + row, logprob)
-    tl.store(entropy_ptr + row, log_s - ratio)
-    tl.store(lse_ptr + row, lse)
-    tl.store(mean_z_ptr + row, m + ratio)
+    log_s, _ = store_row_stats(row, m, s, u, logits_ptr, ids_ptr, temp_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+                               mean_z_ptr, vocab, stride_row, temp_stride, ignore_index)  # fmt: skip
     tl.store(max_z_ptr + row, m)
     tl.store(log_s_ptr + row, log_s)
 

@@ -16,6 +16,7 @@ from lenkernels.triton.token_stats import (
     _block,
     fold_columns,
     reduce_columns,
+    store_row_stats,
 )
 from lenkernels.triton.utils import inverse_temperature, merge_state, split_plan
 
@@ -177,18 +178,8 @@ def token_stats_extra_finalize_kernel(
         best_id = tl.where(take, tl.load(ids_in + i), best_id)
         best = tl.where(take, best_b, best)
         sum_x += tl.load(st + 6 * i + 5)
-    log_s = tl.log(s)
-    ratio = u / s
-    lse = m + log_s
-    inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
-    y = tl.load(ids_ptr + row).to(tl.int64)
-    in_range = (y >= 0) & (y < vocab)
-    z_y = tl.load(logits_ptr + row * stride_row + tl.where(in_range, y, 0)).to(tl.float32) * inv_t
-    logprob = tl.where(y == ignore_index, 0.0, tl.where(in_range, (z_y - m) - log_s, float("nan")))
-    tl.store(logprobs_ptr + row, logprob)
-    tl.store(entropy_ptr + row, log_s - ratio)
-    tl.store(lse_ptr + row, lse)
-    tl.store(mean_z_ptr + row, m + ratio)
+    log_s, inv_t = store_row_stats(row, m, s, u, logits_ptr, ids_ptr, temp_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+                                   mean_z_ptr, vocab, stride_row, temp_stride, ignore_index)  # fmt: skip
     log_sum_p2 = tl.log(s2) - 2.0 * log_s  # all -inf row: -inf - -inf = NaN
     tl.store(sum_p2_ptr + row, tl.exp(log_sum_p2))
     tl.store(log_sum_p2_ptr + row, log_sum_p2)
