@@ -20,6 +20,7 @@ from lenkernels import _backend, _extensions
 from lenkernels import cuda as lk_cuda
 from lenkernels.reference import advantages as ref
 from tests.test_cuda_ops import EMULATED_SMS, FAMILIES, emulated_modules  # noqa: F401 (a fixture)
+from tests.test_advantages import _scale as scale_of
 from tests.utils import STAT_RTOL, assert_close, backend_params
 
 METHODS = list(ref.METHODS)
@@ -54,31 +55,8 @@ def on(request, monkeypatch):
 
 
 def _scale(method, s, ids, eps, lengths):
-    """Per element, the magnitude of the terms an fp32 computation of the advantage combines (|s| and
-    its group's largest |s|, times the factor applied to them): its rounding error grows with this,
-    not with the (possibly tiny) result. float64 throughout (fine up to |s| ~ 1e150)."""
-    s = s.double()
-    out = torch.empty_like(s)
-    for g in ids.unique():
-        idx = (ids == g).nonzero().reshape(-1)
-        x = s[idx]
-        k = x.numel()
-        big = x.abs() + x.abs().max()
-        if method in ("grpo", "grpo_passk"):
-            big = big / ((x.std() if k > 1 else 1.0) + eps)
-        elif method == "rloo" and k > 1:
-            big = big * k / (k - 1)
-        out[idx] = big
-    if method == "batch":
-        out = out / (s.std() + eps)
-    elif method == "reinforce_pp_baseline":
-        x = ref.group_advantages(s, ids, "dr_grpo")
-        w = lengths.double()
-        mean = (w * x).sum() / w.sum()
-        out = (out + mean.abs()) / torch.sqrt((w * (x - mean) ** 2).sum() / (w.sum() - 1) + 1e-8)
-    elif method == "gaussian":
-        out = torch.full_like(s, 4.0)
-    return out
+    """The per-element error scale of tests/test_advantages.py (float64 throughout: fine up to |s| ~ 1e150)."""
+    return scale_of(method, s.double(), ids, eps, lengths=lengths)
 
 
 def _check(on, method, rewards, ids, lengths, eps=1e-6, **kw):
