@@ -19,8 +19,8 @@ import lenkernels as lk
 from lenkernels import _backend, _extensions
 from lenkernels import cuda as lk_cuda
 from lenkernels.reference import advantages as ref
-from tests.test_cuda_ops import EMULATED_SMS, FAMILIES, emulated_modules  # noqa: F401 (a fixture)
 from tests.test_advantages import _scale as scale_of
+from tests.test_cuda_ops import EMULATED_SMS, FAMILIES, emulated_modules  # noqa: F401 (a fixture)
 from tests.utils import STAT_RTOL, assert_close, backend_params
 
 METHODS = list(ref.METHODS)
