@@ -19,7 +19,7 @@
 # An excerpt: the two classes that test functions lenkernels replaces (TestEntropyFromLogits,
 # TestSelectiveLogSoftmax), copied verbatim, with only the imports they use. The rest of the file
 # tests TRL helpers lenkernels does not touch (and imports `patch_chunked_lm_head`, which TRL 1.16
-# no longer has). `TrlTestCase` comes from the shim tests/upstream/trl/testing_utils.py.
+# no longer has). `TrlTestCase` comes from the shim tests/upstream/vendor/trl/testing_utils.py.
 # Apache-2.0: the license header above is upstream's. The classes below are unchanged; they run
 # with lenkernels.integrations.trl.patch() active (tests/upstream/conftest.py), which
 # also applies this file's skip/xfail marks; tests/upstream/README.md lists them with reasons.
