@@ -31,6 +31,22 @@ What is covered (``PATCHED_NAMES``): ``logprobs_from_logits``, ``entropy_from_lo
 ``kl_cov``, ``dro``, ``bypass_mode``'s own wrapper, ``gae``, ``remax``, ``reinforce_plus_plus``,
 ``gdpo``, the optimal-token baselines) stay verl's.
 
+The path verl's trainer runs (``PATCHED_ENGINE_NAMES``): where verl's FSDP engine module imports
+(it needs ``peft``), ``patch()`` also replaces ``FSDPEngineWithLMHead.prepare_model_outputs``, the
+engine step that turns the model's logits into log-probs, entropy and Σπ². verl scales the
+``[N, V]`` logits by the per-sample temperature and reads them once per statistic (its compiled
+entropy, ``calculate_sum_pi_squared_from_logits``, ``logprobs_from_logits``); the drop-in computes
+all of them with one ``token_stats`` op (temperature inside the kernel): one read of the logits
+forward, one gradient written backward. Top-K distillation, tensor-parallel ``DTensor`` logits and
+float64 logits stay verl's method (see ``prepare_model_outputs``). With ``use_fused_kernels`` the
+model's forward returns the log-probs and entropy from the hidden state: ``patch()`` replaces
+verl's two text-model forwards (``dense_common.forward_with_torch_backend`` /
+``forward_with_triton_backend``, which ``patch_forward_with_backends`` installs on the model class
+when the model is built) with ``lenkernels.linear_logprobs_entropy`` ones, and
+``prepare_model_inputs`` then passes verl's per-sample temperature, which verl's fused path
+refuses. Σπ² with fused kernels stays verl's NotImplementedError (``linear_logprobs_entropy``
+does not compute it); vision-language models keep verl's fused forwards.
+
 Conventions kept: shapes, tuples, the metric dicts (Python floats, one host sync per loss call,
 as verl's ``.item()`` calls), defaults, the errors verl raises for missing global normalisers, and
 the dtypes: every drop-in accepts float32, bfloat16, float16 and float64 inputs and returns the
@@ -75,6 +91,12 @@ from lenkernels.integrations._verl_advantages import (
     compute_rloo_outcome_advantage,
     compute_rloo_vectorized_outcome_advantage,
 )
+from lenkernels.integrations._verl_engine import (
+    forward_with_torch_backend,
+    forward_with_triton_backend,
+    prepare_model_inputs,
+    prepare_model_outputs,
+)
 from lenkernels.integrations._verl_losses import (
     POLICY_LOSSES,
     agg_loss,
@@ -114,9 +136,14 @@ __all__ = [
     "compute_opo_outcome_advantage",
     "compute_grpo_passk_outcome_advantage",
     "compute_gpg_outcome_advantage",
+    "prepare_model_outputs",
+    "prepare_model_inputs",
+    "forward_with_torch_backend",
+    "forward_with_triton_backend",
     "POLICY_LOSSES",
     "ADVANTAGE_ESTIMATORS",
     "PATCHED_NAMES",
+    "PATCHED_ENGINE_NAMES",
     "patch",
     "unpatch",
     "patched",
@@ -137,7 +164,29 @@ def _replacements() -> list[Replacement]:
     reps += [Replacement(_CORE, f.__name__, f) for f in POLICY_LOSSES.values()]
     reps.append(Replacement(_CORE, "compute_policy_loss_reinforce", compute_policy_loss_reinforce))
     reps += [Replacement(_CORE, f.__name__, f) for f in ADVANTAGE_ESTIMATORS.values()]
+    reps += _engine_replacements()
     return reps
+
+
+def _engine_replacements() -> list[Replacement]:
+    """verl's FSDP engine path (``PATCHED_ENGINE_NAMES``), when verl's FSDP engine module imports (it
+    needs ``peft``; where it does not import, verl cannot build that engine either)."""
+    import importlib
+
+    from lenkernels.integrations import _verl_engine as eng
+
+    try:
+        cls = eng.engine_class()
+        forwards = importlib.import_module(eng.FORWARD_MODULE)
+    except ImportError:
+        return []
+    eng.remember_original(cls)
+    eng.remember_forwards(forwards)
+    owner = f"{eng.ENGINE_MODULE}.{eng.ENGINE_CLASS}"
+    return [Replacement(owner, "prepare_model_outputs", prepare_model_outputs),
+            Replacement(owner, "prepare_model_inputs", prepare_model_inputs),
+            Replacement(eng.FORWARD_MODULE, "forward_with_torch_backend", forward_with_torch_backend),
+            Replacement(eng.FORWARD_MODULE, "forward_with_triton_backend", forward_with_triton_backend)]  # fmt: skip
 
 
 def _registries() -> list[dict]:
@@ -155,6 +204,18 @@ PATCHED_NAMES = tuple(
 )
 """The verl function names ``patch()`` replaces (pass any of them in ``exclude`` to keep verl's)."""
 
+PATCHED_ENGINE_NAMES = (
+    "prepare_model_outputs",
+    "prepare_model_inputs",
+    "forward_with_torch_backend",
+    "forward_with_triton_backend",
+)
+"""What ``patch()`` replaces on verl's FSDP actor-engine path when that engine's module imports:
+methods of ``FSDPEngineWithLMHead`` and the fused-kernel model forwards of
+``verl.models.transformers.dense_common``; ``exclude`` takes them too. Kept apart from
+``PATCHED_NAMES``, whose names are all functions of ``verl.utils.torch_functional`` /
+``verl.trainer.ppo.core_algos``."""
+
 _PATCH = ModulePatch("verl", _replacements, _registries)
 
 
@@ -162,7 +223,8 @@ def patch(exclude=()) -> list[str]:
     """Swaps the lenkernels drop-ins into the installed verl (this process only).
 
     Args:
-        exclude: names from ``PATCHED_NAMES`` to leave as verl's (e.g. ``("logprobs_from_logits",)``).
+        exclude: names from ``PATCHED_NAMES`` or ``PATCHED_ENGINE_NAMES`` to leave as verl's (e.g.
+            ``("logprobs_from_logits",)``).
 
     Returns:
         The replaced attributes (``"verl.trainer.ppo.core_algos.agg_loss"``, registry entries, ...).
@@ -170,7 +232,7 @@ def patch(exclude=()) -> list[str]:
     Calls nest: each ``patch()`` needs an ``unpatch()``; verl's functions come back on the last.
     Raises ImportError when verl is not installed.
     """
-    _check_exclude(exclude, PATCHED_NAMES)
+    _check_exclude(exclude, PATCHED_NAMES + PATCHED_ENGINE_NAMES)
     return _PATCH.apply(exclude)
 
 
@@ -181,7 +243,7 @@ def unpatch() -> None:
 
 def patched(exclude=()):
     """Context manager: ``with patched(): ...`` runs the block with the drop-ins swapped in."""
-    _check_exclude(exclude, PATCHED_NAMES)
+    _check_exclude(exclude, PATCHED_NAMES + PATCHED_ENGINE_NAMES)
     return _PATCH.scope(exclude)
 
 
