@@ -10,6 +10,7 @@ from lenkernels.ops.token_stats import (
     token_stats,
 )
 from lenkernels.ops.linear_stats import linear_logprobs_entropy
+from lenkernels.ops.linear_token_stats import linear_token_stats
 from lenkernels.ops.advantages import group_advantages, group_stats
 from lenkernels import shaping
 from lenkernels.ops.policy_loss import PolicyLoss, kl_penalty, policy_loss, policy_loss_from_logits
@@ -36,6 +37,7 @@ __all__ = [
     "token_stats",
     "TokenStats",
     "linear_logprobs_entropy",
+    "linear_token_stats",
     "PolicyLoss",
     "kl_penalty",
     "policy_loss",

@@ -141,6 +141,18 @@ def choice(value, name: str, options) -> None:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
 
 
+def names(value, name: str, options) -> frozenset:
+    """A non-empty tuple or list of names among ``options`` (the statistics an op is asked for)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple or list of names among {tuple(options)}, got {value!r}")
+    for item in value:
+        if item not in options:
+            raise ValueError(f"unknown {name} entry {item!r}: expected names among {tuple(options)}")
+    if not value:
+        raise ValueError(f"{name} must name at least one of {tuple(options)}")
+    return frozenset(value)
+
+
 def flags(**values) -> None:
     """Each keyword must be a real bool: ``inplace_backward="no"`` is truthy and would overwrite
     the logits, so strings, ints and tensors are refused rather than coerced."""
@@ -231,6 +243,38 @@ def float_input(x, name: str, backend: str, like: torch.Tensor | None = None, li
         if tuple(x.shape) != tuple(like.shape):
             raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}")
     return x
+
+
+def lm_head(hidden, weight, bias, ids, backend: str) -> None:
+    """The inputs of an op on the last hidden state: ``hidden`` ``[..., D]`` float, ``weight``
+    ``[V, D]`` (V >= 1) and optional ``bias`` ``[V]`` of its dtype and device, int ``ids`` of its
+    leading shape."""
+    float_input(hidden, "hidden", backend)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (the hidden size), got a 0-d tensor")
+    tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, {hidden.shape[-1]}] (the last dim of hidden), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    same_device(hidden, "hidden", weight, "weight")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    if bias is not None:
+        tensor(bias, "bias")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        same_device(hidden, "hidden", bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] (the rows of weight), got {tuple(bias.shape)}")
+    tensor(ids, "ids", dtypes=INT_DTYPES)
+    same_device(hidden, "hidden", ids, "ids")
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"ids must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got {tuple(ids.shape)}"
+        )
 
 
 def number(value, name: str, *, minimum=None, maximum=None, exclusive: bool = False, finite: bool = True) -> float:
