@@ -3,7 +3,9 @@
 attributes that method reads, with the outputs of a tiny random Qwen2: patched and unpatched give
 the same log-probs, entropy and Σπ² (same keys, nested offsets, dtypes) and the same gradients in
 the logits and the model's parameters, while the patched method reads the ``[N, V]`` logits in
-exactly one op forward and writes one gradient backward.
+exactly one op forward and writes one gradient backward. With ``use_fused_kernels`` the patched
+model forwards (no ``[N, V]`` logits) give what verl's unfused path gives, per-sample temperature
+and Σπ² (which verl's fused path refuses) included.
 
 Needs verl's FSDP engine module to import: verl (``--no-deps``) plus ``peft`` (in the test extra).
 """
@@ -245,7 +247,7 @@ def test_configurations_it_does_not_cover_run_verls_method():
     f64 = types.SimpleNamespace(logits=torch.randn(1, n, V, dtype=torch.float64))
     cases = [(mb, fused), (mb_inputs, f64), (micro_batch(sum_p2=False, distillation_only=True), f64)]
     with lk_verl.patched(), pytest.raises(NotImplementedError, match="sum_pi_squared"):
-        # Σπ² with fused kernels: verl's error stays (the fused forward has no Σπ²)
+        # Σπ² with fused kernels: verl's error stays when the model runs verl's fused forward (no Σπ²)
         eng.prepare_model_outputs(fused, output_args, micro_batch(use_fused_kernels=True), None)
     with lk_verl.patched():
         for m, out in cases:
@@ -360,3 +362,101 @@ def test_fused_forward_under_autocast_matches_verls(qwen2_forward_restored):
         assert a.dtype == e.dtype and a.shape == e.shape, name
         # bfloat16 logits (spacing 2^-8 relative) of size up to |z|: errors of that order per term
         assert_close(a, e, rtol=2.0**-6, scale=float(e.detach().abs().max()), name=name)
+
+
+@pytest.mark.parametrize("rmpad", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize(
+    "fused_backend,entropy,temperature",
+    [
+        ("torch", True, "per-sample"),  # all three statistics, the per-token temperature
+        ("triton", False, "per-sample"),  # Σπ² without entropy (verl's triton forward: float32 entropy)
+        ("torch", True, 0.7),  # a host temperature: verl's prepare_model_inputs plus the Σπ² request
+    ],
+)
+def test_fused_kernels_sum_pi_squared_match_verls_unfused_path(rmpad, fused_backend, entropy, temperature,
+                                                               qwen2_forward_restored):  # fmt: skip
+    """use_fused_kernels with calculate_sum_pi_squared (verl raises NotImplementedError: its fused
+    forwards have no Σπ²): patched, the engine asks lenkernels' fused forward for Σπ², which runs
+    linear_token_stats (token_stats kernels over checkpointed row chunks) and returns it beside the
+    log-probs and entropy; all of them and the parameter gradients match verl's unfused engine path
+    on the same batch. Unpatched, or patched with verl's forward on the model, verl's error stays."""
+    monkey_patch = trainer_module("verl.models.transformers.monkey_patch")
+    model = qwen2()
+    eng = engine(pad_to_length=rmpad)
+    eng.module = model
+    mb = micro_batch(rmpad=rmpad, entropy=entropy, sum_p2=True, temperature=temperature)
+    fused = mb.copy()
+    tu.assign_non_tensor_data(fused, "use_fused_kernels", True)
+    n = sum(LENGTHS)
+
+    def forward_backward(batch, cotangents=None):
+        model.zero_grad(set_to_none=True)
+        model_inputs, output_args = eng.prepare_model_inputs(batch)
+        with LogitsTraffic(1) as mode:
+            output = model(**model_inputs, use_cache=False)
+        out, loss, cotangents = run(eng, batch, output, output_args, cotangents)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        return out, grads, cotangents, model_inputs, output, mode.reads
+
+    keys = [k for k, on in zip(KEYS, (True, entropy, True)) if on]
+    cot = {k: torch.randn(n) for k in keys}
+    last = torch.tensor(LENGTHS).cumsum(0) - 1
+    if not rmpad:
+        # the padded fused forward's label at each sequence's last token is not the unfused path's (see
+        # test_fused_kernels_run_lenkernels_with_per_sample_temperature): no cotangent, not compared
+        cot["log_probs"].index_fill_(0, last, 0.0)
+    theirs, grads_v, _, _, _, _ = forward_backward(mb, cot)
+    assert list(theirs) == keys
+
+    dummy = types.SimpleNamespace(log_probs=-torch.rand(1, n), entropy=torch.rand(1, n))
+    with pytest.raises(NotImplementedError, match="sum_pi_squared"):
+        eng.prepare_model_outputs(dummy, {}, fused, None)  # unpatched: verl's error
+    with lk_verl.patched():
+        if temperature != "per-sample":  # (verl's prepare_model_inputs asserts a scalar temperature)
+            model_inputs, _ = eng.prepare_model_inputs(fused)  # the model runs verl's forward:
+            assert _verl_engine.OUTPUTS_KWARG not in model_inputs  # no Σπ² request
+        with pytest.raises(NotImplementedError, match="sum_pi_squared"):
+            eng.prepare_model_outputs(dummy, {}, fused, None)  # and verl's error stays
+        monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=fused_backend)
+        assert type(model).forward is getattr(lk_verl, f"forward_with_{fused_backend}_backend")
+        ours, grads, _, model_inputs, output, reads = forward_backward(fused, cot)
+    wanted = ("logprob", "entropy", "sum_p2") if entropy else ("logprob", "sum_p2")
+    assert model_inputs[_verl_engine.OUTPUTS_KWARG] == wanted
+    assert isinstance(model_inputs["temperature"], torch.Tensor) == (temperature == "per-sample")
+    assert type(output) is _verl_engine.output_class() and (output.entropy is None) == (not entropy)
+    # linear_token_stats' chunked path (the token_stats kernels), not linear_logprobs_entropy's
+    assert "lenkernels.token_stats_extra.default" in reads and "lenkernels.linear_stats.default" not in reads
+    if not rmpad:
+        keep = torch.ones(n, dtype=torch.bool).index_fill_(0, last, False)
+        ours["log_probs"], theirs["log_probs"] = (
+            torch.nested.nested_tensor_from_jagged(d["log_probs"].values() * keep, d["log_probs"].offsets())
+            for d in (ours, theirs)
+        )
+    same_outputs(ours, theirs)
+    for name, g in grads_v.items():
+        assert_close(grads[name], g, rtol=GRAD_RTOL[torch.float32] * 10, scale=float(g.abs().max()), name=name)
+
+
+def test_fused_sum_pi_squared_under_autocast(qwen2_forward_restored):
+    """Under the engine's bfloat16 autocast the Σπ² forward multiplies in bfloat16 like the
+    log-probs one: its statistics are verl's unfused ones on the model's own bfloat16 logits (divided
+    by T in float32 here), in the entropy's dtype."""
+    dense = trainer_module("verl.models.transformers.dense_common")
+    model = qwen2()
+    ids, pos = torch.randint(0, V, (1, 30)), torch.arange(30)[None]
+    with lk_verl.patched(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        type(model).forward = dense.forward_with_torch_backend
+        ours = model(input_ids=ids, position_ids=pos, temperature=0.7, return_dict=True, use_cache=False,
+                     **{_verl_engine.OUTPUTS_KWARG: ("logprob", "entropy", "sum_p2")})  # fmt: skip
+    assert logits.dtype == torch.bfloat16 and ours.sum_pi_squared.dtype == ours.entropy.dtype
+    z = logits.float() / 0.7
+    expected = {
+        "log_probs": torch.log_softmax(z, -1).gather(-1, torch.roll(ids, -1, -1)[..., None])[..., 0],
+        "entropy": verl_F.entropy_from_logits(z),
+        "sum_pi_squared": verl_F.calculate_sum_pi_squared_from_logits(z),
+    }
+    for name, e in expected.items():
+        a = getattr(ours, name)
+        assert_close(a, e.to(a.dtype), rtol=STAT_RTOL, scale=float(e.detach().abs().max()), name=name)

@@ -1,11 +1,14 @@
 """verl's FSDP actor-engine path (``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead``):
 ``prepare_model_outputs``, the step that turns the model's logits into the per-token log-probs,
 entropy and Σπ² the losses read, as one lenkernels op; and for ``use_fused_kernels`` the model
-forwards of ``verl.models.transformers.dense_common`` (``linear_logprobs_entropy``) with
-``prepare_model_inputs`` passing them verl's per-sample temperature. Import them from
-:mod:`lenkernels.integrations.verl`, which patches them into verl."""
+forwards of ``verl.models.transformers.dense_common`` (``linear_logprobs_entropy``, or
+``linear_token_stats`` when Σπ² is asked for) with ``prepare_model_inputs`` passing them verl's
+per-sample temperature and the Σπ² request. Import them from :mod:`lenkernels.integrations.verl`,
+which patches them into verl."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -14,6 +17,7 @@ from lenkernels.integrations import _cast
 from lenkernels.integrations._verl_token_stats import _logprobs_dtype
 from lenkernels.ops import linear_stats as _linear_stats
 from lenkernels.ops import token_stats as _ops
+from lenkernels.ops.linear_token_stats import linear_token_stats
 
 ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
 ENGINE_CLASS = "FSDPEngineWithLMHead"
@@ -126,8 +130,16 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
     bfloat16 difference only). ``entropy_checkpointing`` needs nothing: the op saves no
     ``[N, V]`` intermediate.
 
-    verl's own method runs, unchanged, for what this does not cover: ``use_fused_kernels`` (the
-    model returned log-probs already), top-K distillation (``distillation_use_topk``,
+    With ``use_fused_kernels`` and ``calculate_sum_pi_squared`` (which verl refuses: its fused
+    forwards have no Σπ²), when the engine's model runs lenkernels' fused forward: the model
+    returned ``log_probs``, ``entropy`` and ``sum_pi_squared`` (``linear_token_stats``, asked for by
+    the patched ``prepare_model_inputs``), and this wraps them as verl's fused branch does, Σπ²
+    with the gather/unpad (packed) or padding mask (padded) of the other two; its dtype is the
+    entropy's (the hidden dtype with the torch backend, float32 with triton).
+
+    verl's own method runs, unchanged, for what this does not cover: ``use_fused_kernels`` without
+    Σπ² or without lenkernels' fused forward (the model returned log-probs already, and verl
+    raises for Σπ²), top-K distillation (``distillation_use_topk``,
     ``distillation_only``), tensor-parallel ``DTensor`` logits (sharded over V), float64 logits,
     a ``pad_mode`` other than ``NO_PADDING`` (verl raises), and devices no lenkernels backend
     runs on (e.g. NPU).
@@ -139,6 +151,9 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
                                                     micro_batch=micro_batch, logits_processor_func=None)
         model_output["log_probs"]      # nested [B, j1], float32 for float32 logits
     """
+    sum_p2 = getattr(output, "sum_pi_squared", None)  # returned by lenkernels' fused forward when asked
+    if sum_p2 is not None and _fused_sum_p2(micro_batch, getattr(self, "module", None)):
+        return _fused_outputs(self, output, output_args, micro_batch)
     plan = _covered(output, micro_batch)
     if plan is None:
         return _original()(self, output, output_args, micro_batch, logits_processor_func)
@@ -178,6 +193,27 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
     return model_output
 
 
+def _fused_outputs(self, output, output_args, micro_batch):
+    """verl's ``use_fused_kernels`` branch of ``prepare_model_outputs`` (no distillation), with
+    ``output.sum_pi_squared`` beside ``log_probs`` / ``entropy``: nested over the micro-batch's offsets."""
+    cu_seqlens = micro_batch["input_ids"].offsets()
+    names = ("log_probs", "entropy", "sum_pi_squared") if _flag(micro_batch, "calculate_entropy", False) else \
+        ("log_probs", "sum_pi_squared")  # fmt: skip
+    if _flag(micro_batch, "use_remove_padding", True):  # [1, total_nnz (/ sp + pad)]
+
+        def packed(x):
+            return self._gather_and_unpad_packed(x.squeeze(0), output_args["pad_size"])
+
+    else:  # [B, max_len]: the valid tokens of each row, row-major (the packed order)
+        lengths = cu_seqlens.diff()
+        valid = torch.arange(output.log_probs.shape[1], device=output.log_probs.device) < lengths.unsqueeze(1)
+
+        def packed(x):
+            return x[valid]
+
+    return {name: torch.nested.nested_tensor_from_jagged(packed(getattr(output, name)), cu_seqlens) for name in names}
+
+
 # --- use_fused_kernels: the model's forward returns log-probs and entropy from the hidden state ----
 #
 # verl's monkey_patch.patch_forward_with_backends sets the model class's forward to
@@ -188,6 +224,9 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
 FORWARD_MODULE = "verl.models.transformers.dense_common"
 FORWARDS = ("forward_with_torch_backend", "forward_with_triton_backend")
 _verl_forwards: dict = {}  # verl's forwards, remembered by remember_forwards() before patch() swaps these in
+# the keyword the patched prepare_model_inputs adds to the model inputs when the micro-batch asks for
+# Σπ² with fused kernels: the token_stats outputs the lenkernels forward pops and computes
+OUTPUTS_KWARG = "lenkernels_outputs"
 
 
 def remember_forwards(module) -> None:
@@ -206,20 +245,38 @@ def _verl_forward(name: str):
     return _verl_forwards[name]
 
 
+@functools.cache
+def output_class():
+    """verl's ``CausalLMOutputForPPO`` with a ``sum_pi_squared`` field (``[1, total_nnz]`` packed,
+    ``[B, max_len]`` padded, like ``entropy``): what the fused forwards return when asked for Σπ²."""
+    from dataclasses import dataclass
+
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO
+
+    @dataclass
+    class CausalLMOutputForPPOWithSumPiSquared(CausalLMOutputForPPO):
+        sum_pi_squared: torch.FloatTensor | None = None
+
+    CausalLMOutputForPPOWithSumPiSquared.__module__ = __name__
+    return CausalLMOutputForPPOWithSumPiSquared
+
+
 def _fused_forward(self, name, entropy_dtype, kwargs):
     from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
 
     weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
     temperature = kwargs["temperature"]
+    wanted = kwargs.pop(OUTPUTS_KWARG, None)  # set by the patched prepare_model_inputs for Σπ²
     # tensor-parallel (DTensor) LM heads, float64 and devices without a lenkernels backend: verl's
     plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in _DTYPES
+    family = _linear_stats.FAMILY if wanted is None else _ops.EXTRA_FAMILY
     try:
-        plain = plain and _backend.resolve(None, _linear_stats.FAMILY, weight.device) is not None
+        plain = plain and _backend.resolve(None, family, weight.device) is not None
     except _backend.BackendUnavailableError:
         plain = False
     if not plain:
-        if isinstance(temperature, torch.Tensor):
-            raise NotImplementedError("per-sample temperature with use_fused_kernels needs lenkernels' fused "
+        if isinstance(temperature, torch.Tensor) or wanted is not None:
+            raise NotImplementedError("per-sample temperature or Σπ² with use_fused_kernels need lenkernels' fused "
                                       "forward, which does not run on this LM head (DTensor, float64 or device)")  # fmt: skip
         return _verl_forward(name)(self, **kwargs)
     if not kwargs["return_dict"]:
@@ -248,13 +305,18 @@ def _fused_forward(self, name, entropy_dtype, kwargs):
         low = torch.get_autocast_dtype(device)
         hidden_states, weight = hidden_states.to(low), weight.to(low)
         bias = None if bias is None else bias.to(low)
-    log_probs, entropy = _linear_stats.linear_logprobs_entropy(
-        hidden_states, weight, labels.to(torch.int64), bias=bias, temperature=temperature
-    )
-    return CausalLMOutputForPPO(
-        log_probs=log_probs, entropy=_cast(entropy, out_dtype),
-        past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-    )  # fmt: skip
+    fields = {"past_key_values": outputs.past_key_values, "hidden_states": outputs.hidden_states,
+              "attentions": outputs.attentions}  # fmt: skip
+    if wanted is None:
+        log_probs, entropy = _linear_stats.linear_logprobs_entropy(
+            hidden_states, weight, labels.to(torch.int64), bias=bias, temperature=temperature
+        )
+        return CausalLMOutputForPPO(log_probs=log_probs, entropy=_cast(entropy, out_dtype), **fields)
+    # row chunks of logits through the token_stats kernels, checkpointed: no [N, V] tensor is kept
+    st = linear_token_stats(hidden_states, weight, labels.to(torch.int64), bias=bias, temperature=temperature,
+                            outputs=wanted)  # fmt: skip
+    entropy = None if st.entropy is None else _cast(st.entropy, out_dtype)
+    return output_class()(log_probs=st.logprob, entropy=entropy, sum_pi_squared=_cast(st.sum_p2, out_dtype), **fields)
 
 
 def _forward_doc(fn):
@@ -266,12 +328,17 @@ def _forward_doc(fn):
     {"in the hidden dtype" if fn.__name__.endswith("torch_backend") else "float32"} of the labels'
     shape, as verl's). ``temperature`` may also be a tensor broadcastable to the labels (per
     token ``[1, total_nnz]`` packed, per sequence ``[B, 1]`` padded): the patched
-    ``prepare_model_inputs`` passes verl's per-sample temperature that way. Σπ² is not computed
-    (``linear_logprobs_entropy`` has no such output): verl's NotImplementedError for
-    ``calculate_sum_pi_squared`` with fused kernels stays. A tensor-parallel (DTensor) or float64 LM
-    head, or a device without a lenkernels backend, runs verl's forward (a tensor temperature then
-    raises NotImplementedError). Example: ``model.__class__.forward = {fn.__name__}``, as verl's
-    ``patch_forward_with_backends`` does once patched.
+    ``prepare_model_inputs`` passes verl's per-sample temperature that way. Σπ², which verl's fused
+    forwards lack: with ``{OUTPUTS_KWARG}=("logprob", "entropy"?, "sum_p2")`` (popped from the
+    keyword arguments; the patched ``prepare_model_inputs`` passes it for ``calculate_sum_pi_squared``)
+    the forward runs ``lenkernels.linear_token_stats`` instead (row chunks of logits through the
+    ``token_stats`` kernels, each checkpointed: one chunk of logits held, never ``[N, V]``) and
+    returns :func:`output_class` (``CausalLMOutputForPPO`` plus ``sum_pi_squared``, in the entropy's
+    dtype; ``entropy`` None when not asked for). A tensor-parallel (DTensor) or float64 LM head, or a
+    device without a lenkernels backend, runs verl's forward (a tensor temperature or
+    ``{OUTPUTS_KWARG}`` then raises NotImplementedError). Example:
+    ``model.__class__.forward = {fn.__name__}``, as verl's ``patch_forward_with_backends`` does once
+    patched.
     """
     return fn
 
@@ -303,34 +370,58 @@ def _runs_lenkernels_forward(module) -> bool:
     return False
 
 
-def prepare_model_inputs(self, micro_batch):
-    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, plus per-sample temperature with
-    ``use_fused_kernels`` when the model runs lenkernels' fused forward (verl asserts a scalar).
+def _fused_sum_p2(micro_batch, module) -> bool:
+    """Whether a ``use_fused_kernels`` micro-batch asks for Σπ² (no distillation) of a model that
+    runs lenkernels' fused forward: the case the patched engine methods add to verl's."""
+    return bool(
+        _flag(micro_batch, "use_fused_kernels", False) and _flag(micro_batch, "calculate_sum_pi_squared", False)
+        and not _flag(micro_batch, "distillation_use_topk", False) and not _flag(micro_batch, "distillation_only", False)
+        and _runs_lenkernels_forward(module)
+    )  # fmt: skip
 
-    Returns verl's ``(model_inputs, output_args)``. For that one case it runs verl's method with
-    ``use_fused_kernels`` off (its packing, static pad and Ulysses slicing of the per-token
-    temperature) and adds the fused forward's arguments as verl does, with ``temperature`` the
-    per-token tensor ``[1, total_nnz (/ sp + pad)]`` packed or ``[B, 1]`` padded. Everything else
-    (scalar temperatures, verl's own fused forward, which would refuse a tensor) is verl's method.
+
+def prepare_model_inputs(self, micro_batch):
+    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, plus, with ``use_fused_kernels`` when
+    the model runs lenkernels' fused forward, per-sample temperature (verl asserts a scalar) and Σπ²
+    (verl raises in ``prepare_model_outputs``).
+
+    Returns verl's ``(model_inputs, output_args)``. For a per-sample temperature it runs verl's
+    method with ``use_fused_kernels`` off (its packing, static pad and Ulysses slicing of the
+    per-token temperature) and adds the fused forward's arguments as verl does, with
+    ``temperature`` the per-token tensor ``[1, total_nnz (/ sp + pad)]`` packed or ``[B, 1]``
+    padded. For ``calculate_sum_pi_squared`` (no distillation) it adds
+    ``model_inputs["lenkernels_outputs"] = ("logprob", "entropy", "sum_p2")`` (no ``"entropy"``
+    without ``calculate_entropy``), which the fused forward pops to return ``sum_pi_squared``.
+    Everything else (scalar temperatures without Σπ², verl's own fused forward, which would refuse
+    a tensor) is verl's method.
     Example: ``model_inputs, output_args = engine.prepare_model_inputs(micro_batch)``.
     """
     original = _verl_inputs
     if original is None:
         remember_original(engine_class())
         original = _verl_inputs
-    per_sample = isinstance(_flag(micro_batch, "temperature", None), torch.Tensor)
-    if not (per_sample and _flag(micro_batch, "use_fused_kernels", False)
-            and _runs_lenkernels_forward(getattr(self, "module", None))):  # fmt: skip
+    module = getattr(self, "module", None)
+    if not (_flag(micro_batch, "use_fused_kernels", False) and _runs_lenkernels_forward(module)):
         return original(self, micro_batch)
-    from verl.utils import tensordict_utils as tu
+    per_sample = isinstance(_flag(micro_batch, "temperature", None), torch.Tensor)
+    sum_p2 = _fused_sum_p2(micro_batch, module)
+    if not (per_sample or sum_p2):
+        return original(self, micro_batch)
+    if per_sample:
+        from verl.utils import tensordict_utils as tu
 
-    unfused = micro_batch.copy()  # shallow: the caller's micro-batch keeps use_fused_kernels
-    tu.assign_non_tensor_data(unfused, "use_fused_kernels", False)
-    model_inputs, output_args = original(self, unfused)
-    if _flag(micro_batch, "use_remove_padding", True):
-        model_inputs["temperature"] = output_args["temperature_rmpad"].unsqueeze(0)
-        model_inputs["shift_labels"] = output_args["input_ids_rmpad_rolled"].unsqueeze(0)
+        unfused = micro_batch.copy()  # shallow: the caller's micro-batch keeps use_fused_kernels
+        tu.assign_non_tensor_data(unfused, "use_fused_kernels", False)
+        model_inputs, output_args = original(self, unfused)
+        if _flag(micro_batch, "use_remove_padding", True):
+            model_inputs["temperature"] = output_args["temperature_rmpad"].unsqueeze(0)
+            model_inputs["shift_labels"] = output_args["input_ids_rmpad_rolled"].unsqueeze(0)
+        else:
+            model_inputs["temperature"] = output_args["temperature"].unsqueeze(-1)
+        model_inputs["return_dict"] = True
     else:
-        model_inputs["temperature"] = output_args["temperature"].unsqueeze(-1)
-    model_inputs["return_dict"] = True
+        model_inputs, output_args = original(self, micro_batch)
+    if sum_p2:
+        entropy = ("entropy",) if _flag(micro_batch, "calculate_entropy", False) else ()
+        model_inputs[OUTPUTS_KWARG] = ("logprob", *entropy, "sum_p2")
     return model_inputs, output_args

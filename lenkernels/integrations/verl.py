@@ -44,8 +44,9 @@ verl's two text-model forwards (``dense_common.forward_with_torch_backend`` /
 ``forward_with_triton_backend``, which ``patch_forward_with_backends`` installs on the model class
 when the model is built) with ``lenkernels.linear_logprobs_entropy`` ones, and
 ``prepare_model_inputs`` then passes verl's per-sample temperature, which verl's fused path
-refuses. Σπ² with fused kernels stays verl's NotImplementedError (``linear_logprobs_entropy``
-does not compute it); vision-language models keep verl's fused forwards.
+refuses; when the micro-batch asks for Σπ² (``calculate_sum_pi_squared``, which verl refuses with
+fused kernels) the forward computes it with ``lenkernels.linear_token_stats``, still without the
+``[N, V]`` logits. Vision-language models keep verl's fused forwards.
 
 Conventions kept: shapes, tuples, the metric dicts (Python floats, one host sync per loss call,
 as verl's ``.item()`` calls), defaults, the errors verl raises for missing global normalisers, and
