@@ -18,15 +18,18 @@ pytest.importorskip("triton")
 
 DTYPES = 2  # every family launches bf16 and fp32 inputs (advantages: fp32 scores, one bf16 configuration)
 BLOCK_BUCKETS = 4  # policy loss / KL tiles: next power of two of the mean length, clamped to 128 .. 1024
+# the logits-streaming token_stats kernels: rows on 16-byte boundaries or not (the ALIGNED flag,
+# 16-byte accesses; V = 151 936 + 7 and 32 000 + i give both), one boolean whatever the sizes
+ALIGNMENTS = 2
 
 BOUNDS = {
-    "token_stats_fwd_kernel": DTYPES,
+    "token_stats_fwd_kernel": DTYPES * ALIGNMENTS,
     "token_stats_finalize_kernel": DTYPES,
-    "token_stats_bwd_kernel": DTYPES,
+    "token_stats_bwd_kernel": DTYPES * ALIGNMENTS,
     # lenkernels.token_stats's SPEC 7 outputs: separate kernels (the two-output ones stay as they are)
-    "token_stats_extra_fwd_kernel": DTYPES,
+    "token_stats_extra_fwd_kernel": DTYPES * ALIGNMENTS,
     "token_stats_extra_finalize_kernel": DTYPES,
-    "token_stats_extra_bwd_kernel": DTYPES,
+    "token_stats_extra_bwd_kernel": DTYPES * ALIGNMENTS,
     # padded PPO (lengths 1 .. 2010: every tile bucket) + packed GSPO (short sequences: one bucket at
     # least, all four at most)
     "policy_loss_fwd_kernel": DTYPES * (BLOCK_BUCKETS + 1),

@@ -4,7 +4,10 @@ can get to the speed of light, measured without a GPU.
 ``python -m lenkernels.bench.sass [--arch 90 --arch 80] [--json PATH] [--markdown]``
 
 Each kernel is compiled for sm_90 and sm_80 on the CPU (Triton: ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))`` with the module's ``AOT_SPECS`` configuration; CUDA C++:
+target=GPUTarget("cuda", arch, 32))`` with the module's compilation spec (``AOT_CASES`` or
+``AOT_SPECS``, lenkernels/triton/aot.py), its pointers 16-byte aligned as Triton's launcher
+specialises any such tensor; the token-stats kernels in their ``ALIGNED`` variant (rows on 16-byte
+boundaries, 16-byte accesses) and, as ``<name>.unaligned``, the other one; CUDA C++:
 ``nvcc -cubin -arch=sm_XX`` with the build's flags) and disassembled (cuobjdump/nvdisasm shipped with
 Triton). The hot loop is the innermost backward-branching loop that moves the most global-memory
 bytes; per kernel the report gives, from that loop's static instructions:
@@ -153,7 +156,9 @@ def compile_triton(spec: dict, arch: int, workdir: Path) -> tuple[Path, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec["kernel"], signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+    # pointers 16-byte aligned, as Triton's launcher specialises them for any torch allocation
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(spec["signature"].values()) if t.startswith("*")}
+    src = ASTSource(fn=spec["kernel"], signature=spec["signature"], constexprs=spec.get("constexprs", {}), attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.get("num_warps", 4)})
     path = workdir / f"{spec['kernel'].__name__}-{abs(hash(json.dumps(spec['signature'])))}-sm{arch}.cubin"
     path.write_bytes(k.asm["cubin"])
@@ -303,9 +308,14 @@ def analyse(kernel: Kernel, instrs: list[Instr], res: dict, arch: int, shared_ex
     if not inner:
         out["error"] = "no loop found"
         return out
-    # the most bytes a thread moves per iteration; of equals (a row-alignment fast path and its
-    # narrow-load twin), the shortest body: the fast path
-    hot = max(inner, key=lambda lp: (_summary(instrs[lp[0] : lp[1] + 1])["load_bytes"], lp[0] - lp[1]))
+
+    # the most bytes a thread moves per iteration; of equals, the most deeply nested (a chunk's tile
+    # loop, not the tail chunk's copy of it after the chunk loop), then the shortest body (a
+    # row-alignment fast path, not its narrow-load twin)
+    def depth(lp):
+        return sum(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in all_loops)
+
+    hot = max(inner, key=lambda lp: (_summary(instrs[lp[0] : lp[1] + 1])["load_bytes"], depth(lp), lp[0] - lp[1]))
     body = _summary(instrs[hot[0] : hot[1] + 1])
     logits = body["load_bytes"] / kernel.elem_bytes
     out["hot_loop"] = {"first": hex(instrs[hot[0]].addr), "last": hex(instrs[hot[1]].addr), **body,
@@ -368,28 +378,48 @@ def predict(kernel: Kernel, ipl: float) -> dict:
 # --- the kernels ------------------------------------------------------------------------------------
 
 
+def _specs(module) -> list[dict]:
+    """A Triton module's compilation specs: derived from its ``AOT_CASES`` (launcher calls,
+    lenkernels/triton/aot.py), or its explicit ``AOT_SPECS``."""
+    if hasattr(module, "AOT_CASES"):
+        from lenkernels.triton.aot import module_specs
+
+        return module_specs(module)
+    return list(getattr(module, "AOT_SPECS", ()))
+
+
 def kernels(include=("triton", "cuda")) -> list[Kernel]:
     """Every logits- or hidden-streaming kernel, in its bf16 configuration."""
     out = []
     if "triton" in include:
         from lenkernels.triton import linear_stats as ls
         from lenkernels.triton import token_stats as ts
+        from lenkernels.triton import token_stats_extra as tx
 
-        def pick(specs, kernel, **want):
-            for spec in specs:
+        def pick(module, kernel, **want):
+            for spec in _specs(module):
                 sig, const = spec["signature"], spec.get("constexprs", {})
                 if spec["kernel"] is kernel and all(sig.get(k) == v or const.get(k) == v for k, v in want.items()):
                     return spec
             raise LookupError(f"no AOT spec of {kernel.__name__} with {want}")
 
-        fwd = pick(ts.AOT_SPECS, ts.token_stats_fwd_kernel, logits_ptr="*bf16")
-        threads = 32 * fwd["num_warps"]
-        chunk = fwd["constexprs"]["BLOCK_V"] * fwd["constexprs"].get("CHUNK_TILES", 1) // threads
-        out.append(Kernel("triton.token_stats_fwd", "triton", "fwd", threads, spec=fwd, chunk_logits_per_thread=chunk))
-        bwd = pick(ts.AOT_SPECS, ts.token_stats_bwd_kernel, logits_ptr="*bf16")
-        out.append(Kernel("triton.token_stats_bwd", "triton", "bwd", 32 * bwd["num_warps"], spec=bwd))
+        # rows on 16-byte boundaries (ALIGNED: any V with 16-byte rows, e.g. 151 936 or 32 000), and the
+        # other variant (e.g. V = 50 257), the same code with 2-byte accesses
+        for module, prefix in ((ts, "token_stats"), (tx, "token_stats_extra")):
+            for aligned, suffix in ((True, ""), (False, ".unaligned")):
+                if suffix and module is tx:
+                    continue
+                # the >= 4096 vocabulary bucket (V = 151 936): a spec needs a bf16 launch at such a V
+                big = {"logits_ptr": "*bf16", "ALIGNED": aligned, "BLOCK_V": ts._MAX_BLOCK_V}
+                fwd = pick(module, getattr(module, f"{prefix}_fwd_kernel"), **big)
+                threads = 32 * fwd["num_warps"]
+                chunk = fwd["constexprs"]["BLOCK_V"] * fwd["constexprs"].get("CHUNK_TILES", 1) // threads
+                out.append(Kernel(f"triton.{prefix}_fwd{suffix}", "triton", "fwd", threads, spec=fwd,
+                                  chunk_logits_per_thread=chunk))  # fmt: skip
+                bwd = pick(module, getattr(module, f"{prefix}_bwd_kernel"), **big)
+                out.append(Kernel(f"triton.{prefix}_bwd{suffix}", "triton", "bwd", 32 * bwd["num_warps"], spec=bwd))
         for kernel, name in ((ls.linear_stats_fwd_kernel, "fwd"), (ls.linear_stats_bwd_kernel, "bwd")):
-            spec = pick(ls.AOT_SPECS, kernel, h_ptr="*bf16", HAS_BIAS=False)
+            spec = pick(ls, kernel, h_ptr="*bf16", HAS_BIAS=False)
             c = spec["constexprs"]
             threads = 32 * spec["num_warps"]
             out.append(Kernel(f"triton.linear_stats_{name}", "triton", "epilogue", threads, spec=spec,

@@ -2,23 +2,26 @@
 
 Forward, two launches:
   token_stats_fwd_kernel       grid (N, n_programs): each program walks whole vocabulary chunks;
-                               each thread folds its column of every tile of a chunk into its own
-                               online-softmax state (m, S, U) (no cross-thread work in the loop),
-                               and the block reduces those once per chunk -> state[N, n_chunks, 3]
+                               each thread folds its column of every tile of a chunk (runs of 16
+                               bytes of adjacent logits) into its own online-softmax state (m, S, U)
+                               (no cross-thread work in the loop), and the block reduces those once
+                               per chunk -> state[N, n_chunks, 3]
   token_stats_finalize_kernel  grid (N,): merges a row's chunk states left to right, reads z_y,
                                writes logprob, entropy, lse and mean_z, and the state (max z, log S)
 Backward, one launch:
   token_stats_bwd_kernel       grid (N, n_programs): one read of the logits, one write of dlogits in
                                the logits dtype (dlogits may alias logits: in-place backward)
 
-Batch invariance (DESIGN.md): the reduction tree over a row is a function of V alone. A chunk is
-CHUNK_TILES tiles of BLOCK_V (both chosen from V), always folded from the empty state, and the
-finalize merges the chunk states in index order. How many programs a row gets (more when rows are
+Batch invariance (DESIGN.md): the reduction tree over a row is a function of V and the dtype alone.
+A chunk is CHUNK_TILES tiles of BLOCK_V (both chosen from V), always folded from the empty state, and
+the finalize merges the chunk states in index order. How many programs a row gets (more when rows are
 too few to fill the device) only decides which program folds which chunk: one program walking all
 chunks and ten programs taking one each run the same fp32 operations on the same values, so a row's
 statistics are bitwise identical whatever N, its position, or padded vs packed input.
 Sizes, strides, the ignore index and the program plan are runtime values (do_not_specialize): a new
-length never recompiles.
+length never recompiles. One compile-time flag, ALIGNED (rows_aligned: the rows' pointers and strides
+are multiples of 16 bytes), lets the streaming kernels use 16-byte accesses: at most two variants per
+dtype. It changes how a thread loads its logits, never which logits it folds in which order.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from lenkernels.triton.utils import inverse_temperature, max_nan, merge_state, split_plan
+from lenkernels.triton.utils import (
+    aligned_offset,
+    inverse_temperature,
+    max_nan,
+    merge_state,
+    rows_aligned,
+    split_plan,
+)
 
 _MAX_BLOCK_V = 4096
 CHUNK_TILES = 8  # tiles per chunk: 32 768 logits at V >= 4096 (V = 151 936: 5 chunks)
@@ -39,17 +49,56 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
+def column_max(x):
+    """[GROUPS, VEC, COLS] -> [COLS]: a column is one thread's registers (no shuffle, no barrier),
+    folded along VEC, then GROUPS."""
+    return tl.max(tl.max(x, 1), 0)
+
+
+@triton.jit
+def column_sum(x):
+    return tl.sum(tl.sum(x, 1), 0)
+
+
+@triton.jit
+def column_bcast(v):
+    """[COLS] -> [1, 1, COLS], against a tile."""
+    return v[None, None, :]
+
+
+@triton.constexpr_function
+def vector_width(bits, BLOCK_V, COLS):
+    """Logits of ``bits`` bits a thread loads at once: 16 bytes' worth, or the whole column of a
+    small tile. A function of the dtype and the tile alone: the reduction tree never depends on
+    the rows' alignment (batch invariance)."""
+    return min(128 // bits, BLOCK_V // COLS)
+
+
+@triton.jit
+def tile_offsets(BLOCK_V: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """[GROUPS, VEC, COLS] offsets of a tile's logits: element (g, k, j) is logit
+    (g * COLS + j) * VEC + k, so column j (GROUPS runs of VEC adjacent logits, 16 bytes each) is one
+    thread's and a warp's vectors are contiguous. Unaligned rows load the same elements 2 bytes at a
+    time: the runs' contiguity is hidden from the compiler (it would spread a run over threads)."""
+    GROUPS: tl.constexpr = BLOCK_V // (COLS * VEC)
+    k = tl.arange(0, VEC)[None, :, None]
+    if not ALIGNED:
+        k = tl.max_contiguous(k, [1, 1, 1])
+    return tl.arange(0, GROUPS)[:, None, None] * (COLS * VEC) + tl.arange(0, COLS)[None, None, :] * VEC + k
+
+
+@triton.jit
 def fold_columns(m, s, u, x, inv_t):
-    """Folds a [ROWS, COLS] tile of raw logits (padding = -inf) into per-column states: column j of
-    every tile belongs to one thread, so the tile's max and sums are that thread's own registers (no
-    shuffle, no barrier). m in natural units (max of x / T); s = sum 2^w and u = sum 2^w * w in base
-    2 with w = (x / T - m) * log2(e): one FMA, one multiply and one exp2 per logit, and one exp2 per
-    column and tile to rescale. x / T - m is formed first (rounded once, small), as in
-    csrc/include/lenkernels/token_stats.h: scaling x and m into base 2 apart would cancel two large
-    rounded numbers at |z| = 1e4."""
-    m_new = max_nan(m, tl.max(x, 0) * inv_t)  # max(x) / T == max(x / T): division by T > 0 is monotonic
+    """Folds a [GROUPS, VEC, COLS] tile of raw logits (padding = -inf) into per-column states:
+    column j of every tile belongs to one thread, so the tile's max and sums are that thread's own
+    registers (no shuffle, no barrier). m in natural units (max of x / T); s = sum 2^w and
+    u = sum 2^w * w in base 2 with w = (x / T - m) * log2(e): one FMA, one multiply and one exp2 per
+    logit, and one exp2 per column and tile to rescale. x / T - m is formed first (rounded once,
+    small), as in csrc/include/lenkernels/token_stats.h: scaling x and m into base 2 apart would
+    cancel two large rounded numbers at |z| = 1e4."""
+    m_new = max_nan(m, column_max(x) * inv_t)  # max(x) / T == max(x / T): division by T > 0 is monotonic
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a column of -inf so far: w = -inf, not NaN
-    w = (x * inv_t - ref[None, :]) * LOG2E
+    w = (x * inv_t - column_bcast(ref)) * LOG2E
     e = tl.exp2(w)
     delta = (m - ref) * LOG2E
     c = tl.exp2(delta)
@@ -57,7 +106,7 @@ def fold_columns(m, s, u, x, inv_t):
     s_old = tl.where(empty, 0.0, c * s)
     u_old = tl.where(empty, 0.0, c * (u + delta * s))
     # a masked logit has e = 0 and w = -inf: 0 * -FLT_MAX = 0 where 0 * -inf would be NaN
-    return m_new, s_old + tl.sum(e, 0), u_old + tl.sum(e * tl.maximum(w, -FLT_MAX), 0)
+    return m_new, s_old + column_sum(e), u_old + column_sum(e * tl.maximum(w, -FLT_MAX))
 
 
 @triton.jit
@@ -106,17 +155,16 @@ def token_stats_fwd_kernel(
     BLOCK_V: tl.constexpr,
     COLS: tl.constexpr,
     CHUNK_TILES: tl.constexpr,
+    ALIGNED: tl.constexpr,  # rows start on 16 bytes (rows_aligned): 16-byte loads
 ):
-    ROWS: tl.constexpr = BLOCK_V // COLS
     CHUNK: tl.constexpr = CHUNK_TILES * BLOCK_V
+    VEC: tl.constexpr = vector_width(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, COLS)
     row = tl.program_id(0).to(tl.int64)
     program = tl.program_id(1).to(tl.int64)
     inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
     out = state_ptr + row * n_chunks * 3
-    # element (r, j) of a tile: logit r * COLS + j, so a warp's loads are contiguous and column j
-    # (ROWS logits COLS apart) is one thread's
-    tile_offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    tile_offs = tile_offsets(BLOCK_V, COLS, VEC, ALIGNED)
     first = program * chunks_per_program
     last = tl.minimum(first + chunks_per_program, n_chunks)
     # the chunk with the row's partial tile (if any) is always the last, and always takes the TAIL
@@ -193,6 +241,27 @@ def token_stats_finalize_kernel(
     tl.store(log_s_ptr + row, log_s)
 
 
+@triton.jit
+def tile_column(y, start, BLOCK_V: tl.constexpr):
+    """Index y's column in the tile starting at ``start`` (int32), or -1 when y lies elsewhere: the
+    per-logit comparisons are then 32-bit."""
+    return tl.where((y >= start) & (y < start + BLOCK_V), y - start, -1).to(tl.int32)
+
+
+@triton.jit
+def grad_tile(x, hit, inv_t, lse, mean_z, a, b):
+    """d logits of a tile of raw logits x (fp32): a = g_lp / T (0 on an ignored row), b = g_h / T,
+    hit: the target's position. g_lp (1[j=y] - p) / T - g_h p (z - mean_z) / T with
+    p = 2^((x / T - lse) log2(e)) as in csrc/include/lenkernels/token_stats.h (x / T - lse formed
+    first, one FMA: no cancellation of two rounded large numbers): per logit one FMA, one multiply
+    and one exp2 for p, then an FMA, a max, a multiply and two FMAs. A masked logit (-inf) has
+    p = 0: its z - mean_z is clamped to -FLT_MAX so that p (z - mean_z) is 0, not NaN (the
+    where(p > 0) of the definition)."""
+    p = tl.exp2((x * inv_t - lse) * LOG2E)
+    ent = p * tl.maximum(x * inv_t - mean_z, -FLT_MAX)
+    return (tl.where(hit, a, 0.0) - p * a) - b * ent
+
+
 @triton.jit(
     do_not_specialize=[
         "vocab",
@@ -223,6 +292,7 @@ def token_stats_bwd_kernel(
     tiles_per_split,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    ALIGNED: tl.constexpr,  # both rows start on 16 bytes (pointers and row strides): 16-byte accesses
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -231,19 +301,26 @@ def token_stats_bwd_kernel(
     mean_z = tl.load(mean_z_ptr + row)
     y = tl.load(ids_ptr + row).to(tl.int64)
     g_lp = tl.where(y == ignore_index, 0.0, tl.load(g_lp_ptr + row * g_lp_stride))
-    g_h = tl.load(g_h_ptr + row * g_h_stride)
-    row_ptr = logits_ptr + row * stride_row
-    out_ptr = dlogits_ptr + row * stride_drow
-    first = split * tiles_per_split * BLOCK_V
-    for i in range(tiles_per_split):
-        offs = first + i * BLOCK_V + tl.arange(0, BLOCK_V)
-        valid = offs < vocab
-        z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
-        p = tl.exp(z - lse)
-        ent = tl.where(p > 0.0, p * (z - mean_z), 0.0)
-        onehot = tl.where(offs == y, 1.0, 0.0)
-        grad = (g_lp * (onehot - p) - g_h * ent) * inv_t
-        tl.store(out_ptr + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=valid)
+    a = g_lp * inv_t
+    b = tl.load(g_h_ptr + row * g_h_stride) * inv_t
+    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
+    out_ptr = dlogits_ptr + aligned_offset(row, stride_drow, dlogits_ptr, ALIGNED)
+    cols = tl.arange(0, BLOCK_V)
+    # tiles [first, last) of the row; the whole ones load without a mask, a partial last one with
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(vocab, BLOCK_V))
+    full = tl.minimum(last, vocab // BLOCK_V)
+    for tile in range(first, full):
+        start = tile * BLOCK_V
+        x = tl.load(row_ptr + start + cols).to(tl.float32)
+        grad = grad_tile(x, cols == tile_column(y, start, BLOCK_V), inv_t, lse, mean_z, a, b)
+        tl.store(out_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty))
+    if full < last:
+        start = full * BLOCK_V
+        valid = cols < vocab - start
+        x = tl.load(row_ptr + start + cols, mask=valid, other=0.0).to(tl.float32)
+        grad = grad_tile(x, cols == tile_column(y, start, BLOCK_V), inv_t, lse, mean_z, a, b)
+        tl.store(out_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=valid)
 
 
 def _block(vocab: int) -> tuple[int, int]:
@@ -277,6 +354,7 @@ def token_stats_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, l
         BLOCK_V=block,
         COLS=min(block, 32 * warps),
         CHUNK_TILES=CHUNK_TILES,
+        ALIGNED=rows_aligned(logits),  # two variants at most, whatever the sizes
         num_warps=warps,
     )
     token_stats_finalize_kernel[(n_rows,)](
@@ -323,6 +401,7 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
         tiles_per_split=tiles_per_split,
         ignore_index=ignore_index,
         BLOCK_V=block,
+        ALIGNED=rows_aligned(logits, dlogits),  # two variants at most, whatever the sizes
         num_warps=warps,
     )
 
@@ -333,11 +412,12 @@ AOT_SPECS = [
         "kernel": token_stats_fwd_kernel,
         "signature": {"logits_ptr": f"*{dt}", "temp_ptr": "*fp32", "state_ptr": "*fp32", **_COMMON,
                       "n_chunks": "i32", "chunks_per_program": "i32", "BLOCK_V": "constexpr",
-                      "COLS": "constexpr", "CHUNK_TILES": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "COLS": 256, "CHUNK_TILES": CHUNK_TILES},
+                      "COLS": "constexpr", "CHUNK_TILES": "constexpr", "ALIGNED": "constexpr"},
+        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "COLS": 256, "CHUNK_TILES": CHUNK_TILES, "ALIGNED": aligned},
         "num_warps": 8,
     }
     for dt in ("bf16", "fp16", "fp32")
+    for aligned in (True, False)
 ] + [
     {
         "kernel": token_stats_finalize_kernel,
@@ -352,11 +432,13 @@ AOT_SPECS = [
         "signature": {"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "ids_ptr": "*i64", "temp_ptr": "*fp32",
                       "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "g_lp_ptr": "*fp32", "g_h_ptr": "*fp32",
                       **_COMMON, "stride_drow": "i64", "g_lp_stride": "i64", "g_h_stride": "i64",
-                      "tiles_per_split": "i32", "ignore_index": "i64", "BLOCK_V": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V},
+                      "tiles_per_split": "i32", "ignore_index": "i64", "BLOCK_V": "constexpr",
+                      "ALIGNED": "constexpr"},
+        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "ALIGNED": aligned},
         "num_warps": 8,
     }
     for dt in ("bf16", "fp16", "fp32")
+    for aligned in (True, False)
 ]  # fmt: skip
 
 

@@ -12,13 +12,20 @@ from lenkernels.triton.token_stats import (
     _COMMON,
     _MAX_BLOCK_V,
     CHUNK_TILES,
+    FLT_MAX,
     LOG2E,
     _block,
+    column_bcast,
+    column_max,
+    column_sum,
     fold_columns,
     reduce_columns,
     store_row_stats,
+    tile_column,
+    tile_offsets,
+    vector_width,
 )
-from lenkernels.triton.utils import inverse_temperature, merge_state, split_plan
+from lenkernels.triton.utils import aligned_offset, inverse_temperature, merge_state, rows_aligned, split_plan
 
 # --- extra vocabulary statistics (SPEC 7), launched only by lenkernels.token_stats when asked for ----
 # Separate kernels, so the two-output kernels above keep their code, bits and instruction count.
@@ -35,16 +42,16 @@ EXTRA_STATE = 6  # m, S, U, S2, best logit, sum of finite logits (+ the argmax i
 def fold_columns_extra(m, s, u, s2, best, best_id, sum_x, x, tile_ids, inv_t):
     m_new, s_new, u_new = fold_columns(m, s, u, x, inv_t)
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp2((x * inv_t - ref[None, :]) * LOG2E)
+    e = tl.exp2((x * inv_t - column_bcast(ref)) * LOG2E)
     c = tl.exp2((m - ref) * LOG2E)
-    s2_new = tl.where(s == 0.0, 0.0, c * c * s2) + tl.sum(e * e, 0)
-    tile_max = tl.max(x, 0)
+    s2_new = tl.where(s == 0.0, 0.0, c * c * s2) + column_sum(e * e)
+    tile_max = column_max(x)
     # tile_ids: global index of every element; the lowest among a column's maxima (a NaN matches none)
-    tile_id = tl.min(tl.where(x == tile_max[None, :], tile_ids, INT_MAX), 0)
+    tile_id = tl.min(tl.min(tl.where(x == column_bcast(tile_max), tile_ids, INT_MAX), 1), 0)
     take = (tile_max > best) | ((tile_max == best) & (tile_id < best_id))
     best = tl.where(take, tile_max, best)
     best_id = tl.where(take, tile_id, best_id)
-    sum_x = sum_x + tl.sum(tl.where(tl.abs(x) < float("inf"), x, 0.0), 0)
+    sum_x = sum_x + column_sum(tl.where(tl.abs(x) < float("inf"), x, 0.0))
     return m_new, s_new, u_new, s2_new, best, best_id, sum_x
 
 
@@ -103,18 +110,19 @@ def token_stats_extra_fwd_kernel(
     BLOCK_V: tl.constexpr,
     COLS: tl.constexpr,
     CHUNK_TILES: tl.constexpr,
+    ALIGNED: tl.constexpr,  # rows start on 16 bytes (rows_aligned): 16-byte loads
 ):
     """token_stats_fwd_kernel's plan (fixed chunks, any program folds any chunk from the empty
-    state) with the extra per-column state."""
-    ROWS: tl.constexpr = BLOCK_V // COLS
+    state) and tile layout, with the extra per-column state."""
     CHUNK: tl.constexpr = CHUNK_TILES * BLOCK_V
+    VEC: tl.constexpr = vector_width(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, COLS)
     row = tl.program_id(0).to(tl.int64)
     program = tl.program_id(1).to(tl.int64)
     inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
     out = state_ptr + row * n_chunks * 6
     ids_out = argmax_ptr + row * n_chunks
-    tile_offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    tile_offs = tile_offsets(BLOCK_V, COLS, VEC, ALIGNED)
     first = program * chunks_per_program
     last = tl.minimum(first + chunks_per_program, n_chunks)
     tail = (vocab % BLOCK_V != 0) & (last == n_chunks)
@@ -212,6 +220,7 @@ def token_stats_extra_bwd_kernel(
     tiles_per_split,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    ALIGNED: tl.constexpr,  # both rows start on 16 bytes (rows_aligned): 16-byte accesses
 ):
     """One read of the logits, one write of dlogits, whatever outputs carry a gradient (in z, / T):
     g_lp (1[j=y] - p) - g_h p (z - mean_z) + 2 g_sp2 p (p - sum_p2) + 2 g_lsp2 (q - p)
@@ -232,22 +241,44 @@ def token_stats_extra_bwd_kernel(
     g_mlp = tl.load(grads_ptr + 4 * n_rows + row)
     g_mean = tl.load(grads_ptr + 5 * n_rows + row) / vocab.to(tl.float32)
     p_coef = g_lp + g_mlp + 2.0 * g_lsp2 + 2.0 * g_sp2 * sum_p2  # every -p_j term together
-    row_ptr = logits_ptr + row * stride_row
-    out_ptr = dlogits_ptr + row * stride_drow
-    first = split * tiles_per_split * BLOCK_V
-    for i in range(tiles_per_split):
-        offs = first + i * BLOCK_V + tl.arange(0, BLOCK_V)
-        valid = offs < vocab
-        z = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
-        d = z - lse
-        p = tl.exp(d)
-        q = tl.exp(2.0 * d - log_sum_p2)
-        ent = tl.where(p > 0.0, p * (z - mean_z), 0.0)
-        grad = (
-            tl.where(offs == y, g_lp, 0.0) + tl.where(offs == top, g_mlp, 0.0) - p_coef * p - g_h * ent
-            + 2.0 * g_sp2 * p * p + 2.0 * g_lsp2 * q + tl.where(tl.abs(z) < float("inf"), g_mean, 0.0)
-        )  # fmt: skip
-        tl.store(out_ptr + offs, (grad * inv_t).to(dlogits_ptr.dtype.element_ty), mask=valid)
+    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
+    out_ptr = dlogits_ptr + aligned_offset(row, stride_drow, dlogits_ptr, ALIGNED)
+    cols = tl.arange(0, BLOCK_V)
+    # tiles [first, last) of the row; the whole ones load without a mask, a partial last one with
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(vocab, BLOCK_V))
+    full = tl.minimum(last, vocab // BLOCK_V)
+    for tile in range(first, full):
+        start = tile * BLOCK_V
+        x = tl.load(row_ptr + start + cols).to(tl.float32)
+        grad = extra_grad_tile(x, cols, start, y, top, inv_t, lse, mean_z, log_sum_p2, g_lp, g_h, g_sp2, g_lsp2,
+                               g_mlp, g_mean, p_coef, BLOCK_V)  # fmt: skip
+        tl.store(out_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty))
+    if full < last:
+        start = full * BLOCK_V
+        valid = cols < vocab - start
+        x = tl.load(row_ptr + start + cols, mask=valid, other=0.0).to(tl.float32)
+        grad = extra_grad_tile(x, cols, start, y, top, inv_t, lse, mean_z, log_sum_p2, g_lp, g_h, g_sp2, g_lsp2,
+                               g_mlp, g_mean, p_coef, BLOCK_V)  # fmt: skip
+        tl.store(out_ptr + start + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def extra_grad_tile(x, cols, start, y, top, inv_t, lse, mean_z, log_sum_p2, g_lp, g_h, g_sp2, g_lsp2, g_mlp, g_mean,
+                    p_coef, BLOCK_V: tl.constexpr):  # fmt: skip
+    """token_stats_extra_bwd_kernel's gradient of one tile of raw logits x (fp32)."""
+    z = x * inv_t
+    d = z - lse
+    p = tl.exp(d)
+    q = tl.exp(2.0 * d - log_sum_p2)
+    # a masked logit (-inf) has p = 0: z - mean_z clamped so that p (z - mean_z) is 0, not NaN
+    ent = p * tl.maximum(z - mean_z, -FLT_MAX)
+    grad = (
+        tl.where(cols == tile_column(y, start, BLOCK_V), g_lp, 0.0)
+        + tl.where(cols == tile_column(top, start, BLOCK_V), g_mlp, 0.0) - p_coef * p - g_h * ent
+        + 2.0 * g_sp2 * p * p + 2.0 * g_lsp2 * q + tl.where(tl.abs(z) < float("inf"), g_mean, 0.0)
+    )  # fmt: skip
+    return grad * inv_t
 
 
 def token_stats_extra_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z, sum_p2,
@@ -262,7 +293,8 @@ def token_stats_extra_fwd(logits, ids, temperature, ignore_index, logprobs, entr
     temp_stride = 0 if temperature.numel() == 1 else 1
     token_stats_extra_fwd_kernel[(n_rows, n_programs)](
         logits, temperature, state, chunk_argmax, vocab, logits.stride(0), temp_stride, n_chunks,
-        chunks_per_program, BLOCK_V=block, COLS=min(block, 32 * warps), CHUNK_TILES=CHUNK_TILES, num_warps=warps,
+        chunks_per_program, BLOCK_V=block, COLS=min(block, 32 * warps), CHUNK_TILES=CHUNK_TILES,
+        ALIGNED=rows_aligned(logits), num_warps=warps,
     )  # fmt: skip
     token_stats_extra_finalize_kernel[(n_rows,)](
         logits, ids, temperature, state, chunk_argmax, logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2,
@@ -279,7 +311,7 @@ def token_stats_extra_bwd(logits, ids, temperature, lse, mean_z, log_sum_p2, arg
     token_stats_extra_bwd_kernel[(n_rows, n_splits)](
         logits, dlogits, ids, temperature, lse, mean_z, log_sum_p2, argmax, g, n_rows, vocab, logits.stride(0),
         dlogits.stride(0), 0 if temperature.numel() == 1 else 1, tiles_per_split, ignore_index, BLOCK_V=block,
-        num_warps=warps,
+        ALIGNED=rows_aligned(logits, dlogits), num_warps=warps,
     )  # fmt: skip
 
 
@@ -289,11 +321,12 @@ AOT_SPECS = [
         "kernel": token_stats_extra_fwd_kernel,
         "signature": {"logits_ptr": f"*{dt}", "temp_ptr": "*fp32", "state_ptr": "*fp32", "argmax_ptr": "*i32",
                       **_COMMON, "n_chunks": "i32", "chunks_per_program": "i32", "BLOCK_V": "constexpr",
-                      "COLS": "constexpr", "CHUNK_TILES": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "COLS": 256, "CHUNK_TILES": CHUNK_TILES},
+                      "COLS": "constexpr", "CHUNK_TILES": "constexpr", "ALIGNED": "constexpr"},
+        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "COLS": 256, "CHUNK_TILES": CHUNK_TILES, "ALIGNED": aligned},
         "num_warps": 8,
     }
     for dt in ("bf16", "fp16", "fp32")
+    for aligned in (True, False)
 ] + [
     {
         "kernel": token_stats_extra_finalize_kernel,
@@ -309,9 +342,11 @@ AOT_SPECS = [
         "signature": {"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "ids_ptr": "*i64", "temp_ptr": "*fp32",
                       "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "log_sum_p2_ptr": "*fp32", "argmax_ptr": "*i64",
                       "grads_ptr": "*fp32", "n_rows": "i32", **_COMMON, "stride_drow": "i64",
-                      "tiles_per_split": "i32", "ignore_index": "i64", "BLOCK_V": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V},
+                      "tiles_per_split": "i32", "ignore_index": "i64", "BLOCK_V": "constexpr",
+                      "ALIGNED": "constexpr"},
+        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "ALIGNED": aligned},
         "num_warps": 8,
     }
     for dt in ("bf16", "fp16", "fp32")
+    for aligned in (True, False)
 ]  # fmt: skip
