@@ -15,6 +15,7 @@
 
 #include "cpu_utils.h"
 #include "lenkernels/advantages.h"
+#include "lenkernels/advantages_args.h"
 
 namespace lk {
 namespace cpu {
@@ -30,44 +31,6 @@ LK_ALWAYS_INLINE float as_float(fp16 x) { return to_float(x); }
 LK_ALWAYS_INLINE float as_float(uint8_t x) { return float(x); }
 LK_ALWAYS_INLINE float as_float(int32_t x) { return float(x); }
 LK_ALWAYS_INLINE float as_float(int64_t x) { return float(x); }
-
-// One switch over the Weight codes (lenkernels/_codes.py; checked at the bindings, so the default
-// is never reached from Python).
-#define LK_DISPATCH_WEIGHT(code, W, ...)                                \
-  switch (static_cast<::lk::Weight>(code)) {                            \
-    case ::lk::Weight::kFloat32: {                                      \
-      using W = float;                                                  \
-      __VA_ARGS__;                                                      \
-      break;                                                            \
-    }                                                                   \
-    case ::lk::Weight::kBFloat16: {                                     \
-      using W = ::lk::cpu::bf16;                                        \
-      __VA_ARGS__;                                                      \
-      break;                                                            \
-    }                                                                   \
-    case ::lk::Weight::kFloat16: {                                      \
-      using W = ::lk::cpu::fp16;                                        \
-      __VA_ARGS__;                                                      \
-      break;                                                            \
-    }                                                                   \
-    case ::lk::Weight::kBool: {                                         \
-      using W = uint8_t;                                                \
-      __VA_ARGS__;                                                      \
-      break;                                                            \
-    }                                                                   \
-    case ::lk::Weight::kInt32: {                                        \
-      using W = int32_t;                                                \
-      __VA_ARGS__;                                                      \
-      break;                                                            \
-    }                                                                   \
-    case ::lk::Weight::kInt64: {                                        \
-      using W = int64_t;                                                \
-      __VA_ARGS__;                                                      \
-      break;                                                            \
-    }                                                                   \
-    default:                                                            \
-      throw pybind11::value_error("unsupported mask/lengths dtype code"); \
-  }
 
 int64_t elem_size(int code) {
   switch (static_cast<Weight>(code)) {
@@ -154,84 +117,98 @@ void group_bounds(const int64_t* offsets, int64_t group_size, int64_t g, int64_t
   }
 }
 
-void group_advantages(const GroupArgs& a) {
-  using namespace lk::adv;
+// The rows of group g (perm[offsets[g]:offsets[g + 1]], or a contiguous run of group_size) into
+// rows; returns their count.
+int64_t group_rows(const int64_t* perm, const int64_t* offsets, int64_t group_size, int64_t g,
+                   std::vector<int64_t>* rows) {
+  int64_t gs, ge;
+  group_bounds(offsets, group_size, g, &gs, &ge);
+  const int64_t size = ge - gs;
+  rows->resize(size);
+  for (int64_t i = 0; i < size; ++i) (*rows)[i] = perm ? perm[gs + i] : gs + i;
+  return size;
+}
+
+// Runs body(size, rows, f0, f1) for every group, rows its `size` rows and f0, f1 scratch buffers of
+// the thread, on a.threads threads (groups are independent: any schedule gives the same result).
+template <class Args, class Body>
+void for_each_group(const Args& a, const Body& body) {
   const int64_t n_groups = a.n_groups[0];
 #pragma omp parallel num_threads(a.threads)
   {
-    std::vector<float> s, w;
+    std::vector<float> f0, f1;
     std::vector<int64_t> rows;
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t g = 0; g < n_groups; ++g) {
-      int64_t gs, ge;
-      group_bounds(a.offsets, a.group_size, g, &gs, &ge);
-      const int64_t size = ge - gs;
-      s.resize(size);
-      w.resize(size);
-      rows.resize(size);
-      for (int64_t i = 0; i < size; ++i) rows[i] = a.perm ? a.perm[gs + i] : gs + i;
-      if (a.T) {
-        for (int64_t i = 0; i < size; ++i) {
-          s[i] = row_sum_any(a.r_dtype, row_ptr(a.rewards, a.r_dtype, rows[i], a.stride_r), a.T);
-        }
-      } else {
-        gather(a.r_dtype, a.rewards, rows.data(), size, s.data());
-      }
-      if (a.lengths) {
-        gather(a.l_dtype, a.lengths, rows.data(), size, w.data());
-      } else if (a.mask) {
-        for (int64_t i = 0; i < size; ++i) {
-          w[i] = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, rows[i], a.stride_m), a.Tm);
-        }
-      } else {
-        std::fill(w.begin(), w.end(), 1.0f);
-      }
-      const float n = float(size);
-      float max_abs = 0.0f;  // the sums and squares are of s * 2^-e (advantages.h)
-      for (int64_t i = 0; i < size; ++i) max_abs = abs_max(max_abs, s[i]);
-      const int e = scale_exponent(max_abs);
-      const float down = pow2f(-e);
-      const float shift = s[0] * down;  // all-equal group: mean == shift exactly
-      float sum_d = 0.0f, wsum_d = 0.0f, wsum = 0.0f, r_max = -kInf;
-      bool has_nan = false;
+    for (int64_t g = 0; g < n_groups; ++g) body(group_rows(a.perm, a.offsets, a.group_size, g, &rows), rows, f0, f1);
+  }
+}
+
+void group_advantages(const GroupArgs& a) {
+  using namespace lk::adv;
+  for_each_group(a, [&](int64_t size, const std::vector<int64_t>& rows, std::vector<float>& s, std::vector<float>& w) {
+    s.resize(size);
+    w.resize(size);
+    if (a.T) {
       for (int64_t i = 0; i < size; ++i) {
-        const float d = s[i] * down - shift;
-        sum_d += d;
-        wsum_d += w[i] * d;
-        wsum += w[i];
-        r_max = std::max(r_max, s[i]);
-        has_nan |= s[i] != s[i];
+        s[i] = row_sum_any(a.r_dtype, row_ptr(a.rewards, a.r_dtype, rows[i], a.stride_r), a.T);
       }
-      const float mean_s = shifted_mean(shift, sum_d, n);
-      const float mean = mean_s * pow2f(e);
-      const float baseline = a.method == kOpo ? opo_baseline(shift, wsum_d, wsum, n, e) : group_baseline(mean, n);
-      float m2 = 0.0f, below = -kInf;
-      int64_t n_top = 0, best = -1;
+    } else {
+      gather(a.r_dtype, a.rewards, rows.data(), size, s.data());
+    }
+    if (a.lengths) {
+      gather(a.l_dtype, a.lengths, rows.data(), size, w.data());
+    } else if (a.mask) {
       for (int64_t i = 0; i < size; ++i) {
-        const float c = s[i] * down - mean_s;
-        m2 += c * c;
-        if (s[i] == r_max) {
-          if (best < 0) best = i;
-          ++n_top;
-        } else if (s[i] < r_max) {
-          below = std::max(below, s[i]);
-        }
+        w[i] = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, rows[i], a.stride_m), a.Tm);
       }
-      const float std = group_std(m2, n, a.ddof, e);
-      const float r_second = n <= 1.0f ? 0.0f : (n_top >= 2 ? r_max : below);
-      for (int64_t i = 0; i < size; ++i) {
-        float out;
-        if (a.method == kGrpoPassk) {
-          out = has_nan ? quiet_nan() : passk_advantage(i == best, r_max, r_second, std, a.eps, a.norm);
-        } else {
-          out = member_advantage(a.method, s[i], baseline, std, n, a.eps, a.norm);
-        }
-        a.adv[rows[i]] = out;
-        if (a.raw) a.raw[rows[i]] = s[i];
-        if (a.w_out) a.w_out[rows[i]] = w[i];
+    } else {
+      std::fill(w.begin(), w.end(), 1.0f);
+    }
+    const float n = float(size);
+    float max_abs = 0.0f;  // the sums and squares are of s * 2^-e (advantages.h)
+    for (int64_t i = 0; i < size; ++i) max_abs = abs_max(max_abs, s[i]);
+    const int e = scale_exponent(max_abs);
+    const float down = pow2f(-e);
+    const float shift = s[0] * down;  // all-equal group: mean == shift exactly
+    float sum_d = 0.0f, wsum_d = 0.0f, wsum = 0.0f, r_max = -kInf;
+    bool has_nan = false;
+    for (int64_t i = 0; i < size; ++i) {
+      const float d = s[i] * down - shift;
+      sum_d += d;
+      wsum_d += w[i] * d;
+      wsum += w[i];
+      r_max = std::max(r_max, s[i]);
+      has_nan |= s[i] != s[i];
+    }
+    const float mean_s = shifted_mean(shift, sum_d, n);
+    const float mean = mean_s * pow2f(e);
+    const float baseline = a.method == kOpo ? opo_baseline(shift, wsum_d, wsum, n, e) : group_baseline(mean, n);
+    float m2 = 0.0f, below = -kInf;
+    int64_t n_top = 0, best = -1;
+    for (int64_t i = 0; i < size; ++i) {
+      const float c = s[i] * down - mean_s;
+      m2 += c * c;
+      if (s[i] == r_max) {
+        if (best < 0) best = i;
+        ++n_top;
+      } else if (s[i] < r_max) {
+        below = std::max(below, s[i]);
       }
     }
-  }
+    const float std = group_std(m2, n, a.ddof, e);
+    const float r_second = n <= 1.0f ? 0.0f : (n_top >= 2 ? r_max : below);
+    for (int64_t i = 0; i < size; ++i) {
+      float out;
+      if (a.method == kGrpoPassk) {
+        out = has_nan ? quiet_nan() : passk_advantage(i == best, r_max, r_second, std, a.eps, a.norm);
+      } else {
+        out = member_advantage(a.method, s[i], baseline, std, n, a.eps, a.norm);
+      }
+      a.adv[rows[i]] = out;
+      if (a.raw) a.raw[rows[i]] = s[i];
+      if (a.w_out) a.w_out[rows[i]] = w[i];
+    }
+  });
 }
 
 struct RunArgs {
@@ -363,163 +340,107 @@ struct StatArgs {
 };
 
 void group_stats(const StatArgs& a) {
-  const int64_t n_groups = a.n_groups[0];
   const int64_t c = a.c_out;
-#pragma omp parallel num_threads(a.threads)
-  {
-    std::vector<float> x, sel;
-    std::vector<int64_t> rows;
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t g = 0; g < n_groups; ++g) {
-      int64_t gs, ge;
-      group_bounds(a.offsets, a.group_size, g, &gs, &ge);
-      const int64_t size = ge - gs;
-      x.resize(size * c);
-      sel.resize(size * c);
-      rows.resize(size);
-      for (int64_t i = 0; i < size; ++i) {
-        const int64_t row = a.perm ? a.perm[gs + i] : gs + i;
-        rows[i] = row;
-        for (int64_t j = 0; j < a.c_in; ++j) x[i * c + j] = a.values[row * a.c_in + j];
-        if (a.mask) {
-          const float len = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, row, a.stride_m), a.T);
-          x[i * c + a.c_in] = len;
-          a.lengths[row] = len;
-        }
-        for (int64_t j = 0; j < c; ++j) sel[i * c + j] = a.where ? a.where[row * c + j] : 1.0f;
+  for_each_group(a, [&](int64_t size, const std::vector<int64_t>& rows, std::vector<float>& x,
+                        std::vector<float>& sel) {
+    x.resize(size * c);
+    sel.resize(size * c);
+    for (int64_t i = 0; i < size; ++i) {
+      const int64_t row = rows[i];
+      for (int64_t j = 0; j < a.c_in; ++j) x[i * c + j] = a.values[row * a.c_in + j];
+      if (a.mask) {
+        const float len = row_sum_any(a.m_dtype, row_ptr(a.mask, a.m_dtype, row, a.stride_m), a.T);
+        x[i * c + a.c_in] = len;
+        a.lengths[row] = len;
       }
-      for (int64_t j = 0; j < c; ++j) {
-        float k = 0.0f, total = 0.0f, lo = kInf, hi = -kInf;
-        bool has_nan = false;
-        for (int64_t i = 0; i < size; ++i) {
-          if (sel[i * c + j] == 0.0f) continue;
-          const float v = x[i * c + j];
-          k += 1.0f;
-          total += v;
-          lo = std::min(lo, v);
-          hi = std::max(hi, v);
-          has_nan |= v != v;
-        }
-        // sums and squares of x * 2^-e (advantages.h), e from the largest |x| selected
-        const int e = lk::adv::scale_exponent(lk::adv::abs_max(lk::adv::abs_max(0.0f, lo), hi));
-        const float down = lk::adv::pow2f(-e);
-        const float shift = k > 0.0f ? hi * down : 0.0f;  // exact mean when the selected are all equal
-        float sum_d = 0.0f;
-        for (int64_t i = 0; i < size; ++i) {
-          if (sel[i * c + j] != 0.0f) sum_d += x[i * c + j] * down - shift;
-        }
-        const float mean_s = k > 0.0f ? shift + sum_d / k : 0.0f;
-        float m2 = 0.0f;
-        for (int64_t i = 0; i < size; ++i) {
-          if (sel[i * c + j] == 0.0f) continue;
-          const float d = x[i * c + j] * down - mean_s;
-          m2 += d * d;
-        }
-        const float mean = mean_s * lk::adv::pow2f(e);
-        float std = lk::adv::selected_std(m2, k, e);
-        if (has_nan) lo = hi = std = lk::adv::quiet_nan();
-        for (int64_t i = 0; i < size; ++i) {
-          float* o = a.stats + (rows[i] * c + j) * 6;
-          o[0] = k;
-          o[1] = total;
-          o[2] = mean;
-          o[3] = std;
-          o[4] = lo;
-          o[5] = hi;
-        }
+      for (int64_t j = 0; j < c; ++j) sel[i * c + j] = a.where ? a.where[row * c + j] : 1.0f;
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      float k = 0.0f, total = 0.0f, lo = kInf, hi = -kInf;
+      bool has_nan = false;
+      for (int64_t i = 0; i < size; ++i) {
+        if (sel[i * c + j] == 0.0f) continue;
+        const float v = x[i * c + j];
+        k += 1.0f;
+        total += v;
+        lo = std::min(lo, v);
+        hi = std::max(hi, v);
+        has_nan |= v != v;
+      }
+      // sums and squares of x * 2^-e (advantages.h), e from the largest |x| selected
+      const int e = lk::adv::scale_exponent(lk::adv::abs_max(lk::adv::abs_max(0.0f, lo), hi));
+      const float down = lk::adv::pow2f(-e);
+      const float shift = k > 0.0f ? hi * down : 0.0f;  // exact mean when the selected are all equal
+      float sum_d = 0.0f;
+      for (int64_t i = 0; i < size; ++i) {
+        if (sel[i * c + j] != 0.0f) sum_d += x[i * c + j] * down - shift;
+      }
+      const float mean_s = k > 0.0f ? shift + sum_d / k : 0.0f;
+      float m2 = 0.0f;
+      for (int64_t i = 0; i < size; ++i) {
+        if (sel[i * c + j] == 0.0f) continue;
+        const float d = x[i * c + j] * down - mean_s;
+        m2 += d * d;
+      }
+      const float mean = mean_s * lk::adv::pow2f(e);
+      float std = lk::adv::selected_std(m2, k, e);
+      if (has_nan) lo = hi = std = lk::adv::quiet_nan();
+      for (int64_t i = 0; i < size; ++i) {
+        float* o = a.stats + (rows[i] * c + j) * 6;
+        o[0] = k;
+        o[1] = total;
+        o[2] = mean;
+        o[3] = std;
+        o[4] = lo;
+        o[5] = hi;
       }
     }
-  }
+  });
 }
 
-// Codes from Python (lenkernels/_codes.py) are checked here, before any work: an unknown one raises
-// (a throw inside the kernels' OpenMP regions would abort the process instead).
-void check_method(int method) {
-  if (!lk::adv::known_method(method)) {
-    throw pybind11::value_error("unknown advantage method code " + std::to_string(method));
-  }
-}
-
-void check_batch_method(int method) {
-  if (!lk::adv::batch_level_method(method)) {
-    throw pybind11::value_error("the batch-level step is that of batch or reinforce_pp_baseline, got method code " +
-                                std::to_string(method));
-  }
-}
-
-void check_dtype(int code, const char* name) {
-  if (!lk::adv::known_dtype(code)) {
-    throw pybind11::value_error(std::string("unknown ") + name + " dtype code " + std::to_string(code));
-  }
-}
-
-// Only where the tensor is given (its pointer non-null).
-void check_weight(uintptr_t p, int code, const char* name) {
-  if (p && !lk::adv::known_weight(code)) {
-    throw pybind11::value_error(std::string("unknown ") + name + " dtype code " + std::to_string(code));
-  }
+// The codes are checked before any work (lenkernels/advantages_args.h): a throw inside the kernels'
+// OpenMP regions would abort the process.
+void define(py::module_& m) {
+  using namespace lk::adv;
+  m.def("group_advantages", [](Addr rewards, int r_dtype, int64_t n, int64_t T, int64_t stride_r, Addr mask,
+                               int m_dtype, int64_t Tm, int64_t stride_m, Addr lengths, int l_dtype, Addr perm,
+                               Addr offsets, Addr n_groups, int64_t group_size, int method, float eps, bool norm,
+                               float ddof, Addr adv, Addr raw, Addr w_out, int threads) {
+    check_dtype(r_dtype, "rewards");
+    check_weight(mask, m_dtype, "mask");
+    check_weight(lengths, l_dtype, "lengths");
+    check_method(method);
+    group_advantages(GroupArgs{rewards, r_dtype, n, T, stride_r, mask, m_dtype, Tm, stride_m, lengths, l_dtype, perm,
+                               offsets, n_groups, group_size, method, eps, norm, ddof, adv, raw, w_out,
+                               threads_for(threads)});
+  }, LK_NOGIL);
+  m.def("gaussian_rank", [](Addr keys, int64_t n, Addr perm, Addr group_of, Addr group_offsets, Addr run_offsets,
+                            Addr n_runs, Addr adv, int threads) {
+    gaussian_rank(RunArgs{keys, n, perm, group_of, group_offsets, run_offsets, n_runs, adv, threads_for(threads)});
+  }, LK_NOGIL);
+  m.def("batch_shift_scale", [](Addr x, int64_t n, Addr w, int w_dtype, int method, float eps, Addr stats,
+                                int threads) {
+    check_weight(w, w_dtype, "weights");
+    check_batch_method(method);
+    batch_shift_scale(MomentArgs{x, n, w, w_dtype, method, eps, stats, threads_for(threads)});
+  }, LK_NOGIL);
+  m.def("broadcast", [](Addr adv, int64_t n, Addr stats, Addr mask, int m_dtype, int64_t T, int64_t stride_m,
+                        Addr out, int64_t stride_o, int threads) {
+    check_weight(mask, m_dtype, "mask");
+    broadcast(BroadcastArgs{adv, n, stats, mask, m_dtype, T, stride_m, out, stride_o, threads_for(threads)});
+  }, LK_NOGIL);
+  m.def("group_stats", [](Addr values, int64_t n, int64_t c_in, int64_t c_out, Addr where, Addr mask, int m_dtype,
+                          int64_t T, int64_t stride_m, Addr perm, Addr offsets, Addr n_groups, int64_t group_size,
+                          Addr stats, Addr lengths, int threads) {
+    check_weight(mask, m_dtype, "mask");
+    group_stats(StatArgs{values, n, c_in, c_out, where, mask, m_dtype, T, stride_m, perm, offsets, n_groups,
+                         group_size, stats, lengths, threads_for(threads)});
+  }, LK_NOGIL);
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
 
-namespace py = pybind11;
-
-PYBIND11_MODULE(_cpu_advantages, m) {
-  using namespace lk::cpu;
-  m.doc() = "lenkernels CPU kernels: group advantages and per-group statistics (raw pointers)";
-  m.def("group_advantages", [](uintptr_t rewards, int r_dtype, int64_t n, int64_t T, int64_t stride_r, uintptr_t mask,
-                               int m_dtype, int64_t Tm, int64_t stride_m, uintptr_t lengths, int l_dtype,
-                               uintptr_t perm, uintptr_t offsets, uintptr_t n_groups, int64_t group_size, int method,
-                               float eps, bool norm, float ddof, uintptr_t adv, uintptr_t raw, uintptr_t w_out,
-                               int threads) {
-    check_dtype(r_dtype, "rewards");
-    check_weight(mask, m_dtype, "mask");
-    check_weight(lengths, l_dtype, "lengths");
-    check_method(method);
-    GroupArgs a{reinterpret_cast<const void*>(rewards), r_dtype, n, T, stride_r, reinterpret_cast<const void*>(mask),
-                m_dtype, Tm, stride_m, reinterpret_cast<const void*>(lengths), l_dtype, ptr<const int64_t>(perm),
-                ptr<const int64_t>(offsets), ptr<const int64_t>(n_groups), group_size, method, eps, norm, ddof,
-                ptr<float>(adv), ptr<float>(raw), ptr<float>(w_out), threads_for(threads)};
-    py::gil_scoped_release release;
-    group_advantages(a);
-  });
-  m.def("gaussian_rank", [](uintptr_t keys, int64_t n, uintptr_t perm, uintptr_t group_of, uintptr_t group_offsets,
-                            uintptr_t run_offsets, uintptr_t n_runs, uintptr_t adv, int threads) {
-    RunArgs a{ptr<const float>(keys), n, ptr<const int64_t>(perm), ptr<const int64_t>(group_of),
-              ptr<const int64_t>(group_offsets), ptr<const int64_t>(run_offsets), ptr<const int64_t>(n_runs),
-              ptr<float>(adv), threads_for(threads)};
-    py::gil_scoped_release release;
-    gaussian_rank(a);
-  });
-  m.def("batch_shift_scale", [](uintptr_t x, int64_t n, uintptr_t w, int w_dtype, int method, float eps,
-                                uintptr_t stats, int threads) {
-    check_weight(w, w_dtype, "weights");
-    check_batch_method(method);
-    MomentArgs a{ptr<const float>(x), n, reinterpret_cast<const void*>(w), w_dtype, method, eps, ptr<float>(stats),
-                 threads_for(threads)};
-    py::gil_scoped_release release;
-    batch_shift_scale(a);
-  });
-  m.def("broadcast", [](uintptr_t adv, int64_t n, uintptr_t stats, uintptr_t mask, int m_dtype, int64_t T,
-                        int64_t stride_m, uintptr_t out, int64_t stride_o, int threads) {
-    check_weight(mask, m_dtype, "mask");
-    BroadcastArgs a{ptr<const float>(adv), n, ptr<const float>(stats), reinterpret_cast<const void*>(mask), m_dtype,
-                    T, stride_m, ptr<float>(out), stride_o, threads_for(threads)};
-    py::gil_scoped_release release;
-    broadcast(a);
-  });
-  m.def("group_stats", [](uintptr_t values, int64_t n, int64_t c_in, int64_t c_out, uintptr_t where, uintptr_t mask,
-                          int m_dtype, int64_t T, int64_t stride_m, uintptr_t perm, uintptr_t offsets,
-                          uintptr_t n_groups, int64_t group_size, uintptr_t stats, uintptr_t lengths, int threads) {
-    check_weight(mask, m_dtype, "mask");
-    StatArgs a{ptr<const float>(values), n, c_in, c_out, ptr<const float>(where), reinterpret_cast<const void*>(mask),
-               m_dtype, T, stride_m, ptr<const int64_t>(perm), ptr<const int64_t>(offsets),
-               ptr<const int64_t>(n_groups), group_size, ptr<float>(stats), ptr<float>(lengths),
-               threads_for(threads)};
-    py::gil_scoped_release release;
-    group_stats(a);
-  });
-  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
-}
+LK_MODULE(_cpu_advantages, "lenkernels CPU kernels: group advantages and per-group statistics (raw pointers)",
+          lk::cpu::define)

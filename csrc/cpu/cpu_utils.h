@@ -12,7 +12,9 @@
 #include <sys/mman.h>
 #endif
 
+#include "lenkernels/binding.h"
 #include "lenkernels/common.h"
+#include "lenkernels/dispatch.h"
 
 // Each hot loop is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time, so
 // one wheel is portable and still uses the widest vectors the machine has.
@@ -121,12 +123,6 @@ LK_ALWAYS_INLINE float fast_exp(float x) {
   return x < lo ? 0.0f : (x != x ? x : out);
 }
 
-// Python passes raw data pointers as integers (no torch C++ ABI, DESIGN.md).
-template <typename T>
-LK_ALWAYS_INLINE T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 // Asks for transparent huge pages on a large output buffer before its first write: a fresh
 // [N, V] gradient otherwise costs one page fault per 4 KiB, which on CPU can exceed the kernel
 // itself. A hint only: without THP (or off Linux) nothing changes.
@@ -146,26 +142,15 @@ inline void advise_huge_pages(void* p, int64_t bytes) {
 LK_ALWAYS_INLINE int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
 }  // namespace cpu
-}  // namespace lk
 
-// Instantiates a kernel template for each logits dtype and dispatches on the runtime dtype code.
-#define LK_DISPATCH_DTYPE(code, T, ...)                         \
-  switch (code) {                                               \
-    case ::lk::kFloat32: {                                      \
-      using T = float;                                          \
-      __VA_ARGS__;                                              \
-      break;                                                    \
-    }                                                           \
-    case ::lk::kBFloat16: {                                     \
-      using T = ::lk::cpu::bf16;                                \
-      __VA_ARGS__;                                              \
-      break;                                                    \
-    }                                                           \
-    case ::lk::kFloat16: {                                      \
-      using T = ::lk::cpu::fp16;                                \
-      __VA_ARGS__;                                              \
-      break;                                                    \
-    }                                                           \
-    default:                                                    \
-      throw pybind11::value_error("unsupported logits dtype code"); \
-  }
+// The CPU storage of the 16-bit dtype codes (LK_DISPATCH_FLOAT, LK_DISPATCH_WEIGHT in dispatch.h).
+template <>
+struct FloatOf<kBFloat16> {
+  using type = cpu::bf16;
+};
+template <>
+struct FloatOf<kFloat16> {
+  using type = cpu::fp16;
+};
+
+}  // namespace lk

@@ -71,35 +71,25 @@ void finalize_rows(const FinalizeArgs& a) {
   }
 }
 
+void define(py::module_& m) {
+  m.def("linear_stats_fold", [](int64_t n_rows, Addr max_z, Addr log_s, Addr entropy, Addr logits, int dtype,
+                                int64_t row_stride, Addr chunk_ids, Addr temperature, int64_t temp_stride, Addr state,
+                                Addr z_y, int threads) {
+    const FoldArgs a{n_rows, max_z, log_s, entropy, logits, dtype, row_stride, chunk_ids, temperature, temp_stride,
+                     state, z_y, threads_for(threads)};
+    LK_DISPATCH_FLOAT(a.dtype, T, fold_impl<T>(a));
+  }, LK_NOGIL);
+  m.def("linear_stats_finalize", [](int64_t n_rows, Addr state, Addr z_y, Addr local_ids, Addr logprobs,
+                                    Addr entropy, Addr lse, Addr mean_z, Addr max_z, Addr log_s, int threads) {
+    finalize_rows(FinalizeArgs{n_rows, state, z_y, local_ids, logprobs, entropy, lse, mean_z, max_z, log_s,
+                               threads_for(threads)});
+  }, LK_NOGIL);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
 
-namespace py = pybind11;
-
-PYBIND11_MODULE(_cpu_linear_stats, m) {
-  m.doc() = "lenkernels CPU kernels: online-softmax state carried across vocabulary chunks (raw pointers)";
-  m.def("linear_stats_fold", [](int64_t n_rows, uintptr_t max_z, uintptr_t log_s, uintptr_t entropy,
-                                uintptr_t logits, int dtype, int64_t row_stride, uintptr_t chunk_ids,
-                                uintptr_t temperature, int64_t temp_stride, uintptr_t state, uintptr_t z_y,
-                                int threads) {
-    using namespace lk::cpu;
-    FoldArgs a{n_rows, ptr<const float>(max_z), ptr<const float>(log_s), ptr<const float>(entropy),
-               reinterpret_cast<const void*>(logits),
-               dtype, row_stride, ptr<const int64_t>(chunk_ids), ptr<const float>(temperature), temp_stride,
-               ptr<float>(state), ptr<float>(z_y), threads_for(threads)};
-    py::gil_scoped_release release;
-    LK_DISPATCH_DTYPE(a.dtype, T, fold_impl<T>(a));
-  });
-  m.def("linear_stats_finalize", [](int64_t n_rows, uintptr_t state, uintptr_t z_y, uintptr_t local_ids,
-                                    uintptr_t logprobs, uintptr_t entropy, uintptr_t lse, uintptr_t mean_z,
-                                    uintptr_t max_z, uintptr_t log_s, int threads) {
-    using namespace lk::cpu;
-    FinalizeArgs a{n_rows, ptr<const float>(state), ptr<const float>(z_y), ptr<const int64_t>(local_ids),
-                   ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
-                   ptr<float>(max_z), ptr<float>(log_s), threads_for(threads)};
-    py::gil_scoped_release release;
-    finalize_rows(a);
-  });
-  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
-}
+LK_MODULE(_cpu_linear_stats,
+          "lenkernels CPU kernels: online-softmax state carried across vocabulary chunks (raw pointers)",
+          lk::cpu::define)

@@ -59,32 +59,32 @@ LK_TARGET_CLONES MaskedSum masked_sum_any(int dtype, const void* base, int64_t o
                                           int64_t n) {
   MaskedSum out{0.0f, 0};
   if (n <= 0) return out;
-  LK_DISPATCH_DTYPE(dtype, T, out = masked_sum(static_cast<const T*>(base) + offset, valid, n));
+  LK_DISPATCH_FLOAT(dtype, T, out = masked_sum(static_cast<const T*>(base) + offset, valid, n));
   return out;
 }
 
-struct FwdArgs {
-  const void* values;  // [C, N] with channel_stride
-  int dtype;
-  int64_t n_channels, channel_stride;
-  const int64_t* ids;    // [N]
-  const uint8_t* valid;  // [N]
-  int64_t n_tokens;
-  const int64_t* cu_seqlens;  // [S + 1]
-  int64_t n_seq;
-  const int64_t* delim;  // [L]
-  int64_t delim_len;
-  float *think_mean, *think_sum, *answer_mean, *answer_sum;  // [C, S]
-  int64_t *think_count, *answer_count, *k;                   // [S]
-  uint8_t* found;                                            // [S]
-  int threads;
-};
-
-void forward(const FwdArgs& a) {
+// Runs body(s, start, end) for every sequence s, tokens [start, end), on a.threads threads
+// (sequences are independent and each is reduced by one thread in a fixed order).
+template <class Args, class Body>
+void for_each_sequence(const Args& a, const Body& body) {
 #pragma omp parallel for schedule(dynamic, 8) num_threads(a.threads)
   for (int64_t s = 0; s < a.n_seq; ++s) {
     int64_t start, end;
     sequence_bounds(a.cu_seqlens, s, a.n_tokens, &start, &end);
+    body(s, start, end);
+  }
+}
+
+struct FwdArgs : PhaseFwdArgs {
+  const void* values;  // [C, N] with channel_stride
+  int dtype;
+  int64_t n_channels, channel_stride;
+  const int64_t* ids;  // [N]
+  int threads;
+};
+
+void forward(const FwdArgs& a) {
+  for_each_sequence(a, [&](int64_t s, int64_t start, int64_t end) {
     const int64_t len = end - start;
     const int64_t k = find_delimiter(a.ids, a.valid, start, end, a.delim, a.delim_len);
     const int64_t answer_begin = std::min(len, k + a.delim_len);
@@ -93,11 +93,7 @@ void forward(const FwdArgs& a) {
       const MaskedSum think = masked_sum_any(a.dtype, a.values, base, a.valid + start, k);
       const MaskedSum answer =
           masked_sum_any(a.dtype, a.values, base + answer_begin, a.valid + start + answer_begin, len - answer_begin);
-      const int64_t o = c * a.n_seq + s;
-      a.think_sum[o] = think.sum;
-      a.think_mean[o] = phase_mean(think.sum, think.count);
-      a.answer_sum[o] = answer.sum;
-      a.answer_mean[o] = phase_mean(answer.sum, answer.count);
+      write_phase_sums(a, c, s, think.sum, think.count, answer.sum, answer.count);
       if (c == 0) {
         a.think_count[s] = think.count;
         a.answer_count[s] = answer.count;
@@ -105,7 +101,7 @@ void forward(const FwdArgs& a) {
     }
     a.k[s] = k;
     a.found[s] = k < len ? 1 : 0;
-  }
+  });
 }
 
 template <typename T>
@@ -118,7 +114,7 @@ LK_ALWAYS_INLINE void fill_grad(T* out, const uint8_t* valid, int64_t n, float g
 
 LK_TARGET_CLONES void fill_grad_any(int dtype, void* base, int64_t offset, const uint8_t* valid, int64_t n, float g) {
   if (n <= 0) return;
-  LK_DISPATCH_DTYPE(dtype, T, fill_grad(static_cast<T*>(base) + offset, valid, n, g));
+  LK_DISPATCH_FLOAT(dtype, T, fill_grad(static_cast<T*>(base) + offset, valid, n, g));
 }
 
 struct BwdArgs {
@@ -136,10 +132,7 @@ struct BwdArgs {
 };
 
 void backward(const BwdArgs& a) {
-#pragma omp parallel for schedule(dynamic, 8) num_threads(a.threads)
-  for (int64_t s = 0; s < a.n_seq; ++s) {
-    int64_t start, end;
-    sequence_bounds(a.cu_seqlens, s, a.n_tokens, &start, &end);
+  for_each_sequence(a, [&](int64_t s, int64_t start, int64_t end) {
     const int64_t len = end - start;
     const int64_t k = std::min(std::max(a.k[s], int64_t(0)), len);
     const int64_t answer_begin = std::min(len, k + a.delim_len);
@@ -152,7 +145,7 @@ void backward(const BwdArgs& a) {
       fill_grad_any(a.dtype, a.dvalues, base + answer_begin, a.valid + start + answer_begin, len - answer_begin,
                     g_answer);
     }
-  }
+  });
 }
 
 template <typename T, bool kWriteMask>
@@ -185,106 +178,65 @@ LK_TARGET_CLONES SeqStats seq_stats_any(int dtype, const void* base, int64_t off
                                         float threshold, float quantile, uint8_t* high) {
   SeqStats out = seq_stats_empty();
   if (high) {
-    LK_DISPATCH_DTYPE(dtype, T,
+    LK_DISPATCH_FLOAT(dtype, T,
                       out = (seq_stats<T, true>(static_cast<const T*>(base) + offset, valid, n, threshold, quantile,
                                                 high)));
   } else {
-    LK_DISPATCH_DTYPE(dtype, T,
+    LK_DISPATCH_FLOAT(dtype, T,
                       out = (seq_stats<T, false>(static_cast<const T*>(base) + offset, valid, n, threshold, quantile,
                                                  nullptr)));
   }
   return out;
 }
 
-struct SeqArgs {
-  const void* values;
-  int dtype;
-  const uint8_t* valid;
-  int64_t n_tokens;
-  const int64_t* cu_seqlens;
-  int64_t n_seq;
-  float threshold;
-  const float* quantile;  // [1] or null: no high-value mask
-  int64_t* length;
-  float *mean, *min, *max, *frac_above;
-  uint8_t* high;  // [N] or null
+struct SeqArgs : SeqStatsArgs {
   int threads;
 };
 
 void sequence_stats(const SeqArgs& a) {
   const float quantile = a.quantile ? *a.quantile : std::numeric_limits<float>::quiet_NaN();
-#pragma omp parallel for schedule(dynamic, 8) num_threads(a.threads)
-  for (int64_t s = 0; s < a.n_seq; ++s) {
-    int64_t start, end;
-    sequence_bounds(a.cu_seqlens, s, a.n_tokens, &start, &end);
+  for_each_sequence(a, [&](int64_t s, int64_t start, int64_t end) {
     const SeqStats st = seq_stats_any(a.dtype, a.values, start, a.valid + start, end - start, a.threshold, quantile,
                                       a.high ? a.high + start : nullptr);
-    const SeqStatsOut out = seq_stats_finalize(st);
-    a.length[s] = st.count;
-    a.mean[s] = out.mean;
-    a.min[s] = out.min;
-    a.max[s] = out.max;
-    a.frac_above[s] = out.frac_above;
-  }
+    write_seq_stats(a, s, st);
+  });
 }
 
-// An unknown dtype code raises before any work: with empty sequences the dispatch is never reached.
-void check_dtype(int dtype) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
-    throw pybind11::value_error("unsupported dtype code " + std::to_string(dtype) + " (lenkernels._codes.DType)");
-  }
+// The Python bindings; dtype codes are checked before any work (with empty sequences the
+// dispatch is never reached).
+void define(py::module_& m) {
+  m.def("phase_stats_fwd", [](Addr values, int dtype, int64_t n_channels, int64_t channel_stride, Addr ids,
+                              Addr valid, int64_t n_tokens, Addr cu_seqlens, int64_t n_seq, Addr delim,
+                              int64_t delim_len, Addr think_mean, Addr think_sum, Addr answer_mean,
+                              Addr answer_sum, Addr think_count, Addr answer_count, Addr k, Addr found,
+                              int threads) {
+    check_float_dtype(dtype);
+    const PhaseFwdArgs seqs{valid, n_tokens, cu_seqlens, n_seq, delim, delim_len, think_mean,
+                            think_sum, answer_mean, answer_sum, think_count, answer_count, k, found};
+    forward(FwdArgs{seqs, values, dtype, n_channels, channel_stride, ids, threads_for(threads)});
+  }, LK_NOGIL);
+  m.def("phase_stats_bwd", [](Addr valid, int64_t n_tokens, Addr cu_seqlens, int64_t n_seq, Addr k,
+                              Addr think_count, Addr answer_count, int64_t delim_len, Addr g_think_mean,
+                              Addr g_think_sum, Addr g_answer_mean, Addr g_answer_sum, Addr dvalues, int dtype,
+                              int64_t n_channels, int64_t channel_stride, int threads) {
+    check_float_dtype(dtype);
+    backward(BwdArgs{valid, n_tokens, cu_seqlens, n_seq, k, think_count, answer_count, delim_len, g_think_mean,
+                     g_think_sum, g_answer_mean, g_answer_sum, dvalues, dtype, n_channels, channel_stride,
+                     threads_for(threads)});
+  }, LK_NOGIL);
+  m.def("sequence_stats_fwd", [](Addr values, int dtype, Addr valid, int64_t n_tokens, Addr cu_seqlens,
+                                 int64_t n_seq, float threshold, Addr quantile, Addr length, Addr mean, Addr min,
+                                 Addr max, Addr frac_above, Addr high, int threads) {
+    check_float_dtype(dtype);
+    sequence_stats(SeqArgs{{values, dtype, valid, n_tokens, cu_seqlens, n_seq, threshold, quantile, length, mean, min,
+                            max, frac_above, high},
+                           threads_for(threads)});
+  }, LK_NOGIL);
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
 
-namespace py = pybind11;
-
-PYBIND11_MODULE(_cpu_phase_stats, m) {
-  m.doc() = "lenkernels CPU kernels: phase-split and per-sequence token statistics (raw pointers)";
-  m.def("phase_stats_fwd", [](uintptr_t values, int dtype, int64_t n_channels, int64_t channel_stride, uintptr_t ids,
-                              uintptr_t valid, int64_t n_tokens, uintptr_t cu_seqlens, int64_t n_seq,
-                              uintptr_t delim, int64_t delim_len, uintptr_t think_mean, uintptr_t think_sum,
-                              uintptr_t answer_mean, uintptr_t answer_sum, uintptr_t think_count,
-                              uintptr_t answer_count, uintptr_t k, uintptr_t found, int threads) {
-    using namespace lk::cpu;
-    check_dtype(dtype);
-    FwdArgs a{reinterpret_cast<const void*>(values), dtype, n_channels, channel_stride, ptr<const int64_t>(ids),
-              ptr<const uint8_t>(valid), n_tokens, ptr<const int64_t>(cu_seqlens), n_seq, ptr<const int64_t>(delim),
-              delim_len, ptr<float>(think_mean), ptr<float>(think_sum), ptr<float>(answer_mean),
-              ptr<float>(answer_sum), ptr<int64_t>(think_count), ptr<int64_t>(answer_count), ptr<int64_t>(k),
-              ptr<uint8_t>(found), threads_for(threads)};
-    py::gil_scoped_release release;
-    forward(a);
-  });
-  m.def("phase_stats_bwd", [](uintptr_t valid, int64_t n_tokens, uintptr_t cu_seqlens, int64_t n_seq, uintptr_t k,
-                              uintptr_t think_count, uintptr_t answer_count, int64_t delim_len,
-                              uintptr_t g_think_mean, uintptr_t g_think_sum, uintptr_t g_answer_mean,
-                              uintptr_t g_answer_sum, uintptr_t dvalues, int dtype, int64_t n_channels,
-                              int64_t channel_stride, int threads) {
-    using namespace lk::cpu;
-    check_dtype(dtype);
-    BwdArgs a{ptr<const uint8_t>(valid), n_tokens, ptr<const int64_t>(cu_seqlens), n_seq, ptr<const int64_t>(k),
-              ptr<const int64_t>(think_count), ptr<const int64_t>(answer_count), delim_len,
-              ptr<const float>(g_think_mean), ptr<const float>(g_think_sum), ptr<const float>(g_answer_mean),
-              ptr<const float>(g_answer_sum), reinterpret_cast<void*>(dvalues), dtype, n_channels, channel_stride,
-              threads_for(threads)};
-    py::gil_scoped_release release;
-    backward(a);
-  });
-  m.def("sequence_stats_fwd", [](uintptr_t values, int dtype, uintptr_t valid, int64_t n_tokens,
-                                 uintptr_t cu_seqlens, int64_t n_seq, float threshold, uintptr_t quantile,
-                                 uintptr_t length, uintptr_t mean, uintptr_t min, uintptr_t max,
-                                 uintptr_t frac_above, uintptr_t high, int threads) {
-    using namespace lk::cpu;
-    check_dtype(dtype);
-    SeqArgs a{reinterpret_cast<const void*>(values), dtype, ptr<const uint8_t>(valid), n_tokens,
-              ptr<const int64_t>(cu_seqlens), n_seq, threshold, ptr<const float>(quantile), ptr<int64_t>(length),
-              ptr<float>(mean), ptr<float>(min), ptr<float>(max), ptr<float>(frac_above), ptr<uint8_t>(high),
-              threads_for(threads)};
-    py::gil_scoped_release release;
-    sequence_stats(a);
-  });
-  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
-}
+LK_MODULE(_cpu_phase_stats, "lenkernels CPU kernels: phase-split and per-sequence token statistics (raw pointers)",
+          lk::cpu::define)

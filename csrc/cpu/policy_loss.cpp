@@ -158,45 +158,20 @@ LK_ALWAYS_INLINE void forward_tile_impl(const Args& a, const Tile& tile, const S
 
 // The mode as a compile-time constant M. parse() has already refused an unknown code (an exception
 // must not leave an OpenMP region), so the default case is the last line of defence, not a fallback.
-#define LK_DISPATCH_MODE(mode, M, ...)  \
-  switch (mode) {                       \
-    case kGSPO: {                       \
-      constexpr int M = kGSPO;          \
-      __VA_ARGS__;                      \
-      break;                            \
-    }                                   \
-    case kLUSPO: {                      \
-      constexpr int M = kLUSPO;         \
-      __VA_ARGS__;                      \
-      break;                            \
-    }                                   \
-    case kCISPO: {                      \
-      constexpr int M = kCISPO;         \
-      __VA_ARGS__;                      \
-      break;                            \
-    }                                   \
-    case kSAPO: {                       \
-      constexpr int M = kSAPO;          \
-      __VA_ARGS__;                      \
-      break;                            \
-    }                                   \
-    case kGMPO: {                       \
-      constexpr int M = kGMPO;          \
-      __VA_ARGS__;                      \
-      break;                            \
-    }                                   \
-    case kReinforce: {                  \
-      constexpr int M = kReinforce;     \
-      __VA_ARGS__;                      \
-      break;                            \
-    }                                   \
-    case kPPO: {                        \
-      constexpr int M = kPPO;           \
-      __VA_ARGS__;                      \
-      break;                            \
-    }                                   \
-    default:                            \
-      throw pybind11::value_error("mode must be a lk::policy::Mode code"); \
+#define LK_MODE_CASE(code, M, ...) \
+  case code: {                      \
+    constexpr int M = code;         \
+    __VA_ARGS__;                    \
+    break;                          \
+  }
+#define LK_DISPATCH_MODE(mode, M, ...)                                                              \
+  switch (mode) {                                                                                   \
+    LK_MODE_CASE(kGSPO, M, __VA_ARGS__) LK_MODE_CASE(kLUSPO, M, __VA_ARGS__)                        \
+    LK_MODE_CASE(kCISPO, M, __VA_ARGS__) LK_MODE_CASE(kSAPO, M, __VA_ARGS__)                        \
+    LK_MODE_CASE(kGMPO, M, __VA_ARGS__) LK_MODE_CASE(kReinforce, M, __VA_ARGS__)                    \
+    LK_MODE_CASE(kPPO, M, __VA_ARGS__)                                                              \
+    default:                                                                                        \
+      throw pybind11::value_error("mode must be a lk::policy::Mode code");                          \
   }
 
 LK_TARGET_CLONES void forward_tile(const Args& a, const Tile& tile, const SeqValues& sv, double* out) {
@@ -315,87 +290,60 @@ LK_TARGET_CLONES void kl_grad_chunk(const float* lp, const float* ref, const flo
   }
 }
 
-template <typename T>
-T* opt_ptr(const pybind11::dict& d, const char* key) {
-  return reinterpret_cast<T*>(d[key].cast<uintptr_t>());
-}
-
+// The kernel-side view of the op's inputs (lenkernels/cpu/policy_loss.py _args); the codes are
+// checked here, before any OpenMP region.
 Args parse(const pybind11::dict& d) {
   Args a;
-  static_cast<PolicyScalars&>(a) = parse_policy_scalars(d);  // checks the codes
-  a.n_seqs = d["n_seqs"].cast<int64_t>();
-  a.seq_len = d["seq_len"].cast<int64_t>();
-  a.cu = opt_ptr<const int64_t>(d, "cu_seqlens");
-  a.lp = Column{opt_ptr<const float>(d, "logprobs"), d["logprobs_rs"].cast<int64_t>()};
-  a.old = Column{opt_ptr<const float>(d, "old_logprobs"), d["old_logprobs_rs"].cast<int64_t>()};
-  a.adv = Column{opt_ptr<const float>(d, "advantages"), d["advantages_rs"].cast<int64_t>()};
-  a.ref = Column{opt_ptr<const float>(d, "ref_logprobs"), d["ref_logprobs_rs"].cast<int64_t>()};
-  a.ent = Column{opt_ptr<const float>(d, "entropy"), d["entropy_rs"].cast<int64_t>()};
-  a.w = Column{opt_ptr<const float>(d, "importance_weights"), d["importance_weights_rs"].cast<int64_t>()};
-  a.adv_per_token = d["adv_per_token"].cast<bool>();
-  a.mask = opt_ptr<const uint8_t>(d, "mask");
-  a.mask_rs = d["mask_rs"].cast<int64_t>();
-  a.thr = opt_ptr<const double>(d, "threshold");
-  a.norm = opt_ptr<const float>(d, "normaliser");
+  parse_policy_inputs(d, a, [](const pybind11::dict& dd, const std::string& name) {
+    return Column{dict_ptr<const float>(dd, name), dd[(name + "_rs").c_str()].cast<int64_t>()};
+  });
   a.threads = threads_for(d["threads"].cast<int>());
   return a;
 }
 
-void check_kl_estimator(int est) {
-  const std::string why = invalid_kl_estimator(est);
-  if (!why.empty()) throw pybind11::value_error(why);
+void define(py::module_& m) {
+  m.def(
+      "policy_loss_fwd",
+      [](const py::dict& args, Addr stats, Addr seq) {
+        const Args a = parse(args);
+        py::gil_scoped_release release;
+        forward(a, stats, seq);
+      },
+      "Writes stats[16] (lk::policy::Stat layout) and seq[B, 4] (SeqValue layout).");
+  m.def(
+      "policy_loss_bwd",
+      [](const py::dict& args, Addr stats, Addr seq, Addr g_stats, Addr dlp, int64_t dlp_rs, Addr dent,
+         int64_t dent_rs) {
+        const Args a = parse(args);
+        py::gil_scoped_release release;
+        backward(a, stats, seq, g_stats, dlp, dlp_rs, dent, dent_rs);
+      },
+      "Writes d loss / d logprobs (and d loss / d entropy when dent != 0), fp32, every token of every sequence.");
+  m.def("kl_penalty_fwd", [](Addr lp, Addr ref, Addr out, int64_t n, int est, bool clamp, int threads) {
+    check(invalid_kl_estimator(est));
+    const int64_t chunk = 1 << 14;
+#pragma omp parallel for schedule(static) num_threads(threads_for(threads))
+    for (int64_t i = 0; i < n; i += chunk) {
+      kl_chunk(static_cast<const float*>(lp) + i, static_cast<const float*>(ref) + i, static_cast<float*>(out) + i,
+               std::min(chunk, n - i), est, clamp);
+    }
+  }, LK_NOGIL);
+  m.def("kl_penalty_bwd", [](Addr lp, Addr ref, Addr g, Addr dlp, Addr dref, int64_t n, int est, bool straight,
+                             bool clamp, int threads) {
+    check(invalid_kl_estimator(est));
+    const int64_t chunk = 1 << 14;
+#pragma omp parallel for schedule(static) num_threads(threads_for(threads))
+    for (int64_t i = 0; i < n; i += chunk) {
+      kl_grad_chunk(static_cast<const float*>(lp) + i, static_cast<const float*>(ref) + i,
+                    static_cast<const float*>(g) + i, static_cast<float*>(dlp) + i, static_cast<float*>(dref) + i,
+                    std::min(chunk, n - i), est, straight, clamp);
+    }
+  }, LK_NOGIL);
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
 
-namespace py = pybind11;
-
-PYBIND11_MODULE(_cpu_policy_loss, m) {
-  m.doc() = "lenkernels CPU kernels: fused policy losses and KL estimators (raw pointers, fp32)";
-  m.def(
-      "policy_loss_fwd",
-      [](const py::dict& args, uintptr_t stats, uintptr_t seq) {
-        using namespace lk::cpu;
-        const Args a = parse(args);
-        py::gil_scoped_release release;
-        forward(a, ptr<float>(stats), ptr<float>(seq));
-      },
-      "Writes stats[16] (lk::policy::Stat layout) and seq[B, 4] (SeqValue layout).");
-  m.def(
-      "policy_loss_bwd",
-      [](const py::dict& args, uintptr_t stats, uintptr_t seq, uintptr_t g_stats, uintptr_t dlp, int64_t dlp_rs,
-         uintptr_t dent, int64_t dent_rs) {
-        using namespace lk::cpu;
-        const Args a = parse(args);
-        py::gil_scoped_release release;
-        backward(a, ptr<const float>(stats), ptr<const float>(seq), ptr<const float>(g_stats), ptr<float>(dlp), dlp_rs,
-                 ptr<float>(dent), dent_rs);
-      },
-      "Writes d loss / d logprobs (and d loss / d entropy when dent != 0), fp32, every token of every sequence.");
-  m.def("kl_penalty_fwd", [](uintptr_t lp, uintptr_t ref, uintptr_t out, int64_t n, int est, bool clamp, int threads) {
-    using namespace lk::cpu;
-    check_kl_estimator(est);
-    py::gil_scoped_release release;
-    const int64_t chunk = 1 << 14;
-#pragma omp parallel for schedule(static) num_threads(threads_for(threads))
-    for (int64_t i = 0; i < n; i += chunk) {
-      kl_chunk(ptr<const float>(lp) + i, ptr<const float>(ref) + i, ptr<float>(out) + i, std::min(chunk, n - i), est,
-               clamp);
-    }
-  });
-  m.def("kl_penalty_bwd", [](uintptr_t lp, uintptr_t ref, uintptr_t g, uintptr_t dlp, uintptr_t dref, int64_t n,
-                             int est, bool straight, bool clamp, int threads) {
-    using namespace lk::cpu;
-    check_kl_estimator(est);
-    py::gil_scoped_release release;
-    const int64_t chunk = 1 << 14;
-#pragma omp parallel for schedule(static) num_threads(threads_for(threads))
-    for (int64_t i = 0; i < n; i += chunk) {
-      kl_grad_chunk(ptr<const float>(lp) + i, ptr<const float>(ref) + i, ptr<const float>(g) + i, ptr<float>(dlp) + i,
-                    ptr<float>(dref) + i, std::min(chunk, n - i), est, straight, clamp);
-    }
-  });
-  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
-}
+LK_MODULE(_cpu_policy_loss, "lenkernels CPU kernels: fused policy losses and KL estimators (raw pointers, fp32)",
+          lk::cpu::define)

@@ -103,44 +103,26 @@ void forward(const FwdArgs& a) {
   rollout::finalize_stats(n > 0 ? seqs[0] : rollout::sums_empty(), a.stats);
 }
 
-// Unknown codes raise before any work (with no sequence the branches are never reached).
-void check_args(int old_dtype, int rollout_dtype, int level, int mode) {
-  for (int dtype : {old_dtype, rollout_dtype}) {
-    if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) {
-      throw pybind11::value_error("unsupported dtype code " + std::to_string(dtype) + " (lenkernels._codes.DType)");
-    }
-  }
-  const std::string why = rollout::invalid_codes(level, mode);
-  if (!why.empty()) throw pybind11::value_error(why);
+void define(py::module_& m) {
+  def(m, "rollout_correction_fwd",
+      "old old_dtype rollout rollout_dtype valid n_tokens cu_seqlens n_seq level mode lo hi log_clamp "
+      "has_veto veto_lo veto_hi weights keep stats threads",
+      [](Addr old, int old_dtype, Addr rollout, int rollout_dtype, Addr valid, int64_t n_tokens, Addr cu_seqlens,
+         int64_t n_seq, int level, int mode, float lo, float hi, float log_clamp, bool has_veto, float veto_lo,
+         float veto_hi, Addr weights, Addr keep, Addr stats, int threads) {
+        check(rollout::invalid_args(old_dtype, rollout_dtype, level, mode));  // before any work
+        const Params p{level, mode, lo, hi, log_clamp, has_veto ? 1 : 0, veto_lo, veto_hi};
+        forward(FwdArgs{old, old_dtype, rollout, rollout_dtype, valid, n_tokens, cu_seqlens, n_seq, p, weights, keep,
+                        stats, threads_for(threads)});
+      },
+      LK_NOGIL,
+      "Writes weights ([N] fp32) and keep ([N] uint8) for every token of every sequence, and the metrics "
+      "([kNumCorrectionStats] fp32, CorrectionStat layout).");
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
 
-namespace py = pybind11;
-
-PYBIND11_MODULE(_cpu_rollout_correction, m) {
-  m.doc() = "lenkernels CPU kernels: rollout correction weights, masks and metrics (raw pointers)";
-  m.def(
-      "rollout_correction_fwd",
-      [](uintptr_t old, int old_dtype, uintptr_t rollout, int rollout_dtype, uintptr_t valid, int64_t n_tokens,
-         uintptr_t cu_seqlens, int64_t n_seq, int level, int mode, float lo, float hi, float log_clamp, bool has_veto,
-         float veto_lo, float veto_hi, uintptr_t weights, uintptr_t keep, uintptr_t stats, int threads) {
-        using namespace lk::cpu;
-        check_args(old_dtype, rollout_dtype, level, mode);
-        const lk::rollout::Params p{level, mode, lo, hi, log_clamp, has_veto ? 1 : 0, veto_lo, veto_hi};
-        const FwdArgs a{reinterpret_cast<const void*>(old), old_dtype, reinterpret_cast<const void*>(rollout),
-                        rollout_dtype, ptr<const uint8_t>(valid), n_tokens, ptr<const int64_t>(cu_seqlens), n_seq,
-                        p, ptr<float>(weights), ptr<uint8_t>(keep), ptr<float>(stats), threads_for(threads)};
-        py::gil_scoped_release release;
-        forward(a);
-      },
-      py::arg("old"), py::arg("old_dtype"), py::arg("rollout"), py::arg("rollout_dtype"), py::arg("valid"),
-      py::arg("n_tokens"), py::arg("cu_seqlens"), py::arg("n_seq"), py::arg("level"), py::arg("mode"), py::arg("lo"),
-      py::arg("hi"), py::arg("log_clamp"), py::arg("has_veto"), py::arg("veto_lo"), py::arg("veto_hi"),
-      py::arg("weights"), py::arg("keep"), py::arg("stats"), py::arg("threads"),
-      "Writes weights ([N] fp32) and keep ([N] uint8) for every token of every sequence, and the metrics "
-      "([kNumCorrectionStats] fp32, CorrectionStat layout).");
-  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
-}
+LK_MODULE(_cpu_rollout_correction,
+          "lenkernels CPU kernels: rollout correction weights, masks and metrics (raw pointers)", lk::cpu::define)

@@ -73,7 +73,7 @@ LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t, fl
 // inherit the target of its enclosing function, so the clones must be the functions it calls.
 LK_TARGET_CLONES SoftmaxState chunk_state_any(int dtype, const void* x, int64_t n, float inv_t, float* buf) {
   SoftmaxState st = empty_state();
-  LK_DISPATCH_DTYPE(dtype, T, st = chunk_state(static_cast<const T*>(x), n, inv_t, buf));
+  LK_DISPATCH_FLOAT(dtype, T, st = chunk_state(static_cast<const T*>(x), n, inv_t, buf));
   return st;
 }
 
@@ -86,17 +86,39 @@ LK_ALWAYS_INLINE SoftmaxState row_state(const T* row, int64_t vocab, float inv_t
   return st;
 }
 
-struct FwdArgs {
+// The logits and targets every pass reads.
+struct RowsArgs {
   const void* logits;
   int dtype;
   int64_t n_rows, vocab, row_stride;
   const int64_t* ids;
   const float* temperature;
   int64_t temp_stride, ignore_index;
+};
+
+struct FwdArgs : RowsArgs {
   float *logprobs, *entropy, *lse, *mean_z;
   float *max_z, *log_s;  // null, or [N] each: the row's state (lenkernels/distributed.py merge_stats)
   int threads;
 };
+
+// states[t] = chunk(x, n, c, inv_t, buf) for every tile t = (row r, chunk at column c) of n logits x,
+// in parallel (the rows' states are merged afterwards, left to right: a fixed order).
+template <typename T, class State, class Chunk>
+void tile_states(const FwdArgs& a, int64_t n_chunks, State* states, const Chunk& chunk) {
+  const int64_t n_tiles = a.n_rows * n_chunks;
+#pragma omp parallel num_threads(a.threads)
+  {
+    alignas(64) float buf[kChunk];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t r = t / n_chunks, c = (t % n_chunks) * kChunk;
+      const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
+      const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+      states[t] = chunk(row + c, std::min(kChunk, a.vocab - c), c, inv_t, buf);
+    }
+  }
+}
 
 // Writes the outputs of one row; returns false when its id is out of range (logprob is NaN then).
 template <typename T>
@@ -132,19 +154,10 @@ LK_ALWAYS_INLINE int64_t forward_impl(const FwdArgs& a) {
     }
   } else {
     // Few rows: chunk states in parallel, then the same left-to-right merge per row.
-    const int64_t n_tiles = a.n_rows * n_chunks;
-    SoftmaxState* states = new SoftmaxState[n_tiles];
-#pragma omp parallel num_threads(a.threads)
-    {
-      alignas(64) float buf[kChunk];
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < n_tiles; ++t) {
-        const int64_t r = t / n_chunks, c = (t % n_chunks) * kChunk;
-        const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
-        const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-        states[t] = chunk_state_any(a.dtype, row + c, std::min(kChunk, a.vocab - c), inv_t, buf);
-      }
-    }
+    SoftmaxState* states = new SoftmaxState[a.n_rows * n_chunks];
+    tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t, float inv_t, float* buf) {
+      return chunk_state_any(a.dtype, x, n, inv_t, buf);
+    });
     for (int64_t r = 0; r < a.n_rows; ++r) {
       SoftmaxState st = empty_state();
       for (int64_t c = 0; c < n_chunks; ++c) st = merge(st, states[r * n_chunks + c]);
@@ -157,17 +170,11 @@ LK_ALWAYS_INLINE int64_t forward_impl(const FwdArgs& a) {
 
 int64_t forward(const FwdArgs& a) {
   int64_t out = -1;
-  LK_DISPATCH_DTYPE(a.dtype, T, out = forward_impl<T>(a));
+  LK_DISPATCH_FLOAT(a.dtype, T, out = forward_impl<T>(a));
   return out;
 }
 
-struct BwdArgs {
-  const void* logits;
-  int dtype;
-  int64_t n_rows, vocab, row_stride;
-  const int64_t* ids;
-  const float* temperature;
-  int64_t temp_stride, ignore_index;
+struct BwdArgs : RowsArgs {
   const float *lse, *mean_z, *g_logprobs, *g_entropy;
   int64_t g_logprobs_stride, g_entropy_stride;
   void* dlogits;
@@ -196,7 +203,7 @@ LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id
 
 LK_TARGET_CLONES void grad_chunk_any(int dtype, const void* x, void* out, int64_t n, int64_t local_id, float inv_t,
                                      float lse, float mean_z, float g_lp, float g_h) {
-  LK_DISPATCH_DTYPE(dtype, T,
+  LK_DISPATCH_FLOAT(dtype, T,
                     grad_chunk(static_cast<const T*>(x), static_cast<T*>(out), n, local_id, inv_t, lse, mean_z, g_lp,
                                g_h));
 }
@@ -271,7 +278,7 @@ LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, flo
 LK_TARGET_CLONES ExtraState chunk_extra_any(int dtype, const void* x, int64_t n, int64_t base, float inv_t,
                                             float* buf) {
   ExtraState e{};
-  LK_DISPATCH_DTYPE(dtype, T, e = chunk_extra(static_cast<const T*>(x), n, base, inv_t, buf));
+  LK_DISPATCH_FLOAT(dtype, T, e = chunk_extra(static_cast<const T*>(x), n, base, inv_t, buf));
   return e;
 }
 
@@ -303,19 +310,10 @@ template <typename T>
 int64_t extra_forward_impl(const ExtraFwdArgs& e) {
   const FwdArgs& a = e.base;
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
-  const int64_t n_tiles = a.n_rows * n_chunks;
-  ExtraState* states = new ExtraState[n_tiles];
-#pragma omp parallel num_threads(a.threads)
-  {
-    alignas(64) float buf[kChunk];
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n_tiles; ++t) {
-      const int64_t r = t / n_chunks, c = (t % n_chunks) * kChunk;
-      const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
-      const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-      states[t] = chunk_extra_any(a.dtype, row + c, std::min(kChunk, a.vocab - c), c, inv_t, buf);
-    }
-  }
+  ExtraState* states = new ExtraState[a.n_rows * n_chunks];
+  tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t c, float inv_t, float* buf) {
+    return chunk_extra_any(a.dtype, x, n, c, inv_t, buf);
+  });
   int64_t first_bad = std::numeric_limits<int64_t>::max();
 #pragma omp parallel for schedule(static) num_threads(a.threads) reduction(min : first_bad)
   for (int64_t r = 0; r < a.n_rows; ++r) {
@@ -339,7 +337,7 @@ int64_t extra_forward_impl(const ExtraFwdArgs& e) {
 
 int64_t extra_forward(const ExtraFwdArgs& e) {
   int64_t out = -1;
-  LK_DISPATCH_DTYPE(e.base.dtype, T, out = extra_forward_impl<T>(e));
+  LK_DISPATCH_FLOAT(e.base.dtype, T, out = extra_forward_impl<T>(e));
   return out;
 }
 
@@ -366,7 +364,7 @@ LK_ALWAYS_INLINE void extra_grad_chunk(const T* x, T* out, int64_t n, int64_t lo
 LK_TARGET_CLONES void extra_grad_chunk_any(int dtype, const void* x, void* out, int64_t n, int64_t local_id,
                                            int64_t local_top, float inv_t, float lse, float mean_z, float log_sum_p2,
                                            const float* g) {
-  LK_DISPATCH_DTYPE(dtype, T,
+  LK_DISPATCH_FLOAT(dtype, T,
                     extra_grad_chunk(static_cast<const T*>(x), static_cast<T*>(out), n, local_id, local_top, inv_t,
                                      lse, mean_z, log_sum_p2, g));
 }
@@ -399,72 +397,49 @@ void extra_backward(const ExtraBwdArgs& e) {
   }
 }
 
+void define(py::module_& m) {
+  m.def(
+      "token_stats_fwd",
+      [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids, Addr temperature,
+         int64_t temp_stride, int64_t ignore_index, Addr logprobs, Addr entropy, Addr lse, Addr mean_z, Addr max_z,
+         Addr log_s, int threads) {
+        return forward(FwdArgs{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index},
+                               logprobs, entropy, lse, mean_z, max_z, log_s, threads_for(threads)});
+      },
+      LK_NOGIL,
+      "Returns -1, or the first row whose id is outside [0, vocab) and not ignore_index. max_z and log_s "
+      "(0 = not wanted) receive each row's online-softmax state: lse = max_z + log_s.");
+  m.def("token_stats_bwd", [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids,
+                              Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr lse, Addr mean_z,
+                              Addr g_logprobs, int64_t g_logprobs_stride, Addr g_entropy, int64_t g_entropy_stride,
+                              Addr dlogits, int64_t dlogits_row_stride, int threads) {
+    backward(BwdArgs{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index}, lse,
+                     mean_z, g_logprobs, g_entropy, g_logprobs_stride, g_entropy_stride, dlogits, dlogits_row_stride,
+                     threads_for(threads)});
+  }, LK_NOGIL);
+  m.def(
+      "token_stats_extra_fwd",
+      [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids, Addr temperature,
+         int64_t temp_stride, int64_t ignore_index, Addr logprobs, Addr entropy, Addr lse, Addr mean_z, Addr sum_p2,
+         Addr log_sum_p2, Addr argmax, Addr max_logprob, Addr mean_logit, int threads) {
+        const FwdArgs base{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index},
+                           logprobs, entropy, lse, mean_z, nullptr, nullptr, threads_for(threads)};
+        return extra_forward(ExtraFwdArgs{base, sum_p2, log_sum_p2, argmax, max_logprob, mean_logit});
+      },
+      LK_NOGIL, "Every SPEC 7 statistic of lenkernels.token_stats; returns -1 or the first row with a bad id.");
+  m.def("token_stats_extra_bwd", [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                                    Addr ids, Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr lse,
+                                    Addr mean_z, Addr log_sum_p2, Addr argmax, Addr grads, Addr dlogits,
+                                    int64_t dlogits_row_stride, int threads) {
+    const BwdArgs base{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index}, lse,
+                       mean_z, nullptr, nullptr, 0, 0, dlogits, dlogits_row_stride, threads_for(threads)};
+    extra_backward(ExtraBwdArgs{base, log_sum_p2, argmax, grads});
+  }, LK_NOGIL);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace lk
 
-namespace py = pybind11;
-
-PYBIND11_MODULE(_cpu_token_stats, m) {
-  m.doc() = "lenkernels CPU kernels: token log-probabilities and entropy (raw pointers)";
-  m.def(
-      "token_stats_fwd",
-      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids,
-         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
-         uintptr_t lse, uintptr_t mean_z, uintptr_t max_z, uintptr_t log_s, int threads) {
-        using namespace lk::cpu;
-        FwdArgs a{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
-                  ptr<const int64_t>(ids), ptr<const float>(temperature), temp_stride, ignore_index,
-                  ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
-                  ptr<float>(max_z), ptr<float>(log_s), threads_for(threads)};
-        py::gil_scoped_release release;
-        return forward(a);
-      },
-      "Returns -1, or the first row whose id is outside [0, vocab) and not ignore_index. max_z and log_s "
-      "(0 = not wanted) receive each row's online-softmax state: lse = max_z + log_s.");
-  m.def("token_stats_bwd", [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
-                              uintptr_t ids, uintptr_t temperature, int64_t temp_stride, int64_t ignore_index,
-                              uintptr_t lse, uintptr_t mean_z, uintptr_t g_logprobs, int64_t g_logprobs_stride,
-                              uintptr_t g_entropy, int64_t g_entropy_stride, uintptr_t dlogits,
-                              int64_t dlogits_row_stride, int threads) {
-    using namespace lk::cpu;
-    BwdArgs a{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride, ptr<const int64_t>(ids),
-              ptr<const float>(temperature), temp_stride, ignore_index, ptr<const float>(lse),
-              ptr<const float>(mean_z), ptr<const float>(g_logprobs), ptr<const float>(g_entropy),
-              g_logprobs_stride, g_entropy_stride, reinterpret_cast<void*>(dlogits), dlogits_row_stride,
-              threads_for(threads)};
-    py::gil_scoped_release release;
-    backward(a);
-  });
-  m.def(
-      "token_stats_extra_fwd",
-      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids,
-         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
-         uintptr_t lse, uintptr_t mean_z, uintptr_t sum_p2, uintptr_t log_sum_p2, uintptr_t argmax,
-         uintptr_t max_logprob, uintptr_t mean_logit, int threads) {
-        using namespace lk::cpu;
-        ExtraFwdArgs e{FwdArgs{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
-                               ptr<const int64_t>(ids), ptr<const float>(temperature), temp_stride, ignore_index,
-                               ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
-                               nullptr, nullptr, threads_for(threads)},
-                       ptr<float>(sum_p2), ptr<float>(log_sum_p2), ptr<int64_t>(argmax), ptr<float>(max_logprob),
-                       ptr<float>(mean_logit)};
-        py::gil_scoped_release release;
-        return extra_forward(e);
-      },
-      "Every SPEC 7 statistic of lenkernels.token_stats; returns -1 or the first row with a bad id.");
-  m.def("token_stats_extra_bwd", [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
-                                    uintptr_t ids, uintptr_t temperature, int64_t temp_stride, int64_t ignore_index,
-                                    uintptr_t lse, uintptr_t mean_z, uintptr_t log_sum_p2, uintptr_t argmax,
-                                    uintptr_t grads, uintptr_t dlogits, int64_t dlogits_row_stride, int threads) {
-    using namespace lk::cpu;
-    ExtraBwdArgs e{BwdArgs{reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
-                           ptr<const int64_t>(ids), ptr<const float>(temperature), temp_stride, ignore_index,
-                           ptr<const float>(lse), ptr<const float>(mean_z), nullptr, nullptr, 0, 0,
-                           reinterpret_cast<void*>(dlogits), dlogits_row_stride, threads_for(threads)},
-                   ptr<const float>(log_sum_p2), ptr<const int64_t>(argmax), ptr<const float>(grads)};
-    py::gil_scoped_release release;
-    extra_backward(e);
-  });
-  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
-}
+LK_MODULE(_cpu_token_stats, "lenkernels CPU kernels: token log-probabilities and entropy (raw pointers)",
+          lk::cpu::define)

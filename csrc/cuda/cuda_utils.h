@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "lenkernels/dispatch.h"
 #include "lenkernels/softmax_state.h"
 #include "lenkernels/token_stats.h"
 
@@ -52,6 +53,28 @@ LK_HOST_DEVICE float nan_max(float a, float b) {
 
 template <typename T>
 struct Elem;
+
+// The max of a tile of raw vectors of a 16-bit type E, as Pair (its 2-element vector type): one
+// packed NaN-propagating max per word on the device, then the larger of the two halves.
+template <class E, class Pair, int N>
+LK_HOST_DEVICE float packed_raw_max(const Vec16 (&v)[N]) {
+#if defined(__CUDA_ARCH__)
+  Pair m = bit_cast<Pair>(v[0].w[0]);
+  LK_UNROLL
+  for (int i = 0; i < N; ++i) {
+    LK_UNROLL
+    for (int q = 0; q < 4; ++q) m = __hmax2_nan(m, bit_cast<Pair>(v[i].w[q]));
+  }
+  const Vec16 halves{{bit_cast<uint32_t>(m), 0u, 0u, 0u}};
+  return nan_max(E::get(halves, 0), E::get(halves, 1));
+#else
+  float m = E::get(v[0], 0);
+  for (int i = 0; i < N; ++i) {
+    for (int k = 0; k < E::kPerVec; ++k) m = nan_max(m, E::get(v[i], k));
+  }
+  return m;
+#endif
+}
 
 template <>
 struct Elem<float> {
@@ -92,22 +115,7 @@ struct Elem<__nv_bfloat16> {
   }
   template <int N>
   LK_HOST_DEVICE static float raw_max(const Vec16 (&v)[N]) {
-#if defined(__CUDA_ARCH__)
-    __nv_bfloat162 m = bit_cast<__nv_bfloat162>(v[0].w[0]);
-    LK_UNROLL
-    for (int i = 0; i < N; ++i) {
-      LK_UNROLL
-      for (int q = 0; q < 4; ++q) m = __hmax2_nan(m, bit_cast<__nv_bfloat162>(v[i].w[q]));
-    }
-    const uint32_t w = bit_cast<uint32_t>(m);
-    return nan_max(bit_cast<float>(w << 16), bit_cast<float>(w & 0xffff0000u));
-#else
-    float m = get(v[0], 0);
-    for (int i = 0; i < N; ++i) {
-      for (int k = 0; k < kPerVec; ++k) m = nan_max(m, get(v[i], k));
-    }
-    return m;
-#endif
+    return packed_raw_max<Elem, __nv_bfloat162>(v);
   }
 };
 
@@ -126,22 +134,7 @@ struct Elem<__half> {
   }
   template <int N>
   LK_HOST_DEVICE static float raw_max(const Vec16 (&v)[N]) {
-#if defined(__CUDA_ARCH__)
-    __half2 m = bit_cast<__half2>(v[0].w[0]);
-    LK_UNROLL
-    for (int i = 0; i < N; ++i) {
-      LK_UNROLL
-      for (int q = 0; q < 4; ++q) m = __hmax2_nan(m, bit_cast<__half2>(v[i].w[q]));
-    }
-    const float2 f = __half22float2(m);
-    return nan_max(f.x, f.y);
-#else
-    float m = get(v[0], 0);
-    for (int i = 0; i < N; ++i) {
-      for (int k = 0; k < kPerVec; ++k) m = nan_max(m, get(v[i], k));
-    }
-    return m;
-#endif
+    return packed_raw_max<Elem, __half2>(v);
   }
 };
 
@@ -305,33 +298,19 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-template <typename T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 }  // namespace cuda
+
+// The CUDA storage of the 16-bit dtype codes (LK_DISPATCH_FLOAT, LK_DISPATCH_WEIGHT in dispatch.h).
+template <>
+struct FloatOf<kBFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct FloatOf<kFloat16> {
+  using type = __half;
+};
+
 }  // namespace lk
 
-// Instantiates a kernel template for each logits dtype and dispatches on the runtime dtype code
-// (the codes of lenkernels/common.h and lenkernels/_checks.py DTYPE_CODES).
-#define LK_CUDA_DISPATCH_DTYPE(code, T, ...)                           \
-  switch (code) {                                                      \
-    case ::lk::kFloat32: {                                             \
-      using T = float;                                                 \
-      __VA_ARGS__;                                                     \
-      break;                                                           \
-    }                                                                  \
-    case ::lk::kBFloat16: {                                            \
-      using T = __nv_bfloat16;                                         \
-      __VA_ARGS__;                                                     \
-      break;                                                           \
-    }                                                                  \
-    case ::lk::kFloat16: {                                             \
-      using T = __half;                                                \
-      __VA_ARGS__;                                                     \
-      break;                                                           \
-    }                                                                  \
-    default:                                                           \
-      throw std::invalid_argument("unsupported logits dtype code");   \
-  }
+// tests/cuda_host_replay.cu spells the shared dispatch this way.
+#define LK_CUDA_DISPATCH_DTYPE LK_DISPATCH_FLOAT

@@ -45,21 +45,12 @@ LK_HOST_DEVICE int64_t first_delimiter(const Id* ids, const uint8_t* valid, int6
   return len;
 }
 
-struct FwdArgs {
+struct FwdArgs : PhaseFwdArgs {
   const void* values;  // [C, N], channel_stride apart, unit stride along N
   int dtype;
   int64_t n_channels, channel_stride;
   const void* ids;  // [N] int32 (id_bytes 4) or int64 (8)
   int id_bytes;
-  const uint8_t* valid;  // [N] 1 = response token
-  int64_t n_tokens;
-  const int64_t* cu_seqlens;  // [S + 1]
-  int64_t n_seq;
-  const int64_t* delim;  // [L]
-  int64_t delim_len;
-  float *think_mean, *think_sum, *answer_mean, *answer_sum;  // [C, S]
-  int64_t *think_count, *answer_count, *k;                   // [S]
-  uint8_t* found;                                            // [S]
 };
 
 struct PhaseSums {
@@ -101,13 +92,7 @@ LK_HOST_DEVICE void fwd_block(const FwdArgs& a, int64_t seq, Team& team) {
     }
     acc = team.all_reduce(acc, PhaseSumsOp{}, PhaseSums{0.0f, 0.0f, 0, 0});
     if (team.rank() == 0) {
-      if (a.n_channels > 0) {
-        const int64_t o = c * a.n_seq + seq;
-        a.think_sum[o] = acc.think;
-        a.think_mean[o] = phase_mean(acc.think, acc.think_n);
-        a.answer_sum[o] = acc.answer;
-        a.answer_mean[o] = phase_mean(acc.answer, acc.answer_n);
-      }
+      if (a.n_channels > 0) write_phase_sums(a, c, seq, acc.think, acc.think_n, acc.answer, acc.answer_n);
       if (c == 0) {
         a.think_count[seq] = acc.think_n;
         a.answer_count[seq] = acc.answer_n;
@@ -149,19 +134,7 @@ LK_HOST_DEVICE void bwd_block(const BwdArgs& a, int64_t seq, Team& team) {
   }
 }
 
-struct SeqArgs {
-  const void* values;  // [N]
-  int dtype;
-  const uint8_t* valid;
-  int64_t n_tokens;
-  const int64_t* cu_seqlens;
-  int64_t n_seq;
-  float threshold;
-  const float* quantile;  // [1], or null: no high-value mask
-  int64_t* length;
-  float *mean, *min, *max, *frac_above;
-  uint8_t* high;  // [N], or null
-};
+using SeqArgs = SeqStatsArgs;
 
 struct SeqStatsOp {
   LK_HOST_DEVICE SeqStats operator()(const SeqStats& a, const SeqStats& b) const { return seq_stats_merge(a, b); }
@@ -180,14 +153,7 @@ LK_HOST_DEVICE void sequence_block(const SeqArgs& a, int64_t seq, Team& team) {
     if (a.high) a.high[t] = high_value_token(ok, v, quantile) ? 1 : 0;
   }
   st = team.all_reduce(st, SeqStatsOp{}, seq_stats_empty());
-  if (team.rank() == 0) {
-    const SeqStatsOut out = seq_stats_finalize(st);
-    a.length[seq] = st.count;
-    a.mean[seq] = out.mean;
-    a.min[seq] = out.min;
-    a.max[seq] = out.max;
-    a.frac_above[seq] = out.frac_above;
-  }
+  if (team.rank() == 0) write_seq_stats(a, seq, st);
 }
 
 }  // namespace phase_stats

@@ -104,6 +104,23 @@ LK_HOST_DEVICE void split_bounds(int64_t len, int split, int n_splits, int64_t* 
   *end = b + per < len ? b + per : len;
 }
 
+// Where block `block` of a stage works: sequence b (first token s), split `split` of a.n_splits,
+// tokens [begin, end) of the sequence.
+struct BlockSpan {
+  int64_t b;
+  int split;
+  int64_t s, begin, end;
+};
+
+LK_HOST_DEVICE BlockSpan block_span(const Args& a, int64_t block) {
+  BlockSpan p;
+  p.b = block / a.n_splits;
+  p.split = int(block % a.n_splits);
+  p.s = a.start(p.b);
+  split_bounds(a.length(p.b), p.split, a.n_splits, &p.begin, &p.end);
+  return p;
+}
+
 // --- seq stage ---------------------------------------------------------------------------------------
 
 struct SeqSums {
@@ -120,11 +137,8 @@ struct SeqSumsOp {
 
 template <class Team>
 LK_HOST_DEVICE void seq_block(const Args& a, int64_t block, Team& team) {
-  const int64_t b = block / a.n_splits;
-  const int split = int(block % a.n_splits);
-  const int64_t s = a.start(b);
-  int64_t begin, end;
-  split_bounds(a.length(b), split, a.n_splits, &begin, &end);
+  const BlockSpan span = block_span(a, block);
+  const int64_t b = span.b, s = span.s, begin = span.begin, end = span.end;
   SeqSums acc = {};
   const int mode = a.pp.mode;
   for (int64_t t = begin + team.rank(); t < end; t += Team::kSize) {
@@ -173,18 +187,12 @@ struct TokenSums {
 
 struct TokenSumsOp {
   LK_HOST_DEVICE TokenSums operator()(const TokenSums& a, const TokenSums& b) const {
-    return TokenSums{a.policy + b.policy,
-                     a.kl + b.kl,
-                     a.tokens + b.tokens,
-                     a.low + b.low,
-                     a.high + b.high,
-                     a.dual + b.dual,
-                     a.neg_log_ratio + b.neg_log_ratio,
-                     a.ratio_sum + b.ratio_sum,
-                     a.entropy_sum + b.entropy_sum,
-                     a.kept + b.kept,
-                     MinOp{}(a.ratio_min, b.ratio_min),
-                     MaxOp{}(a.ratio_max, b.ratio_max)};
+    return TokenSums{a.policy + b.policy, a.kl + b.kl,
+                     a.tokens + b.tokens, a.low + b.low,
+                     a.high + b.high, a.dual + b.dual,
+                     a.neg_log_ratio + b.neg_log_ratio, a.ratio_sum + b.ratio_sum,
+                     a.entropy_sum + b.entropy_sum, a.kept + b.kept,
+                     MinOp{}(a.ratio_min, b.ratio_min), MaxOp{}(a.ratio_max, b.ratio_max)};
   }
 };
 
@@ -194,11 +202,9 @@ LK_HOST_DEVICE TokenSums empty_token_sums() {
 
 template <class Team>
 LK_HOST_DEVICE void fwd_block(const Args& a, int64_t block, Team& team) {
-  const int64_t b = block / a.n_splits;
-  const int split = int(block % a.n_splits);
-  const int64_t s = a.start(b);
-  int64_t begin, end;
-  split_bounds(a.length(b), split, a.n_splits, &begin, &end);
+  const BlockSpan span = block_span(a, block);
+  const int64_t b = span.b, s = span.s, begin = span.begin, end = span.end;
+  const int split = span.split;
   SeqValues sv{0.0f, 0.0f, 1.0f, 1.0f};
   if (a.has_seq) {
     sv = merged_sequence_values(a, b);
@@ -307,11 +313,8 @@ LK_HOST_DEVICE void finalize_block(const Args& a, Team& team) {
 
 template <class Team>
 LK_HOST_DEVICE void bwd_block(const Args& a, int64_t block, Team& team) {
-  const int64_t b = block / a.n_splits;
-  const int split = int(block % a.n_splits);
-  const int64_t s = a.start(b);
-  int64_t begin, end;
-  split_bounds(a.length(b), split, a.n_splits, &begin, &end);
+  const BlockSpan span = block_span(a, block);
+  const int64_t b = span.b, s = span.s, begin = span.begin, end = span.end;
   const SeqValues sv = stored_sequence_values(a, b);
   const float g = a.g_stats[kStatLoss] * a.stats[kStatInvNorm];
   const float gu = g * agg_token_weight(a.agg, sv.n);

@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda_utils.h"
 #include "lenkernels/common.h"
 
 namespace lk {
@@ -347,5 +348,47 @@ void emulate(int64_t n_teams, const Body& body) {
   if (!error.empty()) throw std::runtime_error("lenkernels CUDA host emulation: " + error);
 }
 
+// --- kernels and their launches ------------------------------------------------------------------
+// Runs kernel on n_blocks blocks of kThreads threads on `device` (current for the call) and `stream`,
+// or with device -1 the same body(a, block, n_blocks, team) through emulate(). LK_LAUNCH names both.
+template <int kThreads, class Args, class Body>
+void launch_blocks(void (*kernel)(Args), const Body& body, const Args& a, int64_t n_blocks, int device,
+                   cudaStream_t stream, const char* what) {
+  if (n_blocks <= 0) return;
+  if (device < 0) {
+    emulate<kThreads>(n_blocks, [&](int64_t i, auto& team) { body(a, i, n_blocks, team); });
+    return;
+  }
+  DeviceGuard guard(device);
+  kernel<<<unsigned(n_blocks), kThreads, 0, stream>>>(a);
+  check_cuda(cudaGetLastError(), what);
+}
+
 }  // namespace cuda
 }  // namespace lk
+
+// LK_TEAM_BODY(name, Args, body): name##_body, whose call runs the statement `body` over a (the
+// kernel's Args), block, n_blocks (this block's index and the grid's size) and team.
+#define LK_TEAM_BODY(name, Args, ...)                                                               \
+  struct name##_body {                                                                             \
+    template <class Team>                                                                          \
+    LK_HOST_DEVICE void operator()(const Args& a, int64_t block, int64_t n_blocks, Team& team) const { \
+      (void)block;                                                                                 \
+      (void)n_blocks;                                                                              \
+      __VA_ARGS__;                                                                                 \
+    }                                                                                              \
+  };
+
+// LK_BLOCK_KERNEL(name, (launch bounds), Args, body): the kernel `name`, one BlockTeam<kThreads> per
+// block running body, and name##_body, the same body for the host emulation.
+#define LK_BLOCK_KERNEL(name, bounds, Args, ...)    \
+  LK_TEAM_BODY(name, Args, __VA_ARGS__)             \
+  __global__ void __launch_bounds__ bounds name(const Args a) { \
+    __shared__ TeamScratch<kThreads> scratch;       \
+    BlockTeam<kThreads> team{&scratch};             \
+    name##_body{}(a, blockIdx.x, gridDim.x, team);  \
+  }
+
+// LK_LAUNCH(kernel, a, n_blocks, device, stream): launch_blocks of an LK_BLOCK_KERNEL.
+#define LK_LAUNCH(kernel, a, n_blocks, device, stream) \
+  ::lk::cuda::launch_blocks<kThreads>(kernel, kernel##_body{}, a, n_blocks, device, stream, "launching " #kernel)

@@ -6,11 +6,10 @@
 // The per-thread work is in token_stats.h; the arithmetic in csrc/include/lenkernels/, shared with
 // the CPU backend. Raw device pointers, sizes and the stream come from Python (lenkernels/cuda.py):
 // no torch headers.
-#include <pybind11/pybind11.h>
-
 #include <climits>
 
 #include "cuda_utils.h"
+#include "lenkernels/binding.h"
 #include "token_stats.h"
 
 namespace lk {
@@ -64,18 +63,20 @@ unsigned grid_size(int64_t n_rows, int n_splits) {
   return unsigned(n_rows * n_splits);
 }
 
-void check_common(int64_t n_rows, int64_t vocab, int id_bytes) {
-  if (n_rows < 0 || vocab < 1) throw std::invalid_argument("need n_rows >= 0 and vocab >= 1");
-  if (id_bytes != 4 && id_bytes != 8) throw std::invalid_argument("ids must be int32 or int64");
+// The checks both passes share, then their grid (N * n_splits blocks).
+template <class Params>
+unsigned checked_grid(const Params& p) {
+  if (p.n_rows < 0 || p.vocab < 1) throw std::invalid_argument("need n_rows >= 0 and vocab >= 1");
+  if (p.id_bytes != 4 && p.id_bytes != 8) throw std::invalid_argument("ids must be int32 or int64");
+  return grid_size(p.n_rows, p.n_splits);
 }
 
 void forward(const FwdParams& p, int dtype, int device, cudaStream_t stream) {
-  check_common(p.n_rows, p.vocab, p.id_bytes);
-  const unsigned blocks = grid_size(p.n_rows, p.n_splits);
+  const unsigned blocks = checked_grid(p);
   if (p.n_splits > 1 && p.partial == nullptr) throw std::invalid_argument("n_splits > 1 needs a partial buffer");
   if (blocks == 0) return;
   DeviceGuard guard(device);
-  LK_CUDA_DISPATCH_DTYPE(dtype, T, {
+  LK_DISPATCH_FLOAT(dtype, T, {
     if (p.n_splits != 1 && p.n_splits != chunk_count(p.vocab, sizeof(T))) {
       throw std::invalid_argument("n_splits must be 1 or the row's chunk count (token_stats_splits)");
     }
@@ -90,11 +91,10 @@ void forward(const FwdParams& p, int dtype, int device, cudaStream_t stream) {
 }
 
 void backward(const BwdParams& p, int dtype, int device, cudaStream_t stream) {
-  check_common(p.n_rows, p.vocab, p.id_bytes);
-  const unsigned blocks = grid_size(p.n_rows, p.n_splits);
+  const unsigned blocks = checked_grid(p);
   if (blocks == 0) return;
   DeviceGuard guard(device);
-  LK_CUDA_DISPATCH_DTYPE(dtype, T, {
+  LK_DISPATCH_FLOAT(dtype, T, {
     token_stats_bwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
     check_cuda(cudaGetLastError(), "launching token_stats_bwd_kernel");
   });
@@ -102,22 +102,11 @@ void backward(const BwdParams& p, int dtype, int device, cudaStream_t stream) {
 
 int64_t elem_bytes(int dtype) {
   int64_t out = 0;
-  LK_CUDA_DISPATCH_DTYPE(dtype, T, out = sizeof(T));
+  LK_DISPATCH_FLOAT(dtype, T, out = sizeof(T));
   return out;
 }
 
-}  // namespace
-}  // namespace token_stats
-}  // namespace cuda
-}  // namespace lk
-
-namespace py = pybind11;
-
-PYBIND11_MODULE(_cuda_token_stats, m) {
-  using namespace lk::cuda;
-  using namespace lk::cuda::token_stats;
-  m.doc() = "lenkernels CUDA kernels: token log-probabilities and entropy (raw device pointers)";
-  // std::invalid_argument reaches Python as ValueError, std::runtime_error (CUDA errors) as RuntimeError
+void define(py::module_& m) {
   m.def(
       "token_stats_splits",
       [](int64_t n_rows, int64_t vocab, int dtype, int64_t sm_count) {
@@ -128,35 +117,35 @@ PYBIND11_MODULE(_cuda_token_stats, m) {
       "partial states when it is above 1).");
   m.def(
       "token_stats_fwd",
-      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids, int id_bytes,
-         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t logprobs, uintptr_t entropy,
-         uintptr_t lse, uintptr_t mean_z, uintptr_t max_z, uintptr_t log_s, uintptr_t partial, int n_splits,
-         int device, uintptr_t stream) {
-        FwdParams p{reinterpret_cast<const void*>(logits), n_rows, vocab, row_stride,
-                    reinterpret_cast<const void*>(ids), id_bytes, ptr<const float>(temperature), temp_stride,
-                    ignore_index, ptr<float>(logprobs), ptr<float>(entropy), ptr<float>(lse), ptr<float>(mean_z),
-                    ptr<float>(max_z), ptr<float>(log_s), ptr<float>(partial), n_splits};
-        py::gil_scoped_release release;  // a launch can block while the device queue is full
-        forward(p, dtype, device, reinterpret_cast<cudaStream_t>(stream));
+      [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids, int id_bytes,
+         Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr logprobs, Addr entropy, Addr lse,
+         Addr mean_z, Addr max_z, Addr log_s, Addr partial, int n_splits, int device, Addr stream) {
+        forward(FwdParams{logits, n_rows, vocab, row_stride, ids, id_bytes, temperature, temp_stride, ignore_index,
+                          logprobs, entropy, lse, mean_z, max_z, log_s, partial, n_splits},
+                dtype, device, stream);
       },
+      LK_NOGIL,
       "Launches the forward on `stream`: writes logprobs, entropy, lse, mean_z ([n_rows] fp32), and the rows' "
       "states max_z, log_s (0 = not wanted; lse = max_z + log_s).");
   m.def(
       "token_stats_bwd",
-      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, uintptr_t ids, int id_bytes,
-         uintptr_t temperature, int64_t temp_stride, int64_t ignore_index, uintptr_t lse, uintptr_t mean_z,
-         uintptr_t g_logprobs, int64_t g_logprobs_stride, uintptr_t g_entropy, int64_t g_entropy_stride,
-         uintptr_t dlogits, int64_t dlogits_row_stride, int n_splits, int device, uintptr_t stream) {
-        BwdParams p{reinterpret_cast<const void*>(logits), n_rows, vocab, row_stride,
-                    reinterpret_cast<const void*>(ids), id_bytes, ptr<const float>(temperature), temp_stride,
-                    ignore_index, ptr<const float>(lse), ptr<const float>(mean_z), ptr<const float>(g_logprobs),
-                    ptr<const float>(g_entropy), g_logprobs_stride, g_entropy_stride,
-                    reinterpret_cast<void*>(dlogits), dlogits_row_stride, n_splits};
-        py::gil_scoped_release release;
-        backward(p, dtype, device, reinterpret_cast<cudaStream_t>(stream));
+      [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids, int id_bytes,
+         Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr lse, Addr mean_z, Addr g_logprobs,
+         int64_t g_logprobs_stride, Addr g_entropy, int64_t g_entropy_stride, Addr dlogits,
+         int64_t dlogits_row_stride, int n_splits, int device, Addr stream) {
+        backward(BwdParams{logits, n_rows, vocab, row_stride, ids, id_bytes, temperature, temp_stride, ignore_index,
+                           lse, mean_z, g_logprobs, g_entropy, g_logprobs_stride, g_entropy_stride, dlogits,
+                           dlogits_row_stride, n_splits},
+                 dtype, device, stream);
       },
-      "Launches the backward on `stream`: writes dlogits ([n_rows, vocab], logits dtype; may be logits).");
-  m.attr("SOURCE_HASH") = LK_SOURCE_HASH;
-  m.attr("CUDART_VERSION") = CUDART_VERSION;
+      LK_NOGIL, "Launches the backward on `stream`: writes dlogits ([n_rows, vocab], logits dtype; may be logits).");
   m.attr("BLOCK_THREADS") = kThreads;
 }
+
+}  // namespace
+}  // namespace token_stats
+}  // namespace cuda
+}  // namespace lk
+
+LK_MODULE(_cuda_token_stats, "lenkernels CUDA kernels: token log-probabilities and entropy (raw device pointers)",
+          lk::cuda::token_stats::define)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from lenkernels import _extensions
+import torch
+
+from lenkernels import _checks, _extensions
 
 
 def load(family: str) -> ModuleType:
@@ -23,3 +25,17 @@ def available(family: str) -> tuple[bool, str]:
     except ImportError as exc:
         return False, str(exc)
     return True, ""
+
+
+def threads_for(n_elements: int, per_thread: int) -> int:
+    """OpenMP threads for ``n_elements`` of streaming work: one per ``per_thread`` elements (below
+    that another thread costs more in fork/join, or a descheduled straggler on a busy host, than the
+    work it takes over), at most ``torch.get_num_threads()``."""
+    return max(1, min(torch.get_num_threads(), n_elements // per_thread))
+
+
+def dtype_code(x: torch.Tensor, name: str) -> int:
+    """The ``_codes.DType`` code of a float32/bfloat16/float16 input; ValueError naming ``name`` otherwise."""
+    if x.dtype not in _checks.DTYPE_CODES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16 for backend='cpu', got {x.dtype}")
+    return _checks.DTYPE_CODES[x.dtype]

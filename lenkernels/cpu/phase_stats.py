@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from lenkernels import _checks
-from lenkernels.cpu import load
+from lenkernels.cpu import dtype_code, load, threads_for
 
 FAMILY = "phase_stats"
 
-# Tokens per CPU thread below which another thread costs more (fork/join, a descheduled
-# straggler on a busy host) than the ~0.2 ms of streaming work it would take over.
-_TOKENS_PER_THREAD = 1 << 18
+_TOKENS_PER_THREAD = 1 << 18  # cpu.threads_for: streaming work worth one more thread
 
 
-def _threads(n_elements: int) -> int:
-    return max(1, min(torch.get_num_threads(), n_elements // _TOKENS_PER_THREAD))
-
-
-def _dtype_code(x: torch.Tensor, name: str) -> int:
-    if x.dtype not in _checks.DTYPE_CODES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16 for backend='cpu', got {x.dtype}")
-    return _checks.DTYPE_CODES[x.dtype]
+def _threads(n_tokens: int) -> int:
+    return threads_for(n_tokens, _TOKENS_PER_THREAD)
 
 
 def _u8(flags: torch.Tensor) -> torch.Tensor:
@@ -39,7 +30,7 @@ def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, think_mean, think
     n_channels, n_tokens = values.shape
     y = ids.to(torch.int64).contiguous()
     load(FAMILY).phase_stats_fwd(
-        values.data_ptr(), _dtype_code(values, "values"), n_channels, values.stride(0), y.data_ptr(),
+        values.data_ptr(), dtype_code(values, "values"), n_channels, values.stride(0), y.data_ptr(),
         _u8(valid).data_ptr(), n_tokens, cu_seqlens.data_ptr(), cu_seqlens.numel() - 1, delimiter.data_ptr(),
         delimiter.numel(), think_mean.data_ptr(), think_sum.data_ptr(), answer_mean.data_ptr(),
         answer_sum.data_ptr(), think_count.data_ptr(), answer_count.data_ptr(), k.data_ptr(), found.data_ptr(),
@@ -54,7 +45,7 @@ def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len: 
     load(FAMILY).phase_stats_bwd(
         _u8(valid).data_ptr(), valid.numel(), cu_seqlens.data_ptr(), cu_seqlens.numel() - 1, k.data_ptr(),
         think_count.data_ptr(), answer_count.data_ptr(), delim_len, g_think_mean.data_ptr(), g_think_sum.data_ptr(),
-        g_answer_mean.data_ptr(), g_answer_sum.data_ptr(), dvalues.data_ptr(), _dtype_code(dvalues, "dvalues"),
+        g_answer_mean.data_ptr(), g_answer_sum.data_ptr(), dvalues.data_ptr(), dtype_code(dvalues, "dvalues"),
         dvalues.shape[0], dvalues.stride(0), _threads(dvalues.numel()),
     )  # fmt: skip
 
@@ -65,7 +56,7 @@ def sequence_stats_fwd(values, valid, cu_seqlens, threshold: float, quantile, le
     mean/min/max/frac (fp32 ``[S]``) and, with a quantile, high (bool ``[N]``; tokens outside every
     sequence left as they are)."""
     load(FAMILY).sequence_stats_fwd(
-        values.data_ptr(), _dtype_code(values, "entropy"), _u8(valid).data_ptr(), values.numel(),
+        values.data_ptr(), dtype_code(values, "entropy"), _u8(valid).data_ptr(), values.numel(),
         cu_seqlens.data_ptr(), cu_seqlens.numel() - 1, float(threshold), 0 if quantile is None else quantile.data_ptr(),
         length.data_ptr(), mean.data_ptr(), vmin.data_ptr(), vmax.data_ptr(), frac.data_ptr(),
         0 if quantile is None else high.data_ptr(), _threads(values.numel()),

@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from lenkernels import _checks
-from lenkernels.cpu import load
+from lenkernels.cpu import dtype_code, load, threads_for
 
 FAMILY = "rollout_correction"
 
-# Tokens per CPU thread below which another thread costs more (fork/join, a descheduled straggler
-# on a busy host) than the streaming work it would take over.
-_TOKENS_PER_THREAD = 1 << 16
+_TOKENS_PER_THREAD = 1 << 16  # cpu.threads_for: streaming work worth one more thread
 
 
 def _threads(n_tokens: int) -> int:
-    return max(1, min(torch.get_num_threads(), n_tokens // _TOKENS_PER_THREAD))
-
-
-def _dtype_code(x: torch.Tensor, name: str) -> int:
-    if x.dtype not in _checks.DTYPE_CODES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16 for backend='cpu', got {x.dtype}")
-    return _checks.DTYPE_CODES[x.dtype]
+    return threads_for(n_tokens, _TOKENS_PER_THREAD)
 
 
 def rollout_correction_fwd(old_logprobs, rollout_logprobs, valid, cu_seqlens, cfg, weights, keep, stats) -> None:
@@ -33,8 +24,8 @@ def rollout_correction_fwd(old_logprobs, rollout_logprobs, valid, cu_seqlens, cf
     left as they are) and stats (fp32 ``[NUM_CORRECTION_STATS]``, ``CorrectionStat`` layout)."""
     n_tokens = valid.numel()
     load(FAMILY).rollout_correction_fwd(
-        old=old_logprobs.data_ptr(), old_dtype=_dtype_code(old_logprobs, "old_logprobs"),
-        rollout=rollout_logprobs.data_ptr(), rollout_dtype=_dtype_code(rollout_logprobs, "rollout_logprobs"),
+        old=old_logprobs.data_ptr(), old_dtype=dtype_code(old_logprobs, "old_logprobs"),
+        rollout=rollout_logprobs.data_ptr(), rollout_dtype=dtype_code(rollout_logprobs, "rollout_logprobs"),
         valid=valid.view(torch.uint8).data_ptr(), n_tokens=n_tokens, cu_seqlens=cu_seqlens.data_ptr(),
         n_seq=cu_seqlens.numel() - 1, level=int(cfg.level), mode=int(cfg.mode), lo=cfg.lo, hi=cfg.hi,
         log_clamp=cfg.log_clamp, has_veto=cfg.has_veto, veto_lo=cfg.veto_lo, veto_hi=cfg.veto_hi,

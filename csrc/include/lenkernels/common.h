@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
 #define LK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -17,6 +18,13 @@ namespace lk {
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // Element type of a mask or length tensor (uint8 masks read as bool).
 enum class Weight : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kBool = 3, kInt32 = 4, kInt64 = 5 };
+
+// Host-side check of a DType code: what is wrong, or an empty string (a kernel would read an
+// unknown code as float32).
+inline std::string invalid_dtype(int code) {
+  if (code == kFloat32 || code == kBFloat16 || code == kFloat16) return "";
+  return "unsupported dtype code " + std::to_string(code) + " (lenkernels._codes.DType)";
+}
 
 constexpr float kNegInf = -__builtin_huge_valf();
 

@@ -60,6 +60,46 @@ LK_HOST_DEVICE int token_phase(bool is_valid, int64_t pos, int64_t k, int64_t de
 
 LK_HOST_DEVICE float phase_mean(float sum, int64_t count) { return count > 0 ? sum / static_cast<float>(count) : 0.0f; }
 
+// The packed sequences, the delimiter and the outputs of phase_stats_fwd: the part of both
+// backends' forward arguments after the values and ids.
+struct PhaseFwdArgs {
+  const uint8_t* valid;  // [N] 1 = response token
+  int64_t n_tokens;
+  const int64_t* cu_seqlens;  // [S + 1]
+  int64_t n_seq;
+  const int64_t* delim;  // [L]
+  int64_t delim_len;
+  float *think_mean, *think_sum, *answer_mean, *answer_sum;  // [C, S]
+  int64_t *think_count, *answer_count, *k;                   // [S]
+  uint8_t* found;                                            // [S]
+};
+
+// The arguments of sequence_stats_fwd on both backends (the CPU adds its thread count).
+struct SeqStatsArgs {
+  const void* values;  // [N]
+  int dtype;
+  const uint8_t* valid;
+  int64_t n_tokens;
+  const int64_t* cu_seqlens;
+  int64_t n_seq;
+  float threshold;
+  const float* quantile;  // [1], or null: no high-value mask
+  int64_t* length;
+  float *mean, *min, *max, *frac_above;
+  uint8_t* high;  // [N], or null
+};
+
+// Channel c of sequence s: the think/answer sums and means ([C, S] outputs of a backend's FwdArgs).
+template <class Out>
+LK_HOST_DEVICE void write_phase_sums(const Out& a, int64_t c, int64_t s, float think, int64_t think_n, float answer,
+                                     int64_t answer_n) {
+  const int64_t o = c * a.n_seq + s;
+  a.think_sum[o] = think;
+  a.think_mean[o] = phase_mean(think, think_n);
+  a.answer_sum[o] = answer;
+  a.answer_mean[o] = phase_mean(answer, answer_n);
+}
+
 // d(loss)/d(value) for every token of one phase: each of its `count` tokens gets g_mean / count
 // from the mean and g_sum from the sum (a phase without tokens has no gradient to give).
 LK_HOST_DEVICE float phase_token_grad(float g_mean, float g_sum, int64_t count) {
@@ -107,6 +147,16 @@ LK_HOST_DEVICE SeqStatsOut seq_stats_finalize(const SeqStats& st) {
   if (st.count == 0) return SeqStatsOut{0.0f, 0.0f, 0.0f, 0.0f};
   const float n = static_cast<float>(st.count);
   return SeqStatsOut{st.sum / n, st.min, st.max, static_cast<float>(st.above) / n};
+}
+
+// Sequence s's outputs of sequence_stats_fwd from its reduced statistics.
+LK_HOST_DEVICE void write_seq_stats(const SeqStatsArgs& a, int64_t s, const SeqStats& st) {
+  const SeqStatsOut out = seq_stats_finalize(st);
+  a.length[s] = st.count;
+  a.mean[s] = out.mean;
+  a.min[s] = out.min;
+  a.max[s] = out.max;
+  a.frac_above[s] = out.frac_above;
 }
 
 // TRL's top_entropy_quantile mask: a response token whose value is >= the quantile threshold

@@ -39,5 +39,32 @@ inline PolicyScalars parse_policy_scalars(const pybind11::dict& d) {
   return s;
 }
 
+template <typename T>
+T* dict_ptr(const pybind11::dict& d, const std::string& key) {
+  return reinterpret_cast<T*>(d[key.c_str()].cast<uintptr_t>());
+}
+
+// The scalars, sizes and input columns of the argument dict, into a backend's Args (a PolicyScalars
+// with the fields below); column(d, name) reads the column `name` (its address, name + "_rs" its row
+// stride) into the backend's Column.
+template <class Args, class ReadColumn>
+void parse_policy_inputs(const pybind11::dict& d, Args& a, ReadColumn column) {
+  static_cast<PolicyScalars&>(a) = parse_policy_scalars(d);  // checks the codes
+  a.n_seqs = d["n_seqs"].cast<int64_t>();
+  a.seq_len = d["seq_len"].cast<int64_t>();
+  a.cu = dict_ptr<const int64_t>(d, "cu_seqlens");
+  a.lp = column(d, "logprobs");
+  a.old = column(d, "old_logprobs");
+  a.adv = column(d, "advantages");
+  a.ref = column(d, "ref_logprobs");
+  a.ent = column(d, "entropy");
+  a.w = column(d, "importance_weights");
+  a.adv_per_token = d["adv_per_token"].cast<bool>();
+  a.mask = dict_ptr<const uint8_t>(d, "mask");
+  a.mask_rs = d["mask_rs"].cast<int64_t>();
+  a.thr = dict_ptr<const double>(d, "threshold");
+  a.norm = dict_ptr<const float>(d, "normaliser");
+}
+
 }  // namespace policy
 }  // namespace lk

@@ -45,43 +45,17 @@ enum Partial : int {
 };
 
 // The op's statistics vector (lenkernels/ops/policy_loss.py names them).
-enum Stat : int {
-  kStatLoss = 0,
-  kStatPolicy = 1,
-  kStatKL = 2,
-  kStatEntropy = 3,
-  kStatClipLow = 4,
-  kStatClipHigh = 5,
-  kStatClipDual = 6,
-  kStatApproxKL = 7,
-  kStatRatioMin = 8,
-  kStatRatioMean = 9,
-  kStatRatioMax = 10,
-  kStatEntropyMean = 11,
-  kStatTokens = 12,
-  kStatSeqs = 13,
-  kStatInvNorm = 14,
-  kStatKept = 15,
-  kNumStats = 16
-};
+enum Stat : int { kStatLoss = 0, kStatPolicy = 1, kStatKL = 2, kStatEntropy = 3, kStatClipLow = 4, kStatClipHigh = 5,
+    kStatClipDual = 6, kStatApproxKL = 7, kStatRatioMin = 8, kStatRatioMean = 9, kStatRatioMax = 10,
+    kStatEntropyMean = 11, kStatTokens = 12, kStatSeqs = 13, kStatInvNorm = 14, kStatKept = 15, kNumStats = 16 };
 
 // Per-sequence sums of the segment reduction, and the per-sequence values derived from them.
 enum SeqPartial : int { kSeqTokens = 0, kSeqLogRatio = 1, kSeqAdvantage = 2, kSeqLogWeight = 3, kSeqKept = 4, kNumSeqPartials = 8 };
 enum SeqValue : int { kSeqN = 0, kSeqX = 1, kSeqY = 2, kSeqRatio = 3, kNumSeqValues = 4 };
 // The float hyper-parameters as the Triton kernels read them: one fp32 vector in this layout
 // (lenkernels/_codes.py PolicyParam; the C++ kernels take them as PolicyScalars fields).
-enum PolicyParam : int {
-  kLo = 0,
-  kHi = 1,
-  kDualC = 2,
-  kTauPos = 3,
-  kTauNeg = 4,
-  kKlCoef = 5,
-  kEntropyCoef = 6,
-  kNormConst = 7,
-  kScale = 8,
-  kNumPolicyParams = 9
-};
+enum PolicyParam : int { kLo = 0, kHi = 1, kDualC = 2, kTauPos = 3, kTauNeg = 4, kKlCoef = 5,
+    kEntropyCoef = 6, kNormConst = 7, kScale = 8, kNumPolicyParams = 9 };
 
 // Host-side check of the codes a launch reads (declared in lenkernels/_codes.py): what is wrong, or
 // an empty string when every code is a member of its enum. Run before any kernel or parallel region,
@@ -123,19 +97,23 @@ LK_HOST_DEVICE float clampf(float x, float lo, float hi) { return x < lo ? lo : 
 
 LK_HOST_DEVICE float signf(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
-// exp(x) - 1 without the cancellation of exp(x) - 1 near 0 (Taylor series to x^9 for |x| < 0.5).
-template <class Exp>
-LK_HOST_DEVICE float expm1_accurate(float x, Exp exp_fn) {
-  const bool small = fabsf(x) < kSeriesBound;
-  const float s = small ? x : 0.0f;
+// 1 + s/3 (1 + s/4 (... (1 + s/9))) by Horner: the Taylor series of exp behind its first terms.
+LK_HOST_DEVICE float exp_series_from3(float s) {
   float p = 1.0f + s * (1.0f / 9.0f);
   p = 1.0f + s * (1.0f / 8.0f) * p;
   p = 1.0f + s * (1.0f / 7.0f) * p;
   p = 1.0f + s * (1.0f / 6.0f) * p;
   p = 1.0f + s * (1.0f / 5.0f) * p;
   p = 1.0f + s * (1.0f / 4.0f) * p;
-  p = 1.0f + s * (1.0f / 3.0f) * p;
-  p = 1.0f + s * 0.5f * p;
+  return 1.0f + s * (1.0f / 3.0f) * p;
+}
+
+// exp(x) - 1 without the cancellation of exp(x) - 1 near 0 (Taylor series to x^9 for |x| < 0.5).
+template <class Exp>
+LK_HOST_DEVICE float expm1_accurate(float x, Exp exp_fn) {
+  const bool small = fabsf(x) < kSeriesBound;
+  const float s = small ? x : 0.0f;
+  const float p = 1.0f + s * 0.5f * exp_series_from3(s);
   return small ? s * p : exp_fn(x) - 1.0f;
 }
 
@@ -145,14 +123,7 @@ template <class Exp>
 LK_HOST_DEVICE float expm1mx_accurate(float x, Exp exp_fn) {
   const bool small = fabsf(x) < kSeriesBound;
   const float s = small ? x : 0.0f;
-  float p = 1.0f + s * (1.0f / 9.0f);
-  p = 1.0f + s * (1.0f / 8.0f) * p;
-  p = 1.0f + s * (1.0f / 7.0f) * p;
-  p = 1.0f + s * (1.0f / 6.0f) * p;
-  p = 1.0f + s * (1.0f / 5.0f) * p;
-  p = 1.0f + s * (1.0f / 4.0f) * p;
-  p = 1.0f + s * (1.0f / 3.0f) * p;
-  return small ? 0.5f * s * s * p : (exp_fn(x) - 1.0f) - x;
+  return small ? 0.5f * s * s * exp_series_from3(s) : (exp_fn(x) - 1.0f) - x;
 }
 
 // SPEC 2: which estimator, decided once per call. `straight_through` (the trailing "+"): the value

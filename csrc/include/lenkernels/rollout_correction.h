@@ -16,6 +16,7 @@
 #include <math.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "lenkernels/common.h"
@@ -27,35 +28,13 @@ namespace rollout {
 // Codes declared in lenkernels/_codes.py (tests/test_codes.py checks them).
 enum CorrectionLevel : int { kToken = 0, kSequence = 1, kGeometric = 2 };
 enum CorrectionMode : int { kTruncate = 0, kMask = 1 };
-enum CorrectionPartial : int {
-  kPartWeightSum = 0,
-  kPartWeightMin = 1,
-  kPartWeightMax = 2,
-  kPartNegLogRatioSum = 3,
-  kPartK3Sum = 4,
-  kNumCorrectionPartials = 8
-};
-enum CorrectionCount : int {
-  kCountTokens = 0,
-  kCountKept = 1,
-  kCountTruncated = 2,
-  kCountNan = 3,
-  kCountSeqs = 4,
-  kCountMaskedSeqs = 5,
-  kNumCorrectionCounts = 8
-};
-enum CorrectionStat : int {
-  kStatWeightMean = 0,
-  kStatWeightMin = 1,
-  kStatWeightMax = 2,
-  kStatTruncatedFraction = 3,
-  kStatMaskedFraction = 4,
-  kStatMaskedSeqFraction = 5,
-  kStatMaskedTokens = 6,
-  kStatKlK1 = 7,
-  kStatKlK3 = 8,
-  kNumCorrectionStats = 9
-};
+enum CorrectionPartial : int { kPartWeightSum = 0, kPartWeightMin = 1, kPartWeightMax = 2, kPartNegLogRatioSum = 3,
+    kPartK3Sum = 4, kNumCorrectionPartials = 8 };
+enum CorrectionCount : int { kCountTokens = 0, kCountKept = 1, kCountTruncated = 2, kCountNan = 3, kCountSeqs = 4,
+    kCountMaskedSeqs = 5, kNumCorrectionCounts = 8 };
+enum CorrectionStat : int { kStatWeightMean = 0, kStatWeightMin = 1, kStatWeightMax = 2, kStatTruncatedFraction = 3,
+    kStatMaskedFraction = 4, kStatMaskedSeqFraction = 5, kStatMaskedTokens = 6, kStatKlK1 = 7, kStatKlK3 = 8,
+    kNumCorrectionStats = 9 };
 
 // Host-side check of the codes a launch reads: what is wrong, or an empty string. Run before any
 // kernel or parallel region, so no branch on a code falls back to a default.
@@ -67,6 +46,14 @@ inline std::string invalid_codes(int level, int mode) {
     return "mode must be a lk::rollout::CorrectionMode code (0..1), got " + std::to_string(mode);
   }
   return "";
+}
+
+// invalid_codes, after the dtype codes of the two logprob inputs.
+inline std::string invalid_args(int old_dtype, int rollout_dtype, int level, int mode) {
+  for (int dtype : {old_dtype, rollout_dtype}) {
+    if (!invalid_dtype(dtype).empty()) return invalid_dtype(dtype);
+  }
+  return invalid_codes(level, mode);
 }
 
 // The scalars of one call (lenkernels/ops/rollout_correction.py CorrectionConfig). lo <= hi; an
@@ -195,14 +182,10 @@ LK_HOST_DEVICE Sums sums_merge(const Sums& a, const Sums& b) {
   return Sums{a.weight_sum + b.weight_sum,
               b.weight_min < a.weight_min ? b.weight_min : a.weight_min,
               b.weight_max > a.weight_max ? b.weight_max : a.weight_max,
-              a.neg_log_ratio + b.neg_log_ratio,
-              a.k3 + b.k3,
-              a.tokens + b.tokens,
-              a.kept + b.kept,
-              a.truncated + b.truncated,
-              a.nan + b.nan,
-              a.seqs + b.seqs,
-              a.masked_seqs + b.masked_seqs};
+              a.neg_log_ratio + b.neg_log_ratio, a.k3 + b.k3,
+              a.tokens + b.tokens, a.kept + b.kept,
+              a.truncated + b.truncated, a.nan + b.nan,
+              a.seqs + b.seqs, a.masked_seqs + b.masked_seqs};
 }
 
 // A sequence's sums once its tokens are in: whether it has response tokens, and any rejected.
