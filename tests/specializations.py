@@ -133,14 +133,14 @@ def advantages_launches():
             ops.group_stats_fwd(scores[:, None], None, None, 2, None, "triton", torch.empty(n, 1, 6), torch.empty(0))
 
 
-def linear_stats_launches():
-    """50 row counts, hidden sizes, vocabularies, temperatures and tile positions, for two dtypes with
-    and without a bias."""
+def linear_stats_launches(count: int = 50):
+    """``count`` row counts, hidden sizes, vocabularies, temperatures and tile positions (a few tiles
+    per backward call, at varying offsets), for two dtypes with and without a bias."""
     import torch
 
     from lenkernels.ops.linear_stats import linear_stats_bwd, linear_stats_fwd
 
-    for i in range(50):
+    for i in range(count):
         n, d, v = 1 + 29 * i, 16 + 8 * (i % 5), 100 + 37 * i
         for dtype in (torch.bfloat16, torch.float32):
             h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(v, d, dtype=dtype)

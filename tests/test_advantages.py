@@ -19,7 +19,7 @@ import torch
 import lenkernels as lk
 from lenkernels.ops import advantages as ops
 from lenkernels.reference import advantages as ref
-from tests.utils import HAS_CUDA, STAT_RTOL, assert_close, backend_params, nan_like
+from tests.utils import HAS_CUDA, STAT_RTOL, advantage_scale, assert_close, backend_params, nan_like
 
 BACKENDS = backend_params("advantages")
 METHODS = list(ref.METHODS)
@@ -57,34 +57,11 @@ def _inputs(layout, n, device):
 
 
 def _scale(method, rewards, ids, eps, mask=None, lengths=None):
-    """Per-element magnitude of the terms an fp32 computation of the advantage combines: |s| and the
-    group's largest |s| (the mean), times the factor applied to them (1/(std+eps), n/(n-1), the batch
-    scale). The fp32 error of a correct kernel grows with this, not with the (possibly tiny) result."""
+    """:func:`tests.utils.advantage_scale` of ``rewards`` (``[B]`` or ``[B, T]``), their response
+    weights taken from ``lengths`` or ``mask``."""
     s = ref.scores(rewards)
-    ids = ref.group_ids(ids, s.shape[0])
-    out = torch.empty_like(s)
-    for idx in ref._members(ids):
-        x = s[idx]
-        k = x.numel()
-        big = x.abs() + x.abs().max()
-        if method in ("grpo", "grpo_passk"):
-            big = big / ((x.std() if k > 1 else 1.0) + eps)
-        elif method == "rloo" and k > 1:
-            big = big * k / (k - 1)
-        out[idx] = big
-    if method == "batch":
-        out = out / (s.std() + eps)
-    elif method == "reinforce_pp_baseline":
-        x = ref.group_advantages(rewards, ids, "dr_grpo")
-        w = lengths.double() if lengths is not None else (mask.double().sum(-1) if mask is not None else torch.ones_like(s))
-        mean = (w * x).sum() / w.sum()
-        var = (w * (x - mean) ** 2).sum() / (w.sum() - 1)
-        out = (out + mean.abs()) / torch.sqrt(var + 1e-8)
-    elif method == "gaussian":
-        out = torch.ones_like(s) * 4  # |Phi^-1| <= ~5 for n <= 10^6
-    if mask is not None:
-        out = out.unsqueeze(-1) * mask.double().abs()
-    return out
+    w = lengths.double() if lengths is not None else (mask.double().sum(-1) if mask is not None else torch.ones_like(s))
+    return advantage_scale(method, s, ref.group_ids(ids, s.shape[0]), eps, w, mask)
 
 
 def _check(method, out, inputs, ids, eps=1e-6, **kwargs):

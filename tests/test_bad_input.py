@@ -109,6 +109,33 @@ def _linear(device):
                 temperature=0.7, chunk_size=16)  # fmt: skip
 
 
+def _linear_all(device):
+    """A linear_token_stats call asking for every output, through a logit scale and a soft cap."""
+    return {**_linear(device), "outputs": ("logprob", "entropy", "sum_p2", "argmax", "mean_logit"),
+            "logit_scale": 0.5, "softcap": 6.0}  # fmt: skip
+
+
+def _linear_cases():
+    """The bad inputs of an op on the last hidden state (linear_logprobs_entropy, linear_token_stats)."""
+    return [
+        case("hidden_int", TypeError, "hidden", hidden=d(lambda kw: kw["hidden"].long())),
+        case("weight_shape", ValueError, "weight", weight=d(lambda kw: kw["weight"][:, :7])),
+        case("weight_1d", ValueError, "weight", weight=d(lambda kw: kw["weight"][0])),
+        case("weight_no_rows", ValueError, "weight", weight=d(lambda kw: kw["weight"][:0]), bias=None),
+        case("weight_dtype", TypeError, "weight", weight=d(lambda kw: kw["weight"].half())),
+        case("bias_shape", ValueError, "bias", bias=d(lambda kw: kw["bias"][:10])),
+        case("bias_dtype", TypeError, "bias", bias=d(lambda kw: kw["bias"].half())),
+        case("ids_float", TypeError, "ids", ids=d(lambda kw: kw["ids"].float())),
+        case("ids_shape", ValueError, "ids", ids=d(lambda kw: kw["ids"][0])),
+        case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
+        case("ids_negative", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(-7))),
+        case("chunk_size_zero", ValueError, "chunk_size", chunk_size=0),
+        case("chunk_size_float", (TypeError, ValueError), "chunk_size", chunk_size=16.0),
+        case("temperature_zero", ValueError, "temperature", temperature=0),
+        case("ignore_index_float", TypeError, "ignore_index", ignore_index=-1.5),
+    ]  # fmt: skip
+
+
 def _policy(device):
     g = _gen()
     lp = -torch.rand(3, 6, generator=g)
@@ -277,17 +304,22 @@ def _packed_corr(**extra):
     return {**flat, **extra}
 
 # fmt: off
+# the checks of logits, ids and temperature that both token ops make
+_TOKEN_CASES = [
+    case("logits_int", TypeError, "logits", logits=d(lambda kw: kw["logits"].long())),
+    case("empty_vocab", ValueError, "vocabulary", logits=d(lambda kw: kw["logits"][..., :0])),
+    case("ids_float", TypeError, "ids", ids=d(lambda kw: kw["ids"].float())),
+    case("ids_shape", ValueError, "ids", ids=d(lambda kw: kw["ids"][:, :2])),
+    case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
+    case("ids_negative", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(-1))),
+    case("temperature_zero", ValueError, "temperature", temperature=0.0),
+]
+
 APIS = [
     Api("token_logprobs_entropy", lk.token_logprobs_entropy, _token, "token_stats",
         numbers=(("temperature", {}, False),), cases=[
-            case("logits_int", TypeError, "logits", logits=d(lambda kw: kw["logits"].long())),
+            *_TOKEN_CASES,
             case("logits_0d", ValueError, "logits", logits=d(lambda kw: kw["logits"][0, 0, 0])),
-            case("empty_vocab", ValueError, "vocabulary", logits=d(lambda kw: kw["logits"][..., :0])),
-            case("ids_float", TypeError, "ids", ids=d(lambda kw: kw["ids"].float())),
-            case("ids_shape", ValueError, "ids", ids=d(lambda kw: kw["ids"][:, :2])),
-            case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
-            case("ids_negative", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(-1))),
-            case("temperature_zero", ValueError, "temperature", temperature=0.0),
             case("temperature_negative", ValueError, "temperature", temperature=-0.5),
             case("temperature_shape", ValueError, "temperature", temperature=d(lambda kw: torch.ones(4, device=_device(kw)))),
             case("temperature_int_tensor", TypeError, "temperature", temperature=d(lambda kw: torch.ones(2, 3, dtype=torch.long,
@@ -301,13 +333,7 @@ APIS = [
         ]),
     Api("token_stats", lk.token_stats, _token_all, "token_stats", numbers=(("temperature", {}, False),),
         seq_ok=("outputs",), cases=[
-            case("logits_int", TypeError, "logits", logits=d(lambda kw: kw["logits"].long())),
-            case("empty_vocab", ValueError, "vocabulary", logits=d(lambda kw: kw["logits"][..., :0])),
-            case("ids_float", TypeError, "ids", ids=d(lambda kw: kw["ids"].float())),
-            case("ids_shape", ValueError, "ids", ids=d(lambda kw: kw["ids"][:, :2])),
-            case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
-            case("ids_negative", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(-1))),
-            case("temperature_zero", ValueError, "temperature", temperature=0.0),
+            *_TOKEN_CASES,
             case("ignore_index_float", TypeError, "ignore_index", ignore_index=-100.0),
             case("outputs_unknown", ValueError, "output", outputs=("logprob", "topk")),
             case("outputs_empty", ValueError, "outputs", outputs=()),
@@ -324,22 +350,14 @@ APIS = [
              backend=d(lambda kw: "cpu" if kw.get("backend") in (None, "reference") else kw["backend"])),
     ]),
     Api("linear_logprobs_entropy", lk.linear_logprobs_entropy, _linear, "linear_stats",
-        numbers=(("temperature", {}, False),), cases=[
-            case("hidden_int", TypeError, "hidden", hidden=d(lambda kw: kw["hidden"].long())),
-            case("weight_shape", ValueError, "weight", weight=d(lambda kw: kw["weight"][:, :7])),
-            case("weight_1d", ValueError, "weight", weight=d(lambda kw: kw["weight"][0])),
-            case("weight_no_rows", ValueError, "weight", weight=d(lambda kw: kw["weight"][:0]), bias=None),
-            case("weight_dtype", TypeError, "weight", weight=d(lambda kw: kw["weight"].half())),
-            case("bias_shape", ValueError, "bias", bias=d(lambda kw: kw["bias"][:10])),
-            case("bias_dtype", TypeError, "bias", bias=d(lambda kw: kw["bias"].half())),
-            case("ids_float", TypeError, "ids", ids=d(lambda kw: kw["ids"].float())),
-            case("ids_shape", ValueError, "ids", ids=d(lambda kw: kw["ids"][0])),
-            case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
-            case("ids_negative", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(-7))),
-            case("chunk_size_zero", ValueError, "chunk_size", chunk_size=0),
-            case("chunk_size_float", (TypeError, ValueError), "chunk_size", chunk_size=16.0),
-            case("temperature_zero", ValueError, "temperature", temperature=0),
-            case("ignore_index_float", TypeError, "ignore_index", ignore_index=-1.5),
+        numbers=(("temperature", {}, False),), cases=_linear_cases()),
+    Api("linear_token_stats", lk.linear_token_stats, _linear_all, "token_stats_extra",
+        numbers=(("temperature", {}, False), ("logit_scale", {}, False), ("softcap", {}, False)), cases=[
+            *_linear_cases(),
+            case("softcap_zero", ValueError, "softcap", softcap=0.0),
+            case("outputs_str", TypeError, "outputs", outputs="logprob"),
+            case("outputs_unknown", ValueError, "outputs", outputs=("logprob", "topk")),
+            case("compute_dtype", TypeError, "compute_dtype", compute_dtype=torch.int32),
         ]),
     Api("policy_loss", lk.policy_loss, _policy, "policy_loss",
         numbers=(("clip_low", {}, False), ("clip_high", {}, False), ("clip_dual", {}, False), ("tau_pos", {}, False),
@@ -837,6 +855,8 @@ def _empty_calls(device):
                             outputs=("sum_p2", "argmax", "mean_logit")),
         "token_entropy": dict(logits=torch.randn(4, 0, 7, device=device)),
         "linear_logprobs_entropy": dict(hidden=torch.randn(0, 5, device=device), weight=torch.randn(7, 5, device=device), ids=long0),
+        "linear_token_stats": dict(hidden=torch.randn(0, 5, device=device), weight=torch.randn(7, 5, device=device), ids=long0,
+                                   outputs=("sum_p2", "argmax"), softcap=3.0),
         "kl_penalty": dict(logprobs=e, ref_logprobs=e),
         "group_advantages": dict(rewards=torch.zeros(0, 4, device=device), groups=long0,
                                  mask=torch.zeros(0, 4, dtype=torch.bool, device=device)),
@@ -1055,6 +1075,7 @@ def test_groups_of_one(backend, device):
 OUT_OF_RANGE = {  # function: (the id argument, the output its row goes to)
     "token_logprobs_entropy": ("ids", lambda out: out[0]),
     "linear_logprobs_entropy": ("ids", lambda out: out[0]),
+    "linear_token_stats": ("ids", lambda out: out.logprob),
     "token_stats_with_phases": ("ids", lambda out: out.logprobs),
     "hapo_reward": ("prompt_ids", lambda out: out),
 }

@@ -18,7 +18,6 @@ blocks: those statistics differed in the last bits (this test failed on both).
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 
 from lenkernels import _build, _checks
 from lenkernels.ops.token_stats import token_stats_bwd, token_stats_fwd
-from tests.utils import backend_params
+from tests.utils import backend_params, load_replay
 
 VOCAB = 40_009  # 2 Triton chunks of 8 x 4096 (the second with the partial tile), 20 CPU chunks of 2048
 N_PROBES = 3
@@ -156,14 +155,7 @@ def replay(tmp_path_factory):
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    lib = ctypes.CDLL(str(out))
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.lk_replay_split_count.argtypes = [i64, i64, i64, i64]
-    lib.lk_replay_fwd.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
-    lib.lk_replay_bwd.argtypes = [
-        ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i32,
-    ]  # fmt: skip
-    return lib
+    return load_replay(out)
 
 
 def _replay(lib, n_splits, logits, ids, temp, g_lp, g_h):

@@ -18,6 +18,7 @@ families' own test files run their whole suites on the cuda backend on a GPU as 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -28,13 +29,11 @@ import torch
 import lenkernels as lk
 from lenkernels import _backend, _build, _extensions
 from lenkernels import cuda as lk_cuda
-from lenkernels._codes import Agg, Mode
 from lenkernels.cuda import phase_stats as lk_cuda_phase
 from lenkernels.cuda import policy_loss as cuda_pl
-from lenkernels.ops import policy_loss as pl_ops
-from lenkernels.ops.policy_loss_args import PolicyConfig, PolicyInputs, kernel_tokens
 from lenkernels.reference import advantages as ref_adv
 from lenkernels.reference import policy_loss as ref_pl
+from tests import utils as tu
 from tests.utils import GRAD_ATOL, GRAD_RTOL, HAS_CUDA, STAT_RTOL, assert_close, nan_like
 
 FAMILIES = ("policy_loss", "advantages", "phase_stats")
@@ -59,6 +58,15 @@ def dev(request, monkeypatch):
             pytest.skip("needs a CUDA GPU")
         yield "cuda"
         return
+    with cuda_emulation(request, monkeypatch):
+        yield "cpu"
+
+
+@contextlib.contextmanager
+def cuda_emulation(request, monkeypatch):
+    """The cuda backend on CPU tensors for the test: the ``emulated_modules`` (skips without nvcc)
+    loaded, the backend resolver accepting CPU tensors for FAMILIES, and the kernel bodies run on the
+    host (``lenkernels.cuda.host_emulation``)."""
     modules = request.getfixturevalue("emulated_modules")
     for family, module in modules.items():
         monkeypatch.setitem(_extensions._loaded, f"_cuda_{family}", module)
@@ -72,7 +80,7 @@ def dev(request, monkeypatch):
 
     monkeypatch.setattr(_backend, "backend_status", status)
     with lk_cuda.host_emulation(sm_count=EMULATED_SMS):
-        yield "cpu"
+        yield
 
 
 def _sm_count(dev: str) -> int:
@@ -82,58 +90,16 @@ def _sm_count(dev: str) -> int:
 # --- policy loss ------------------------------------------------------------------------------------
 
 
-def _policy_batch(B, T, dev, *, per_token_adv=False, dtype=torch.float32, spread=0.8):
-    """Random inputs with the awkward cases on purpose: row 0 all masked, row 1 one token, row 2 with
-    A = 0, ratios far outside the clip ranges, and NaN/inf at masked positions (never read)."""
-    lp = -torch.rand(B, T) * 3
-    old = lp + torch.randn(B, T) * spread
-    adv = torch.randn(B, T) if per_token_adv else torch.randn(B)
-    mask = torch.rand(B, T) > 0.25
-    mask[0] = False
-    mask[1] = False
-    mask[1, T // 2] = True
-    if B > 2:
-        adv[2] = 0.0
-    ref = lp + torch.randn(B, T) * 0.3
-    ent = torch.rand(B, T) * 3
-    w = torch.rand(B, T) + 0.5
-    bad = torch.where(torch.rand(B, T) > 0.5, float("nan"), float("inf"))
-    for x in (lp, old, ref, ent, w) + ((adv,) if per_token_adv else ()):
-        x.copy_(torch.where(mask, x, bad))
-    cast = lambda x: x.to(dtype).to(dev)  # noqa: E731
-    return SimpleNamespace(lp=cast(lp), old=cast(old), adv=cast(adv), mask=mask.to(dev), ref=cast(ref), ent=cast(ent),
-                           w=cast(w))  # fmt: skip
-
-
-def _run_policy(b, g=0.7, **kw):
-    """lk.policy_loss on the cuda backend: (PolicyLoss, d logprobs, d entropy) for cotangent g."""
-    x = b.lp.clone().requires_grad_(True)
-    h = b.ent.clone().requires_grad_(True)
-    out = lk.policy_loss(x, b.old, b.adv, b.mask, entropy=h, backend="cuda", **kw)
-    d_lp, d_h = torch.autograd.grad(out.loss * g, [x, h])
-    return out, d_lp, d_h
-
-
-def _expect_policy(b, g=0.7, **kw):
-    f64 = lambda x: None if x is None else x.detach().cpu().to(torch.float64)  # noqa: E731
-    x, h = f64(b.lp).requires_grad_(True), f64(b.ent).requires_grad_(True)
-    kw = {k: (v.cpu() if k == "cu_seqlens" else f64(v)) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    out = ref_pl.policy_loss(x, f64(b.old), f64(b.adv), b.mask.cpu(), entropy=h, **kw)
-    d_lp, d_h = torch.autograd.grad(out["loss"] * g, [x, h])
-    return out, d_lp, d_h
+def _policy_batch(B, T, dev, **kw):
+    """:func:`tests.utils.policy_batch` on ``dev``, ratios spread 0.8 in log space (B >= 2: row 1
+    holds one token, row 2 has A = 0)."""
+    return tu.policy_batch(B, T, device=dev, **{"spread": 0.8, **kw})
 
 
 def _check_policy(got, want, dev):
     out, d_lp, d_h = got
     exp, e_lp, e_h = want
-    for name in lk.PolicyLoss._fields:
-        value, expected = getattr(out, name), exp[name]
-        if expected is None:
-            assert value is None, f"{name} should be None"
-            continue
-        assert value.shape == () and value.dtype == torch.float32 and value.device.type == torch.device(dev).type
-        scale = exp["scales"].get(name)  # the magnitude of the summed terms, for the reduced values
-        assert_close(value, expected, rtol=STAT_RTOL, atol=1e-6 if scale is None else 0.0, scale=scale, name=name)
+    tu.assert_policy_stats(out, exp, dev)
     # gradients are rounded to their dtype once (fp16 keeps subnormals: GRAD_ATOL is their spacing)
     atol = 1e-7 * float(e_lp.abs().max()) + GRAD_ATOL[d_lp.dtype]
     assert_close(d_lp, e_lp, rtol=GRAD_RTOL[d_lp.dtype], atol=atol, name="dlogprobs")
@@ -150,7 +116,7 @@ def test_policy_loss_every_mode(dev, mode):
               clip_dual=3.0 if mode in ("ppo", "gspo", "luspo") else None)  # fmt: skip
     if mode in ("gspo", "luspo"):
         kw.update(clip_low=0.05, clip_high=0.08)  # both clips active on these sequence ratios
-    _check_policy(_run_policy(b, **kw), _expect_policy(b, **kw), dev)
+    _check_policy(tu.run_policy(b, "cuda", **kw), tu.expect_policy(b, **kw), dev)
 
 
 @pytest.mark.parametrize("agg", ref_pl.AGGS)
@@ -161,7 +127,7 @@ def test_policy_loss_split_sequences(dev, mode, per_token, agg):
     b = _policy_batch(2, 2_500, dev, per_token_adv=per_token)
     assert lk_cuda.load("policy_loss").policy_loss_splits(2, 2_500, _sm_count(dev)) == 2
     kw = dict(mode=mode, agg=agg, ref_logprobs=b.ref, kl_coef=0.1, entropy_coef=0.02, top_entropy_quantile=0.7)
-    _check_policy(_run_policy(b, **kw), _expect_policy(b, **kw), dev)
+    _check_policy(tu.run_policy(b, "cuda", **kw), tu.expect_policy(b, **kw), dev)
 
 
 def test_policy_loss_packed_low_precision(dev):
@@ -183,10 +149,10 @@ def test_policy_loss_packed_low_precision(dev):
     )  # fmt: skip
     kw = dict(mode="ppo", agg="seq-mean-token-mean", clip_dual=3.0, entropy_coef=0.01, cu_seqlens=cu,
               num_seqs=torch.tensor(6.0, device=dev), dp_size=2, top_entropy_quantile=0.5)  # fmt: skip
-    got = _run_policy(flat, **kw)
+    got = tu.run_policy(flat, "cuda", **kw)
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float16
     assert bool((got[1][2_550:] == 0).all()) and bool((got[2][2_550:] == 0).all())
-    _check_policy(got, _expect_policy(flat, **kw), dev)
+    _check_policy(got, tu.expect_policy(flat, **kw), dev)
 
 
 def test_policy_loss_strided_rows(dev):
@@ -197,7 +163,7 @@ def test_policy_loss_strided_rows(dev):
     b.adv = torch.randn(4, 400, device=dev)[:, 50:261].masked_fill_(~b.mask, float("nan"))
     assert b.lp.stride(0) == 300 and b.adv.stride(0) == 400
     kw = dict(mode="cispo", ref_logprobs=b.ref, kl_coef=0.03, kl_estimator="k3+", importance_weights=b.w)
-    _check_policy(_run_policy(b, **kw), _expect_policy(b, **kw), dev)
+    _check_policy(tu.run_policy(b, "cuda", **kw), tu.expect_policy(b, **kw), dev)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3", "k3+", "abs+"])
@@ -225,29 +191,13 @@ def test_kl_penalty(dev, estimator, clamp):
 def test_policy_loss_launchers_write_every_output(dev):
     """Output buffers pre-filled with NaN: the launchers write every statistic, every sequence's
     values and every gradient element (masked ones as exact zeros)."""
-    b = _policy_batch(3, 2_100, dev)
-    for mode in ("gspo", "ppo"):
-        inputs = PolicyInputs(b.lp, b.old, b.adv, b.mask, None, b.ref, b.ent, b.w)
-        low, high = ref_pl.resolve_clip(mode, None, None)
-        cfg = PolicyConfig(mode=Mode[mode.upper()], clip_low=low, clip_high=high, kl_coef=0.05, entropy_coef=0.01,
-                           agg=Agg.SEQ_MEAN_TOKEN_MEAN)  # fmt: skip
-        t = kernel_tokens(inputs)
-        stats = torch.full((pl_ops.NUM_STATS,), float("nan"), device=dev)
-        seq = torch.full((3, pl_ops.NUM_SEQ_VALUES), float("nan"), device=dev)
-        g = torch.zeros(pl_ops.NUM_STATS, device=dev)
-        g[0] = 1.0
-        d_lp, d_h = nan_like(b.lp), nan_like(b.ent)
-        cuda_pl.policy_loss_fwd(t, cfg, stats, seq)
-        cuda_pl.policy_loss_bwd(t, cfg, stats, seq, g, d_lp, d_h)
-        assert not bool(torch.isnan(stats).any()) and not bool(torch.isnan(seq).any())
-        assert not bool(torch.isnan(d_lp).any()) and not bool(torch.isnan(d_h).any())
-        assert bool((d_lp[~b.mask] == 0).all()) and bool((d_h[~b.mask] == 0).all())
+    tu.assert_policy_kernels_write_every_output(cuda_pl, _policy_batch(3, 2_100, dev), dev)
 
 
 def test_policy_loss_deterministic(dev):
     b = _policy_batch(2, 2_500, dev)
     kw = dict(mode="gmpo", ref_logprobs=b.ref, kl_coef=0.05, importance_weights=b.w, agg="seq-mean-token-sum")
-    first, second = _run_policy(b, **kw), _run_policy(b, **kw)
+    first, second = tu.run_policy(b, "cuda", **kw), tu.run_policy(b, "cuda", **kw)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     for name in ("loss", "clip_frac_low", "ratio_mean", "approx_kl"):
         assert torch.equal(getattr(first[0], name), getattr(second[0], name))

@@ -34,6 +34,20 @@ def check(fn=None, *, worlds=tuple(SHARDS)):
     return fn
 
 
+def check_grid(prefix: str, body, dtypes=None):
+    """Registers ``body(backend, rank, world, group[, dtype])`` as one check per backend of BACKENDS
+    (and per dtype of ``dtypes``), named ``<prefix>_<backend>[_<dtype>]``."""
+    for backend in BACKENDS:
+        for dtype in dtypes or (None,):
+            extra = () if dtype is None else (dtype,)
+
+            def fn(rank, world, group, _b=backend, _extra=extra):
+                body(_b, rank, world, group, *_extra)
+
+            fn.__name__ = f"{prefix}_{backend}" + ("" if dtype is None else f"_{str(dtype)[6:]}")
+            check(fn)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -120,14 +134,7 @@ def _vp_token_stats(backend, rank, world, group, dtype):
     assert bool(torch.isfinite(ent_nan[torch.arange(n) != 4]).all())
 
 
-for _backend in BACKENDS:
-    for _dtype in (torch.float32, torch.bfloat16):
-
-        def _fn(rank, world, group, _b=_backend, _d=_dtype):
-            _vp_token_stats(_b, rank, world, group, _d)
-
-        _fn.__name__ = f"vocab_parallel_token_stats_{_backend}_{str(_dtype)[6:]}"
-        check(_fn)
+check_grid("vocab_parallel_token_stats", _vp_token_stats, dtypes=(torch.float32, torch.bfloat16))
 
 
 @check
@@ -228,14 +235,7 @@ def _vp_linear(backend, rank, world, group, dtype):
     assert_close(dh_sum, dh1, rtol=rtol, atol=rtol * dh1.abs().max().item(), name="sum of partial dhidden")
 
 
-for _backend in BACKENDS:
-    for _dtype in (torch.float32, torch.bfloat16):
-
-        def _fn(rank, world, group, _b=_backend, _d=_dtype):
-            _vp_linear(_b, rank, world, group, _d)
-
-        _fn.__name__ = f"vocab_parallel_linear_{_backend}_{str(_dtype)[6:]}"
-        check(_fn)
+check_grid("vocab_parallel_linear", _vp_linear, dtypes=(torch.float32, torch.bfloat16))
 
 
 def _vp_large_logits(backend, rank, world, group):
@@ -281,13 +281,7 @@ def _vp_large_logits(backend, rank, world, group):
     assert_close(ent, ent_ref, rtol=STAT_RTOL, scale=1.0, name="linear entropy at 1e4")
 
 
-for _backend in BACKENDS:
-
-    def _fn(rank, world, group, _b=_backend):
-        _vp_large_logits(_b, rank, world, group)
-
-    _fn.__name__ = f"vocab_parallel_large_logits_{_backend}"
-    check(_fn)
+check_grid("vocab_parallel_large_logits", _vp_large_logits)
 
 
 @check

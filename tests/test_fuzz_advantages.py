@@ -19,12 +19,11 @@ import lenkernels as lk
 from lenkernels import shaping
 from lenkernels.reference import advantages as ref
 from lenkernels.reference import shaping as ref_shaping
-from tests.fuzz import FLOAT_DTYPES, examples
-from tests.utils import STAT_RTOL, assert_close, backend_params, nan_like
+from tests.fuzz import FLOAT_DTYPES, backend_fuzz_tests, cheap_and_gpu, examples
+from tests.utils import STAT_RTOL, advantage_scale, assert_close, backend_params, nan_like
 
 BACKENDS = [p.values for p in backend_params("advantages") if not p.marks]
-CHEAP = [b for b in BACKENDS if b[0] in ("cpu", "reference")]
-GPU = [b for b in BACKENDS if b[0] not in ("cpu", "reference")] or [("none", "none")]
+CHEAP, GPU = cheap_and_gpu(BACKENDS)
 METHODS = list(ref.METHODS)
 MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float64]
 
@@ -75,34 +74,6 @@ def advantage_cases(draw):
         "out": draw(st.booleans()),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
-
-
-def _scale(method, s, ids, eps, w, mask):
-    """Per-element magnitude of what an fp32 computation of the advantage combines (|s| and the
-    group's largest |s|, times the factor applied to them): its error grows with this."""
-    out = torch.empty_like(s)
-    for idx in ref._members(ids):
-        x = s[idx]
-        k = x.numel()
-        big = x.abs() + x.abs().max()
-        if method in ("grpo", "grpo_passk"):
-            big = big / ((x.std() if k > 1 else 1.0) + eps)
-        elif method == "rloo" and k > 1:
-            big = big * k / (k - 1)
-        out[idx] = big
-    if method == "batch":
-        out = out / (s.std() + eps)
-    elif method == "reinforce_pp_baseline":
-        x = ref.group_advantages(s, ids, "dr_grpo")
-        wv = w[w != 0]
-        mean = (wv * x[w != 0]).sum() / wv.sum()
-        var = (wv * (x[w != 0] - mean) ** 2).sum() / (wv.sum() - 1)
-        out = (out + mean.abs()) / torch.sqrt(var + 1e-8)
-    elif method == "gaussian":
-        out = torch.full_like(s, 4.0)  # |Phi^-1| of a rank in a group this small
-    if mask is not None:
-        out = out.unsqueeze(-1) * mask.double().abs()
-    return out
 
 
 def _build_advantages(c, device):
@@ -185,7 +156,7 @@ def _run_advantages(c, backend, device):
         # backends break second-pass ties differently; draws with such values are skipped
         first = ref.gaussian_scores(s, ids)
         assume(bool(((first == 0) | (first.abs() > 1e-6)).all()))
-    scale = _scale(want["method"], s, ids, want["eps"], w, want["mask"])
+    scale = advantage_scale(want["method"], s, ids, want["eps"], w, want["mask"])
     assert_close(result, expected, rtol=STAT_RTOL, scale=scale, name=f"{want['method']} advantages")
     if want["mask"] is not None:
         assert bool((result.cpu()[want["mask"] == 0] == 0).all()), "masked tokens must be exactly 0"
@@ -199,18 +170,9 @@ def _run_advantages(c, backend, device):
                 assert bool((values == 0).all()), f"all-equal group {idx.tolist()} got {values.tolist()}"
 
 
-@examples(300)
-@given(case=advantage_cases(), backend=st.sampled_from(CHEAP))
-def test_fuzz_group_advantages(case, backend):
-    _run_advantages(case, *backend)
-
-
-@examples(10)
-@given(case=advantage_cases(), backend=st.sampled_from(GPU))
-def test_fuzz_group_advantages_gpu_backends(case, backend):
-    if backend[0] == "none":
-        return
-    _run_advantages(case, *backend)
+test_fuzz_group_advantages, test_fuzz_group_advantages_gpu_backends = backend_fuzz_tests(
+    _run_advantages, advantage_cases(), BACKENDS, 300, 10
+)
 
 
 # --- group_stats ---------------------------------------------------------------------------------
@@ -257,18 +219,9 @@ def _run_stats(c, backend, device):
     assert_close(stats, expected, rtol=STAT_RTOL, scale=big.expand_as(expected), name="group_stats")
 
 
-@examples(200)
-@given(case=stats_cases(), backend=st.sampled_from(CHEAP))
-def test_fuzz_group_stats(case, backend):
-    _run_stats(case, *backend)
-
-
-@examples(8)
-@given(case=stats_cases(), backend=st.sampled_from(GPU))
-def test_fuzz_group_stats_gpu_backends(case, backend):
-    if backend[0] == "none":
-        return
-    _run_stats(case, *backend)
+test_fuzz_group_stats, test_fuzz_group_stats_gpu_backends = backend_fuzz_tests(
+    _run_stats, stats_cases(), BACKENDS, 200, 8
+)
 
 
 # --- lenkernels.shaping ----------------------------------------------------------------------------

@@ -13,18 +13,15 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
 
 import lenkernels as lk
 from lenkernels.reference import linear_stats as ref
 from lenkernels.reference import token_stats as ref_tokens
-from tests.fuzz import FLOAT_DTYPES, examples, leading_shapes
+from tests.fuzz import FLOAT_DTYPES, backend_fuzz_tests, leading_shapes
 from tests.utils import STAT_RTOL, assert_close, backend_params
 
 BACKENDS = [p.values for p in backend_params("linear_stats") if not p.marks]
-CHEAP = [b for b in BACKENDS if b[0] in ("cpu", "reference")]
-GPU = [b for b in BACKENDS if b[0] not in ("cpu", "reference")] or [("none", "none")]
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
 
 
@@ -143,15 +140,6 @@ def _run(c, backend, device):
         assert_close(d, grads[name], rtol=GRAD_RTOL[c["dtype"]], atol=atol, scale=scales[name], name=f"d{name}")
 
 
-@examples(100)
-@given(case=linear_cases(), backend=st.sampled_from(CHEAP))
-def test_fuzz_linear_logprobs_entropy(case, backend):
-    _run(case, *backend)
-
-
-@examples(8)
-@given(case=linear_cases(), backend=st.sampled_from(GPU))
-def test_fuzz_linear_logprobs_entropy_gpu_backends(case, backend):
-    if backend[0] == "none":
-        return
-    _run(case, *backend)
+test_fuzz_linear_logprobs_entropy, test_fuzz_linear_logprobs_entropy_gpu_backends = backend_fuzz_tests(
+    _run, linear_cases(), BACKENDS, 100, 8
+)

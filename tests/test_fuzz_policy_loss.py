@@ -18,13 +18,10 @@ from hypothesis import strategies as st
 import lenkernels as lk
 from lenkernels.reference import policy_loss as ref
 from lenkernels.reference import token_stats as ref_tokens
-from tests.fuzz import FLOAT_DTYPES, examples, leading_shapes
-from tests.utils import GRAD_ATOL, GRAD_RTOL, HAS_CUDA, STAT_RTOL, assert_close, backend_params
+from tests.fuzz import FLOAT_DTYPES, backend_fuzz_tests, examples, leading_shapes
+from tests.utils import GRAD_ATOL, GRAD_RTOL, HAS_CUDA, STAT_RTOL, assert_close, assert_policy_stats, backend_params
 
 BACKENDS = [p.values for p in backend_params("policy_loss") if not p.marks]
-CHEAP = [b for b in BACKENDS if b[0] in ("cpu", "reference")]
-GPU = [b for b in BACKENDS if b[0] not in ("cpu", "reference")]
-REDUCED = ("loss", "pg_loss", "kl_loss", "entropy_loss", "approx_kl", "ratio_mean", "entropy_mean")
 DUAL_MODES = ("ppo", "gspo", "luspo")
 # a ratio this close (relatively) to a clip bound may fall on either side of it in fp32: the loss is
 # continuous there but its gradient and the clip fractions are not, so such draws are discarded
@@ -217,14 +214,7 @@ def _check(got, want, backend, device, g):
     exp = ref.policy_loss(x64, want["old_logprobs"], want["advantages"], want["mask"], entropy=h64, **rargs)
     e_grads = torch.autograd.grad(exp["loss"] * g, [x64] + ([h64] if h64 is not None else []))
 
-    for name in lk.PolicyLoss._fields:
-        value, expected = getattr(out, name), exp[name]
-        if expected is None:
-            assert value is None, f"{name} should be None"
-            continue
-        assert value.shape == () and value.dtype == torch.float32 and value.device.type == torch.device(device).type
-        scale = exp["scales"].get(name) if name in REDUCED else None
-        assert_close(value, expected, rtol=STAT_RTOL, atol=1e-6 if scale is None else 0.0, scale=scale, name=name)
+    assert_policy_stats(out, exp, device)
     for d, e, name in zip(grads, e_grads, ("dlogprobs", "dentropy")):
         assert d.dtype == got["logprobs"].dtype if name == "dlogprobs" else d.dtype == got["entropy"].dtype
         tol = GRAD_RTOL[d.dtype]
@@ -243,18 +233,9 @@ def _run_case(case, backend, device):
     _check(got, want, backend, device, g=0.7 + case["seed"] % 3)
 
 
-@examples(300)
-@given(case=loss_cases(), backend=st.sampled_from(CHEAP))
-def test_fuzz_policy_loss_compiled_and_reference(case, backend):
-    _run_case(case, *backend)
-
-
-@examples(8)
-@given(case=loss_cases(), backend=st.sampled_from(GPU or [("none", "none")]))
-def test_fuzz_policy_loss_gpu_backends(case, backend):
-    if backend[0] == "none":
-        return
-    _run_case(case, *backend)
+test_fuzz_policy_loss_compiled_and_reference, test_fuzz_policy_loss_gpu_backends = backend_fuzz_tests(
+    _run_case, loss_cases(), BACKENDS, 300, 8
+)
 
 
 # --- kl_penalty ------------------------------------------------------------------------------------

@@ -16,12 +16,9 @@ import pytest
 import torch
 
 import lenkernels as lk
-from lenkernels import _backend, _extensions
-from lenkernels import cuda as lk_cuda
 from lenkernels.reference import advantages as ref
-from tests.test_advantages import _scale as scale_of
-from tests.test_cuda_ops import EMULATED_SMS, FAMILIES, emulated_modules  # noqa: F401 (a fixture)
-from tests.utils import STAT_RTOL, assert_close, backend_params
+from tests.test_cuda_ops import cuda_emulation, emulated_modules  # noqa: F401 (a fixture)
+from tests.utils import STAT_RTOL, advantage_scale, assert_close, backend_params
 
 METHODS = list(ref.METHODS)
 # (backend, device) of the advantages family, plus the cuda kernels run on the host ("emulated")
@@ -38,25 +35,15 @@ def on(request, monkeypatch):
     if device != "emulated":
         yield backend, device
         return
-    modules = request.getfixturevalue("emulated_modules")  # skips without nvcc
-    for family, module in modules.items():
-        monkeypatch.setitem(_extensions._loaded, f"_cuda_{family}", module)
-    real_status = _backend.backend_status
-
-    def status(family, dev):
-        out = real_status(family, dev)
-        if family in FAMILIES and torch.device(dev).type == "cpu":
-            out["cuda"] = (True, "")
-        return out
-
-    monkeypatch.setattr(_backend, "backend_status", status)
-    with lk_cuda.host_emulation(sm_count=EMULATED_SMS):
+    with cuda_emulation(request, monkeypatch):
         yield backend, "cpu"
 
 
 def _scale(method, s, ids, eps, lengths):
-    """The per-element error scale of tests/test_advantages.py (float64 throughout: fine up to |s| ~ 1e150)."""
-    return scale_of(method, s.double(), ids, eps, lengths=lengths)
+    """:func:`tests.utils.advantage_scale` with response weights ``lengths`` (float64 throughout:
+    fine up to |s| ~ 1e150)."""
+    s = ref.scores(s.double())
+    return advantage_scale(method, s, ref.group_ids(ids, s.shape[0]), eps, lengths.double())
 
 
 def _check(on, method, rewards, ids, lengths, eps=1e-6, **kw):

@@ -60,6 +60,14 @@ def _logits(lead, vocab, dtype, base, spread, quantum, gen):
     return x.reshape(*lead, vocab)
 
 
+def _logits_and_ids(seed, lead, vocab, dtype, base, spread, quantum, low=0):
+    """:func:`_logits` of a generator seeded with ``seed``, then ids in ``[low, vocab)``; the generator
+    is returned too, for the test's further draws."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = _logits(lead, vocab, dtype, base, spread, quantum, gen)
+    return logits, torch.randint(low, vocab, lead, generator=gen), gen
+
+
 def _check_stats(lp, ent, lp_ref, ent_ref, name=""):
     """The contract: STAT_RTOL relative to |logprob| + 1 and to entropy + 1, whatever the size of z."""
     assert_close(lp, lp_ref, rtol=STAT_RTOL, scale=1.0, name=f"logprobs{name}")
@@ -90,9 +98,7 @@ def test_equal_large_logits_give_exactly_log_v(backend, device, value):
 @pytest.mark.parametrize("dtype,base,spread,quantum,temp", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("lead,vocab", [((2, 3), 1_000), ((3,), 5_000)])  # 5 000: chunks / splits merged
 def test_token_logprobs_entropy_large_logits(backend, device, dtype, base, spread, quantum, temp, lead, vocab):
-    gen = torch.Generator().manual_seed(0)
-    logits = _logits(lead, vocab, dtype, base, spread, quantum, gen)
-    ids = torch.randint(0, vocab, lead, generator=gen)
+    logits, ids, _ = _logits_and_ids(0, lead, vocab, dtype, base, spread, quantum)
     ids.view(-1)[-1] = logits.reshape(-1, vocab)[-1].float().argmax()  # a likely token: logprob near 0
     lp, ent = lk.token_logprobs_entropy(logits.to(device), ids.to(device), temperature=temp, backend=backend)
     lp_ref, ent_ref = ref.token_logprobs_entropy(logits, ids, temp)
@@ -111,10 +117,8 @@ def test_token_logprobs_entropy_large_logits(backend, device, dtype, base, sprea
 def test_backward_at_large_logits(backend, device, dtype, base, spread, quantum, temp):
     """The backward reads the saved lse: p_j = exp(z_j - lse) loses about |lse| * 2^-24 relative
     (lse is rounded at the size of the logits), nothing more, and nothing becomes NaN."""
-    gen = torch.Generator().manual_seed(1)
     lead, vocab = (4,), 3_000
-    logits = _logits(lead, vocab, dtype, base, spread, quantum, gen)
-    ids = torch.randint(0, vocab, lead, generator=gen)
+    logits, ids, gen = _logits_and_ids(1, lead, vocab, dtype, base, spread, quantum)
     g_lp, g_h = torch.randn(lead, generator=gen), torch.randn(lead, generator=gen)
     x = logits.to(device).requires_grad_(True)
     lp, ent = lk.token_logprobs_entropy(x, ids.to(device), temperature=temp, backend=backend)
@@ -240,10 +244,8 @@ def test_linear_logprobs_entropy_large_logits(backend, device, dtype, base_h, w0
 @pytest.mark.parametrize("backend,device", PHASE_BACKENDS)
 @pytest.mark.parametrize("dtype,base,spread,quantum,temp", [CASES[0], CASES[3]], ids=[CASE_IDS[i] for i in (0, 3)])
 def test_token_stats_with_phases_large_logits(backend, device, dtype, base, spread, quantum, temp):
-    gen = torch.Generator().manual_seed(4)
     b, t, vocab = 2, 6, 500
-    logits = _logits((b, t), vocab, dtype, base, spread, quantum, gen)
-    ids = torch.randint(4, vocab, (b, t), generator=gen)
+    logits, ids, _ = _logits_and_ids(4, (b, t), vocab, dtype, base, spread, quantum, low=4)
     ids[:, 2] = 3  # the delimiter
     out = lk.token_stats_with_phases(logits.to(device), ids.to(device), delimiter=[3], temperature=temp,
                                      backend=backend)  # fmt: skip
@@ -259,10 +261,8 @@ def test_token_stats_with_phases_large_logits(backend, device, dtype, base, spre
 @pytest.mark.parametrize("backend,device", POLICY_BACKENDS)
 @pytest.mark.parametrize("dtype,base,spread,quantum,temp", [CASES[0], CASES[4]], ids=[CASE_IDS[i] for i in (0, 4)])
 def test_policy_loss_from_logits_large_logits(backend, device, dtype, base, spread, quantum, temp):
-    gen = torch.Generator().manual_seed(5)
     b, t, vocab = 3, 5, 400
-    logits = _logits((b, t), vocab, dtype, base, spread, quantum, gen)
-    ids = torch.randint(0, vocab, (b, t), generator=gen)
+    logits, ids, gen = _logits_and_ids(5, (b, t), vocab, dtype, base, spread, quantum)
     lp_ref, _ = ref.token_logprobs_entropy(logits, ids, temp)
     old = (lp_ref + 0.05 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
     adv = torch.randn(b, generator=gen)

@@ -79,33 +79,38 @@ def grads(fn, inputs: list, grad_of: int = 0, weight=None):
 # --- verl: token statistics ----------------------------------------------------------------------
 
 
-@needs_verl
-@pytest.mark.parametrize("device", DEVICES)
-def test_verl_logprobs_from_logits_dtypes(device):
-    """verl returns the logits' dtype on its eager path (float32 from flash-attn's kernel on CUDA)."""
-    logits32 = torch.randn(3, 5, 64, device=device) * 3
-    labels = torch.randint(0, 64, (3, 5), device=device)
-    g = torch.randn(3, 5, device=device)
+def same_over_dtypes(calls, logits32, g, name: str, *, scale: float, grad_scale: float):
+    """For every dtype of DTYPES: ``calls`` (ours, theirs) of ``logits32`` in it, their outputs and
+    logits gradients (cotangent ``g``) the same in that dtype."""
     for dtype in DTYPES:
         logits = logits32.to(dtype)
-        (lp, d), (lp_v, d_v) = (grads(lambda x, f=f: f(x, labels, inplace_backward=False), [logits], weight=g)
-                                for f in (lk_verl.logprobs_from_logits, verl_F.logprobs_from_logits))  # fmt: skip
-        same(lp, lp_v, f"{dtype} logprobs", dtype, scale=9.0)
-        same(d, d_v, f"{dtype} d logits", dtype, scale=float(g.abs().max()))
+        (out, d), (out_t, d_t) = (grads(f, [logits], weight=g) for f in calls)
+        same(out, out_t, f"{dtype} {name}", dtype, scale=scale)
+        same(d, d_t, f"{dtype} d logits", dtype, scale=grad_scale)
+
+
+# (rows, with labels) of each function; both compute in the logits' dtype
+TOKEN_FNS = {"logprobs_from_logits": ((3, 5), True), "entropy_from_logits": ((4, 3), False)}
 
 
 @needs_verl
 @pytest.mark.parametrize("device", DEVICES)
-def test_verl_entropy_from_logits_dtypes(device):
-    """verl's eager entropy is in the logits' dtype, whatever the device."""
-    logits32 = torch.randn(4, 3, 64, device=device) * 3
-    g = torch.randn(4, 3, device=device)
-    for dtype in DTYPES:
-        logits = logits32.to(dtype)
-        (h, d), (h_v, d_v) = (grads(f, [logits], weight=g)
-                              for f in (lk_verl.entropy_from_logits, verl_F.entropy_from_logits))  # fmt: skip
-        same(h, h_v, f"{dtype} entropy", dtype, scale=9.0)
-        same(d, d_v, f"{dtype} d logits", dtype, scale=float(g.abs().max()))
+@pytest.mark.parametrize("fn", TOKEN_FNS)
+def test_verl_token_stats_dtypes(device, fn):
+    """verl returns the logits' dtype: logprobs on its eager path (float32 from flash-attn's kernel on
+    CUDA), entropy on every device."""
+    rows, with_labels = TOKEN_FNS[fn]
+    logits32 = torch.randn(*rows, 64, device=device) * 3
+    labels = torch.randint(0, 64, rows, device=device) if with_labels else None
+    g = torch.randn(*rows, device=device)
+    if with_labels:
+        calls = [
+            lambda x, f=f: f(x, labels, inplace_backward=False)
+            for f in (lk_verl.logprobs_from_logits, verl_F.logprobs_from_logits)
+        ]
+    else:
+        calls = [lk_verl.entropy_from_logits, verl_F.entropy_from_logits]
+    same_over_dtypes(calls, logits32, g, fn, scale=9.0, grad_scale=float(g.abs().max()))
 
 
 @needs_verl
@@ -336,12 +341,8 @@ def test_trl_selective_log_softmax_dtypes(device):
 def test_trl_entropy_from_logits_dtypes(device):
     logits32, _ = trl_logits(device)
     g = torch.randn(3, 7, device=device)
-    for dtype in DTYPES:
-        logits = logits32.to(dtype)
-        (h, d), (h_t, d_t) = (grads(f, [logits], weight=g)
-                              for f in (lk_trl.entropy_from_logits, trl_utils.entropy_from_logits))  # fmt: skip
-        same(h, h_t, f"{dtype} entropy", dtype, scale=15.0)
-        same(d, d_t, f"{dtype} d logits", dtype, scale=4.0)
+    calls = (lk_trl.entropy_from_logits, trl_utils.entropy_from_logits)
+    same_over_dtypes(calls, logits32, g, "entropy", scale=15.0, grad_scale=4.0)
 
 
 @needs_trl

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.utils import assert_close, trainer_module
+from tests.utils import assert_close, trainer_close, trainer_module
 
 verl_F = trainer_module("verl.utils.torch_functional")
 core = trainer_module("verl.trainer.ppo.core_algos")
@@ -29,15 +29,6 @@ from lenkernels.integrations import verl as lk_verl
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def close(actual, expected, name, rtol=2e-5, scale=0.0):
-    """Both sides are fp32 computations of one formula: they may differ by a few ulps of the
-    largest term, hence an absolute floor at 1e-6 of the largest expected magnitude, or of
-    ``scale``: the size of the terms a scalar loss summed (they may cancel to a tiny result)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(float(expected.detach().abs().max()) if expected.numel() else 0.0, scale)
-    assert_close(actual, expected, rtol=rtol, atol=1e-6 * scale + 1e-12, name=name)
 
 
 def same_metrics(ours: dict, theirs: dict):
@@ -91,13 +82,13 @@ def test_logprobs_and_entropy_match_verl(device, lead, vocab):
     lp, h, grad = run(lk_verl.logprobs_from_logits, lk_verl.entropy_from_logits)
     lp_v, h_v, grad_v = run(verl_F.logprobs_from_logits, verl_F.entropy_from_logits)
     assert lp.dtype == h.dtype == torch.float32
-    close(lp, lp_v, "logprobs")
-    close(h, h_v, "entropy")
-    close(grad, grad_v, "d logits")
+    trainer_close(lp, lp_v, "logprobs")
+    trainer_close(h, h_v, "entropy")
+    trainer_close(grad, grad_v, "d logits")
 
     flat = logits.reshape(-1, vocab)
     chunked = lk_verl.entropy_from_logits_with_chunking(flat, chunk_size=7)
-    close(chunked, verl_F.entropy_from_logits_with_chunking(flat, chunk_size=7), "chunked entropy")
+    trainer_close(chunked, verl_F.entropy_from_logits_with_chunking(flat, chunk_size=7), "chunked entropy")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,7 +143,7 @@ def test_inplace_backward_through_the_lm_head(device):
         return h.grad, w.grad
 
     for ours, theirs, name in zip(run(lk_verl.logprobs_from_logits), run(verl_F.logprobs_from_logits), ("dh", "dW")):
-        close(ours, theirs, name)
+        trainer_close(ours, theirs, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -171,9 +162,9 @@ def test_kl_penalty_matches_verl(device, name):
         (out * g).sum().backward()
         grads.append((out, a.grad, b.grad))
     (ours, d_lp, d_ref), (theirs, d_lp_v, d_ref_v) = grads
-    close(ours, theirs, f"{name} value")
-    close(d_lp, d_lp_v, f"{name} d logprob")
-    close(d_ref, d_ref_v, f"{name} d ref_logprob")
+    trainer_close(ours, theirs, f"{name} value")
+    trainer_close(d_lp, d_lp_v, f"{name} d logprob")
+    trainer_close(d_ref, d_ref_v, f"{name} d ref_logprob")
 
 
 def test_kl_penalty_unknown_estimator_raises_like_verl():
@@ -203,8 +194,8 @@ def test_agg_loss_matches_verl(device, mode, dist):
         loss = fn(x, mask, mode, **kw)
         (loss * 0.7).backward()
         results.append((loss, x.grad))
-    close(results[0][0], results[1][0], f"{mode} loss", scale=float(values.abs().max()))
-    close(results[0][1], results[1][1], f"{mode} d loss_mat")
+    trainer_close(results[0][0], results[1][0], f"{mode} loss", scale=float(values.abs().max()))
+    trainer_close(results[0][1], results[1][1], f"{mode} d loss_mat")
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float64])
@@ -277,10 +268,10 @@ def test_policy_losses_match_verl(device, name, mode, weighted):
     weights = w if weighted else None
     ours = _run_loss(lk_verl.POLICY_LOSSES[name], lp, old, adv, mask, mode, cfg, weights)
     theirs = _run_loss(core.get_policy_loss_fn(name), lp, old, adv, mask, mode, cfg, weights)
-    close(ours[0], theirs[0], f"{name} loss", scale=float(adv.abs().max()))
+    trainer_close(ours[0], theirs[0], f"{name} loss", scale=float(adv.abs().max()))
     assert ours[0].dtype == torch.float32 and ours[0].dim() == 0
     same_metrics(ours[1], theirs[1])
-    close(ours[2], theirs[2], f"{name} d log_prob")
+    trainer_close(ours[2], theirs[2], f"{name} d log_prob")
     assert bool((ours[2][mask == 0] == 0).all()), "masked tokens got a gradient"
 
 
@@ -293,8 +284,8 @@ def test_policy_losses_with_global_batch_info(name):
     for mode in ("token-mean", "seq-mean-token-sum-norm"):
         ours = _run_loss(lk_verl.POLICY_LOSSES[name], lp, old, adv, mask, mode, cfg, w)
         theirs = _run_loss(core.get_policy_loss_fn(name), lp, old, adv, mask, mode, cfg, w)
-        close(ours[0], theirs[0], f"{name} {mode} loss", scale=float(adv.abs().max()))
-        close(ours[2], theirs[2], f"{name} {mode} d log_prob")
+        trainer_close(ours[0], theirs[0], f"{name} {mode} loss", scale=float(adv.abs().max()))
+        trainer_close(ours[2], theirs[2], f"{name} {mode} d log_prob")
         same_metrics(ours[1], theirs[1])
 
 
@@ -308,8 +299,8 @@ def test_reinforce_loss_matches_verl():
         theirs = _run_loss(
             core.compute_policy_loss_reinforce, lp, old, adv, mask, config=cfg, rollout_is_weights=weights
         )
-        close(ours[0], theirs[0], "loss", scale=float(adv.abs().max()))
-        close(ours[2], theirs[2], "d log_prob")
+        trainer_close(ours[0], theirs[0], "loss", scale=float(adv.abs().max()))
+        trainer_close(ours[2], theirs[2], "d log_prob")
         same_metrics(ours[1], theirs[1])
 
 
@@ -355,8 +346,8 @@ def test_advantages_match_verl(device, name, dense):
     adv, ret = lk_verl.ADVANTAGE_ESTIMATORS[name](token_level_rewards=rewards.clone(), **kwargs)
     adv_v, ret_v = core.get_adv_estimator_fn(name)(token_level_rewards=rewards.clone(), **kwargs)
     assert adv.dtype == torch.float32 and adv.shape == rewards.shape
-    close(adv, adv_v, f"{name} advantages", rtol=1e-5)
-    close(ret, ret_v, f"{name} returns", rtol=1e-5)
+    trainer_close(adv, adv_v, f"{name} advantages", rtol=1e-5)
+    trainer_close(ret, ret_v, f"{name} returns", rtol=1e-5)
     assert bool((adv[mask == 0] == 0).all())
 
 
@@ -365,11 +356,11 @@ def test_grpo_without_std_and_passk_config(norm):
     rewards, mask, index = verl_batch([3, 2, 4], 9, "cpu")
     ours = lk_verl.compute_grpo_outcome_advantage(rewards.clone(), mask, index, norm_adv_by_std_in_grpo=norm)[0]
     theirs = core.compute_grpo_outcome_advantage(rewards.clone(), mask, index, norm_adv_by_std_in_grpo=norm)[0]
-    close(ours, theirs, "grpo")
+    trainer_close(ours, theirs, "grpo")
     cfg = AlgoConfig(norm_adv_by_std_in_grpo=norm)
     ours = lk_verl.compute_grpo_passk_outcome_advantage(rewards.clone(), mask, index, config=cfg)[0]
     theirs = core.compute_grpo_passk_outcome_advantage(rewards.clone(), mask, index, config=cfg)[0]
-    close(ours, theirs, "grpo_passk")
+    trainer_close(ours, theirs, "grpo_passk")
 
 
 def test_advantage_errors_like_verl():
@@ -390,7 +381,9 @@ def test_index_forms():
     as_int = np.array([codes[u] for u in index])
     expected = core.compute_rloo_outcome_advantage(rewards.clone(), mask, index)[0]
     for form in (index, list(index), as_int, torch.from_numpy(as_int)):
-        close(lk_verl.compute_rloo_outcome_advantage(rewards, mask, form)[0], expected, f"{type(form).__name__}")
+        trainer_close(
+            lk_verl.compute_rloo_outcome_advantage(rewards, mask, form)[0], expected, f"{type(form).__name__}"
+        )
 
 
 # --- torch.compile -------------------------------------------------------------------------------
@@ -410,7 +403,7 @@ def test_token_ops_trace_under_torch_compile():
         return lk_verl.agg_loss(kl[None], mask, "token-mean") + ent.sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(logits)
-    close(compiled, step(logits), "compiled step")
+    trainer_close(compiled, step(logits), "compiled step")
 
 
 def test_entropy_under_verls_compile():
@@ -421,7 +414,7 @@ def test_entropy_under_verls_compile():
     for n in (7, 19, 33):  # three lengths: dynamic shapes, not one graph per length
         x = torch.randn(n, 131, requires_grad=True)
         h = compiled(x)
-        close(h, verl_F.entropy_from_logits(x.detach()), f"entropy n={n}")
+        trainer_close(h, verl_F.entropy_from_logits(x.detach()), f"entropy n={n}")
         h.sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
 
@@ -528,8 +521,8 @@ def test_patched_verl_ppo_loss_end_to_end():
         loss_v, grad_v, metrics_v = run(loss_mode)
         with lk_verl.patched():
             loss, grad, metrics = run(loss_mode)
-        close(loss, loss_v, f"{loss_mode} loss")
-        close(grad, grad_v, f"{loss_mode} d logits")
+        trainer_close(loss, loss_v, f"{loss_mode} loss")
+        trainer_close(grad, grad_v, f"{loss_mode} d logits")
         assert list(metrics) == list(metrics_v)
         for k in metrics_v:
             assert math.isclose(metrics[k], metrics_v[k], rel_tol=1e-5, abs_tol=1e-6), (k, metrics[k], metrics_v[k])
@@ -548,8 +541,8 @@ def test_patched_bypass_mode_dispatches_to_the_drop_ins():
         with lk_verl.patched():
             assert core.compute_policy_loss_vanilla is lk_verl.compute_policy_loss_vanilla
             ours = _run_loss(core.get_policy_loss_fn("bypass_mode"), lp, old, adv, mask, "token-mean", cfg)
-        close(ours[0], theirs[0], f"{loss_type} loss", scale=float(adv.abs().max()))
-        close(ours[2], theirs[2], f"{loss_type} d log_prob")
+        trainer_close(ours[0], theirs[0], f"{loss_type} loss", scale=float(adv.abs().max()))
+        trainer_close(ours[2], theirs[2], f"{loss_type} d log_prob")
         same_metrics(ours[1], theirs[1])
 
 

@@ -383,21 +383,10 @@ def test_torch_compile_fullgraph(backend, device):
 
 
 _RECOMPILE_SCRIPT = r"""
-import json, torch
-from tests.specializations import recording
-from lenkernels.ops.linear_stats import linear_stats_bwd, linear_stats_fwd
+import json
+from tests.specializations import linear_stats_launches, recording
 with recording() as keys:
-    for i in range(10):
-        n, d, v = 1 + 29 * i, 16 + 8 * (i % 5), 100 + 37 * i  # rows, hidden size, vocabulary all change
-        for dtype in (torch.bfloat16, torch.float32):
-            h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(v, d, dtype=dtype)
-            b = torch.zeros(v, dtype=dtype) if i % 2 else None
-            ids = torch.zeros(n, dtype=torch.long)
-            temp = torch.full((1,), 0.5 + i / 16) if i % 3 else torch.full((n,), 0.7)
-            lp, ent, lse, mz = linear_stats_fwd(h, w, b, ids, temp, 1 << 30, "triton")
-            g = torch.zeros(n)
-            # a few tiles per call, at varying offsets
-            linear_stats_bwd(h, w, b, ids, temp, lse, mz, g, g, n * v // 3 + 1, "triton", True, True, b is not None)
+    linear_stats_launches(10)  # rows, hidden size, vocabulary, temperature and tile offsets all change
 print(json.dumps({k: len(v) for k, v in keys.items()}))
 """
 

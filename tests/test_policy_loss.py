@@ -17,12 +17,22 @@ import lenkernels as lk
 from lenkernels import _backend
 from lenkernels._codes import Agg, KLEstimator, Mode, NormSource
 from lenkernels.ops import policy_loss as ops
-from lenkernels.ops.policy_loss_args import KLConfig, PolicyConfig, PolicyInputs, kernel_tokens
+from lenkernels.ops.policy_loss_args import KLConfig, PolicyConfig, PolicyInputs
 from lenkernels.reference import policy_loss as ref
-from tests.utils import GRAD_RTOL, HAS_CUDA, STAT_RTOL, assert_close, backend_params, nan_like
+from tests.utils import (
+    GRAD_RTOL,
+    HAS_CUDA,
+    STAT_RTOL,
+    assert_close,
+    assert_policy_kernels_write_every_output,
+    assert_policy_stats,
+    backend_params,
+    expect_policy,
+    policy_batch,
+    run_policy,
+)
 
 BACKENDS = backend_params("policy_loss")
-REDUCED = ("loss", "pg_loss", "kl_loss", "entropy_loss", "approx_kl", "ratio_mean", "entropy_mean")
 
 # (B, T): why each is in the grid
 SHAPES = {
@@ -31,70 +41,10 @@ SHAPES = {
 }
 
 
-def make_batch(B, T, *, per_token_adv=False, spread=1.0, dtype=torch.float32, device="cpu", garbage=True):
-    """Random inputs with the awkward cases on purpose: an all-masked row, a one-token row, a row
-    with A = 0, ratios far outside any clip range (spread ~ 1 in log space), and NaN/inf in every
-    masked position (they must never reach a result)."""
-    lp = -torch.rand(B, T) * 3
-    old = lp + torch.randn(B, T) * spread
-    adv = torch.randn(B, T) if per_token_adv else torch.randn(B)
-    mask = torch.rand(B, T) > 0.25
-    mask[0] = False
-    if B > 1:
-        mask[1] = False
-        mask[1, T // 2] = True
-    if B > 2:
-        adv[2] = 0.0
-    ref_lp = lp + torch.randn(B, T) * 0.3
-    ent = torch.rand(B, T) * 3
-    w = torch.rand(B, T) + 0.5
-    if garbage:
-        bad = torch.where(torch.rand(B, T) > 0.5, float("nan"), float("inf"))
-        for x in (lp, old, ref_lp, ent, w) + ((adv,) if per_token_adv else ()):
-            x.copy_(torch.where(mask, x, bad))
-    cast = lambda x: x.to(dtype).to(device)  # noqa: E731
-    return SimpleNamespace(lp=cast(lp), old=cast(old), adv=cast(adv), mask=mask.to(device), ref=cast(ref_lp),
-                           ent=cast(ent), w=cast(w))  # fmt: skip
-
-
-def run(batch, backend, g=0.7, **kw):
-    """Our op: (PolicyLoss, d logprobs, d entropy) for the cotangent g of the loss."""
-    x = batch.lp.clone().requires_grad_(True)
-    h = None
-    if kw.pop("with_entropy", True):
-        h = batch.ent.clone().requires_grad_(True)
-    out = lk.policy_loss(x, batch.old, batch.adv, batch.mask, entropy=h, backend=backend, **kw)
-    grads = torch.autograd.grad(out.loss * g, [x] + ([h] if h is not None else []))
-    return out, grads[0], (grads[1] if h is not None else None)
-
-
-def expect(batch, g=0.7, **kw):
-    """The float64 reference on the same (possibly low-precision) values."""
-    f64 = lambda x: None if x is None else x.detach().cpu().to(torch.float64)  # noqa: E731
-    x = f64(batch.lp).requires_grad_(True)
-    h = None
-    if kw.pop("with_entropy", True):
-        h = f64(batch.ent).requires_grad_(True)
-    for key in ("ref_logprobs", "importance_weights", "cu_seqlens"):
-        if isinstance(kw.get(key), torch.Tensor):
-            kw[key] = kw[key].cpu() if key == "cu_seqlens" else f64(kw[key])
-    out = ref.policy_loss(x, f64(batch.old), f64(batch.adv), batch.mask.cpu(), entropy=h, **kw)
-    grads = torch.autograd.grad(out["loss"] * g, [x] + ([h] if h is not None else []))
-    return out, grads[0], (grads[1] if h is not None else None)
-
-
 def check(got, want, device, backend=None):
     out, d_lp, d_h = got
     exp, e_lp, e_h = want
-    for name in lk.PolicyLoss._fields:
-        value, expected = getattr(out, name), exp[name]
-        if expected is None:
-            assert value is None, f"{name} should be None"
-            continue
-        assert value.shape == () and value.dtype == torch.float32 and value.device.type == torch.device(device).type
-        assert name == "loss" or not value.requires_grad, f"{name} must be detached"
-        scale = exp["scales"].get(name) if name in REDUCED else None
-        assert_close(value, expected, rtol=STAT_RTOL, atol=1e-6 if scale is None else 0.0, scale=scale, name=name)
+    assert_policy_stats(out, exp, device, detached=True)
     tol = GRAD_RTOL[d_lp.dtype]
     if backend == "triton" and not HAS_CUDA and d_lp.dtype != torch.float32:
         tol *= 2  # the interpreter truncates fp32 -> bf16/fp16 (one ulp); the GPU rounds to nearest
@@ -113,11 +63,11 @@ def full_kwargs(batch, **kw):
 def test_modes_match_reference(backend, device, mode):
     """Every mode with every optional term at once (KL, entropy bonus, importance weights; dual clip
     where it applies) on per-sequence advantages; GMPO also on per-token advantages."""
-    batch = make_batch(*SHAPES["odd"], per_token_adv=mode in ("gmpo", "cispo"), device=device)
+    batch = policy_batch(*SHAPES["odd"], per_token_adv=mode in ("gmpo", "cispo"), device=device)
     kw = full_kwargs(batch, mode=mode, clip_dual=3.0 if mode in ("ppo", "gspo", "luspo") else None)
     if mode in ("gspo", "luspo"):
         kw.update(clip_low=0.05, clip_high=0.08)  # both clips active on these ratios
-    check(run(batch, backend, **kw), expect(batch, **kw), device)
+    check(run_policy(batch, backend, **kw), expect_policy(batch, **kw), device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -126,15 +76,15 @@ def test_modes_match_reference(backend, device, mode):
 def test_aggregations(backend, device, agg, mode, per_token):
     """Every aggregation on a token-local mode with per-token advantages and on a sequence-level
     mode with per-sequence advantages; the long rows take the multi-program path."""
-    batch = make_batch(*SHAPES["split" if mode == "gspo" else "odd"], per_token_adv=per_token, device=device)
+    batch = policy_batch(*SHAPES["split" if mode == "gspo" else "odd"], per_token_adv=per_token, device=device)
     kw = dict(mode=mode, agg=agg, ref_logprobs=batch.ref, kl_coef=0.1, entropy_coef=0.02, clip_low=0.1)
-    check(run(batch, backend, **kw), expect(batch, **kw), device)
+    check(run_policy(batch, backend, **kw), expect_policy(batch, **kw), device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_global_normalisers(backend, device):
     """num_tokens / num_seqs as numbers and as device tensors, dp_size, norm_length."""
-    batch = make_batch(4, 29, device=device)
+    batch = policy_batch(4, 29, device=device)
     cases = [
         dict(agg="token-mean", num_tokens=123.0, dp_size=4),
         dict(agg="token-mean", num_tokens=torch.tensor(77, device=device), dp_size=2),
@@ -143,7 +93,7 @@ def test_global_normalisers(backend, device):
         dict(agg="token-sum", dp_size=3),
     ]
     for kw in cases:
-        check(run(batch, backend, **kw), expect(batch, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}),
+        check(run_policy(batch, backend, **kw), expect_policy(batch, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}),
               device)  # fmt: skip
 
 
@@ -151,13 +101,13 @@ def test_global_normalisers(backend, device):
 def test_kl_estimators_in_loss(backend, device):
     """Each KL estimator (aliases, straight-through forms, verl's clamps and TRL's none) as the loss's
     KL term: value and gradient. A few tokens have |delta| > 20 to hit verl's clamps."""
-    batch = make_batch(3, 41, device=device)
+    batch = policy_batch(3, 41, device=device)
     batch.ref[:, :4] = batch.lp[:, :4] + torch.tensor([25.0, -25.0, 3.0, -3.0], device=device)
     for est, clamp in [("k1", True), ("abs", True), ("mse", True), ("low_var_kl", True), ("k3", False),
                        ("k3+", True), ("k1+", True)]:  # fmt: skip
         kw = dict(mode="reinforce", ref_logprobs=batch.ref, kl_coef=0.5, kl_estimator=est, kl_clamp=clamp,
                   with_entropy=False)  # fmt: skip
-        check(run(batch, backend, **kw), expect(batch, **kw), device)
+        check(run_policy(batch, backend, **kw), expect_policy(batch, **kw), device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -193,7 +143,7 @@ def test_packed_matches_reference(backend, device):
     lens = [0, 1, 260, 17, 33]
     n = sum(lens) + 3
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
-    flat = make_batch(1, n, garbage=False)
+    flat = policy_batch(1, n, garbage=False)
     mask = torch.rand(n) > 0.2
     bad = torch.where(torch.rand(n) > 0.5, float("nan"), -float("inf"))
     batch = SimpleNamespace(
@@ -209,8 +159,8 @@ def test_packed_matches_reference(backend, device):
         kw = full_kwargs(b, mode=mode, agg=agg, cu_seqlens=cu.to(device))
         if agg == "seq-mean-token-sum-norm":
             kw["norm_length"] = 300
-        got = run(b, backend, **kw)
-        check(got, expect(b, **kw), device)
+        got = run_policy(b, backend, **kw)
+        check(got, expect_policy(b, **kw), device)
         assert bool((got[1][sum(lens):] == 0).all()), "tokens outside every sequence get no gradient"
 
 
@@ -218,12 +168,12 @@ def test_packed_matches_reference(backend, device):
 def test_top_entropy_quantile(backend, device):
     """The (1 - rho) quantile threshold computed on the device matches torch.quantile on the valid
     tokens; with a given threshold, the same mask; the kept fraction is reported."""
-    batch = make_batch(4, 45, device=device)
+    batch = policy_batch(4, 45, device=device)
     for kw in (dict(top_entropy_quantile=0.2), dict(top_entropy_quantile=0.8, mode="gmpo"),
                dict(entropy_threshold=1.5, mode="gspo")):  # fmt: skip
         kw = full_kwargs(batch, **kw)
-        got = run(batch, backend, **kw)
-        check(got, expect(batch, **kw), device)
+        got = run_policy(batch, backend, **kw)
+        check(got, expect_policy(batch, **kw), device)
         assert 0.0 < float(got[0].entropy_kept) < 1.0
 
 
@@ -231,29 +181,29 @@ def test_top_entropy_quantile(backend, device):
 def test_extreme_ratios_and_zero_advantages(backend, device):
     """|l| > 20 (ratio clamp: zero gradient), GSPO mean log-ratio > 10 (clamp: zero gradient),
     A = 0 everywhere (only the KL and entropy terms remain)."""
-    batch = make_batch(3, 23, device=device, garbage=False)
+    batch = policy_batch(3, 23, device=device, garbage=False)
     batch.old[:, :3] = batch.lp[:, :3] + torch.tensor([25.0, -25.0, 19.0], device=device)
     for kw in (dict(mode="ppo"), dict(mode="sapo"), dict(mode="cispo")):
-        check(run(batch, backend, **kw), expect(batch, **kw), device)
-    far = make_batch(3, 23, device=device, garbage=False)
+        check(run_policy(batch, backend, **kw), expect_policy(batch, **kw), device)
+    far = policy_batch(3, 23, device=device, garbage=False)
     far.old = far.lp - 12.0  # mean log-ratio 12 > 10
-    check(run(far, backend, mode="gspo"), expect(far, mode="gspo"), device)
-    assert float(run(far, backend, mode="gspo")[1].abs().max()) == 0.0
-    zero = make_batch(3, 23, device=device)
+    check(run_policy(far, backend, mode="gspo"), expect_policy(far, mode="gspo"), device)
+    assert float(run_policy(far, backend, mode="gspo")[1].abs().max()) == 0.0
+    zero = policy_batch(3, 23, device=device)
     zero.adv = torch.zeros_like(zero.adv)
     kw = full_kwargs(zero, mode="ppo")
-    got = run(zero, backend, **kw)
-    check(got, expect(zero, **kw), device)
+    got = run_policy(zero, backend, **kw)
+    check(got, expect_policy(zero, **kw), device)
     assert float(got[0].pg_loss) == 0.0
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_all_masked_batch(backend, device):
     """No valid token: loss 0 and zero gradients (not NaN), counts 0, ratio_min/max +inf/-inf."""
-    batch = make_batch(3, 11, device=device)
+    batch = policy_batch(3, 11, device=device)
     batch.mask = torch.zeros_like(batch.mask)
     for mode in ("ppo", "gmpo"):
-        out, d_lp, d_h = run(batch, backend, **full_kwargs(batch, mode=mode, agg="seq-mean-token-mean"))
+        out, d_lp, d_h = run_policy(batch, backend, **full_kwargs(batch, mode=mode, agg="seq-mean-token-mean"))
         assert float(out.loss.detach()) == 0.0 and float(out.num_tokens) == 0.0
         assert float(out.ratio_min) == math.inf and float(out.ratio_max) == -math.inf
         assert bool((d_lp == 0).all()) and bool((d_h == 0).all())
@@ -263,54 +213,37 @@ def test_all_masked_batch(backend, device):
 def test_low_precision_and_strided_inputs(backend, device):
     """bf16 logprobs (gradient in bf16) with fp16 old logprobs, rows that are slices of a wider
     buffer (row stride != T, as in logits[:, -T:]) and a column-strided tensor (copied once)."""
-    batch = make_batch(4, 19, device=device, dtype=torch.bfloat16)
+    batch = policy_batch(4, 19, device=device, dtype=torch.bfloat16)
     batch.old = batch.old.to(torch.float16)
     wide = torch.full((4, 40), float("nan"), device=device)
     wide[:, 7:26] = batch.ref.float()
     batch.ref = wide[:, 7:26]
     batch.w = batch.w.float().t().contiguous().t()  # column stride 4
     kw = full_kwargs(batch, mode="ppo", clip_dual=2.5)
-    got = run(batch, backend, **kw)
+    got = run_policy(batch, backend, **kw)
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
-    check(got, expect(batch, **kw), device, backend)
+    check(got, expect_policy(batch, **kw), device, backend)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "reference"])
 def test_kernels_write_every_output(backend, device):
     """Output buffers pre-filled with NaN: the kernels write every statistic, every sequence's
     values and every gradient element (masked ones as exact zeros)."""
-    batch = make_batch(*SHAPES["split"], device=device)
-    for mode in ("gspo", "ppo"):
-        kw = full_kwargs(batch, mode=mode, agg="seq-mean-token-mean")
-        inputs = PolicyInputs(batch.lp, batch.old, batch.adv, batch.mask, None, batch.ref, batch.ent, batch.w)
-        low, high = ref.resolve_clip(mode, None, None)
-        cfg = PolicyConfig(mode=Mode[mode.upper()], clip_low=low, clip_high=high, kl_coef=kw["kl_coef"],
-                           entropy_coef=kw["entropy_coef"], agg=Agg.SEQ_MEAN_TOKEN_MEAN)  # fmt: skip
-        t = kernel_tokens(inputs)
-        stats = torch.full((ops.NUM_STATS,), float("nan"), device=device)
-        seq = torch.full((2, ops.NUM_SEQ_VALUES), float("nan"), device=device)
-        g = torch.zeros(ops.NUM_STATS, device=device)
-        g[0] = 1.0
-        d_lp, d_h = nan_like(t.logprobs), nan_like(t.entropy)
-        kernels = _backend.kernels(backend, "policy_loss")
-        kernels.policy_loss_fwd(t, cfg, stats, seq)
-        kernels.policy_loss_bwd(t, cfg, stats, seq, g, d_lp, d_h)
-        assert not bool(torch.isnan(stats).any()) and not bool(torch.isnan(seq).any())
-        assert not bool(torch.isnan(d_lp).any()) and not bool(torch.isnan(d_h).any())
-        assert bool((d_lp[~batch.mask] == 0).all()) and bool((d_h[~batch.mask] == 0).all())
+    batch = policy_batch(*SHAPES["split"], device=device)
+    assert_policy_kernels_write_every_output(_backend.kernels(backend, "policy_loss"), batch, device)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "reference"])
 def test_deterministic(backend, device):
     """Bitwise identical across runs and (cpu) across thread counts."""
-    batch = make_batch(*SHAPES["split"], device=device)
+    batch = policy_batch(*SHAPES["split"], device=device)
     kw = full_kwargs(batch, mode="gspo")
     threads = torch.get_num_threads()
     runs = []
     for n in (1, 2):
         torch.set_num_threads(n)
         try:
-            out, d_lp, d_h = run(batch, backend, **kw)
+            out, d_lp, d_h = run_policy(batch, backend, **kw)
         finally:
             torch.set_num_threads(threads)
         runs.append((torch.stack(list(out.metrics().values())), d_lp, d_h))
@@ -327,7 +260,7 @@ def test_from_logits(backend, device):
     B, T, V = 3, 9, 301
     logits = torch.randn(B, T, V) * 2
     ids = torch.randint(0, V, (B, T))
-    batch = make_batch(B, T, garbage=False)
+    batch = policy_batch(B, T, garbage=False)
     kw = dict(mode="ppo", ref_logprobs=batch.ref, kl_coef=0.1, entropy_coef=0.05, top_entropy_quantile=0.5)
     dev = lambda x: x.to(device)  # noqa: E731
     x = dev(logits).requires_grad_(True)
@@ -367,7 +300,7 @@ def test_from_logits_passes_process_group(monkeypatch):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
-    batch = make_batch(3, 10, device=device, garbage=False)
+    batch = policy_batch(3, 10, device=device, garbage=False)
     torch.library.opcheck(
         torch.ops.lenkernels.policy_loss.default,
         ops.op_args(PolicyInputs(batch.lp.requires_grad_(True), batch.old, batch.adv, batch.mask, None, batch.ref,
@@ -392,7 +325,7 @@ def test_opcheck(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
-    batch = make_batch(3, 12, device=device, garbage=False)
+    batch = policy_batch(3, 12, device=device, garbage=False)
 
     def step(lp, ent, num_tokens):
         out = lk.policy_loss(lp, batch.old, batch.adv, batch.mask, mode="ppo", clip_high=0.28, clip_dual=3.0,
@@ -415,7 +348,7 @@ def test_torch_compile_fullgraph(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_bad_input(backend, device):
-    batch = make_batch(3, 8, device=device)
+    batch = policy_batch(3, 8, device=device)
     lp, old, adv, mask = batch.lp, batch.old, batch.adv, batch.mask
 
     def call(**kw):
@@ -488,7 +421,7 @@ def test_unavailable_backend_says_why():
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_large_batch_accuracy(backend, device):
     """fp32 accumulation over ~1e5 tokens stays within the derived tolerance."""
-    batch = make_batch(64, 2000, device=device)
+    batch = policy_batch(64, 2000, device=device)
     for mode in ("ppo", "gspo", "gmpo"):
         kw = full_kwargs(batch, mode=mode)
-        check(run(batch, backend, **kw), expect(batch, **kw), device)
+        check(run_policy(batch, backend, **kw), expect_policy(batch, **kw), device)

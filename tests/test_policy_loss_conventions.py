@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import lenkernels as lk
-from tests.test_policy_loss import make_batch
-from tests.utils import assert_close, backend_params
+from tests.utils import assert_close, backend_params, policy_batch
 
 BACKENDS = backend_params("policy_loss")
 
@@ -40,7 +39,7 @@ def same(out, grad, want, name="loss"):
 
 
 def _batch(device, B=5, T=33, per_token_adv=False):
-    return make_batch(B, T, per_token_adv=per_token_adv, garbage=False)  # trainers multiply by the mask: no NaN
+    return policy_batch(B, T, per_token_adv=per_token_adv, garbage=False)  # trainers multiply by the mask: no NaN
 
 
 # --- verl ---------------------------------------------------------------------------------------

@@ -9,7 +9,15 @@ import torch
 
 import lenkernels as lk
 from lenkernels.reference import token_stats as ref
-from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, backend_params, token_grad_scale
+from tests.utils import (
+    GRAD_ATOL,
+    GRAD_RTOL,
+    STAT_RTOL,
+    assert_close,
+    assert_compiled_like_eager,
+    backend_params,
+    token_grad_scale,
+)
 
 BACKENDS = backend_params("token_stats")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -286,12 +294,4 @@ def test_torch_compile_fullgraph(backend, device):
         lp, ent = lk.token_logprobs_entropy(x, y, temperature=0.9, backend=backend)
         return (lp * 2).sum() - 0.1 * ent.mean()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    x1 = logits.clone().requires_grad_(True)
-    x2 = logits.clone().requires_grad_(True)
-    out_eager = step(x1, ids)
-    out_compiled = compiled(x2, ids)
-    out_eager.backward()
-    out_compiled.backward()
-    assert torch.allclose(out_eager, out_compiled)
-    assert torch.allclose(x1.grad, x2.grad)
+    assert_compiled_like_eager(step, logits, ids)

@@ -12,7 +12,7 @@ import lenkernels as lk
 from lenkernels import _backend
 from lenkernels.ops import token_stats as ops
 from lenkernels.reference import token_stats as ref
-from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, backend_params
+from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, assert_compiled_like_eager, backend_params
 
 BACKENDS = backend_params("token_stats")
 ALL = ("logprob", "entropy", "sum_p2", "argmax", "mean_logit")
@@ -241,15 +241,7 @@ def test_torch_compile_fullgraph(backend, device):
         s = lk.token_stats(x, y, temperature=0.9, outputs=ALL, backend=backend)
         return s.logprob.sum() - 0.1 * s.entropy.mean() + s.sum_p2.sum() + s.max_logprob.sum() + s.mean_logit.sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    x1 = logits.clone().requires_grad_(True)
-    x2 = logits.clone().requires_grad_(True)
-    out_eager = step(x1, ids)
-    out_compiled = compiled(x2, ids)
-    out_eager.backward()
-    out_compiled.backward()
-    assert torch.allclose(out_eager, out_compiled)
-    assert torch.allclose(x1.grad, x2.grad)
+    assert_compiled_like_eager(step, logits, ids)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 
 
-def verl_logprobs_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
-    """verl's actor: logits divided by the temperature in their dtype, ``logprobs_from_logits``
-    (without flash-attn: logsumexp per row for fp32, log_softmax per row for bf16/fp16) and
-    ``entropy_from_logits`` (softmax, logsumexp and the product in the logits dtype)."""
-    logits = logits / temperature
+def _selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The logprob of ``ids`` as verl's ``logprobs_from_logits`` and TRL's ``selective_log_softmax``
+    compute it: logsumexp per row for fp32/fp64, log_softmax per row for bf16/fp16."""
     if logits.dtype in (torch.float32, torch.float64):
         picked = torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1)
         lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
@@ -28,6 +26,15 @@ def verl_logprobs_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: 
             row_logp = F.log_softmax(row, dim=-1)
             rows.append(row_logp.gather(-1, label.unsqueeze(-1)).squeeze(-1))
         logprobs = torch.stack(rows)
+    return logprobs
+
+
+def verl_logprobs_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    """verl's actor: logits divided by the temperature in their dtype, ``logprobs_from_logits``
+    (without flash-attn: logsumexp per row for fp32, log_softmax per row for bf16/fp16) and
+    ``entropy_from_logits`` (softmax, logsumexp and the product in the logits dtype)."""
+    logits = logits / temperature
+    logprobs = _selective_log_softmax(logits, ids)
     pd = torch.softmax(logits, dim=-1)
     entropy = torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
     return logprobs, entropy
@@ -37,16 +44,7 @@ def trl_logprobs_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: f
     """TRL's GRPO trainer: logits divided by the temperature, ``selective_log_softmax`` (logsumexp
     per row for fp32, log_softmax per row for bf16/fp16) and the chunked ``entropy_from_logits``."""
     logits = logits / temperature
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1)
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-        logprobs = picked - lse
-    else:
-        rows = []
-        for row, label in zip(logits, ids):
-            row_logp = F.log_softmax(row, dim=-1)
-            rows.append(row_logp.gather(-1, label.unsqueeze(-1)).squeeze(-1))
-        logprobs = torch.stack(rows)
+    logprobs = _selective_log_softmax(logits, ids)
     flat = logits.reshape(-1, logits.shape[-1])
     parts = []
     for c in flat.split(chunk, dim=0):

@@ -21,6 +21,7 @@ import torch
 
 from lenkernels import _backend, _checks, _codes, _grouping
 from lenkernels._codes import Method
+from lenkernels.ops import _library
 
 FAMILY = "advantages"
 _backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"))
@@ -74,7 +75,6 @@ def _out_shape(rewards, mask):
     return tuple(mask.shape) if mask is not None else (rewards.shape[0],)
 
 
-@torch.library.custom_op("lenkernels::group_advantages", mutates_args=())
 def _group_advantages(
     rewards: torch.Tensor,
     groups: torch.Tensor | None,
@@ -95,35 +95,16 @@ def _group_advantages(
     return out
 
 
+_group_advantages_out = _library.writing_twin(
+    "lenkernels::group_advantages_out", _group_advantages, group_advantages_fwd, mutates="out",
+    doc="Writes the advantages into ``out`` (fp32, ``[B]`` or ``mask.shape``, rows of unit stride).",
+)  # fmt: skip
+_group_advantages = torch.library.custom_op("lenkernels::group_advantages", _group_advantages, mutates_args=())
+
+
 @_group_advantages.register_fake
 def _(rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend):
     return torch.empty(_out_shape(rewards, mask), dtype=torch.float32, device=rewards.device)
-
-
-@torch.library.custom_op("lenkernels::group_advantages_out", mutates_args=("out",))
-def _group_advantages_out(
-    rewards: torch.Tensor,
-    groups: torch.Tensor | None,
-    group_size: int,
-    mask: torch.Tensor | None,
-    lengths: torch.Tensor | None,
-    task_ids: torch.Tensor | None,
-    method: str,
-    eps: float,
-    norm_by_std: bool,
-    unbiased: bool,
-    backend: str,
-    out: torch.Tensor,
-) -> None:
-    """Writes the advantages into ``out`` (fp32, ``[B]`` or ``mask.shape``, rows of unit stride)."""
-    group_advantages_fwd(
-        rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend, out
-    )
-
-
-@_group_advantages_out.register_fake
-def _(rewards, groups, group_size, mask, lengths, task_ids, method, eps, norm_by_std, unbiased, backend, out):
-    return None
 
 
 @torch.library.custom_op("lenkernels::group_stats", mutates_args=())

@@ -22,7 +22,6 @@ tile boundaries as the forward, so it sees the forward's logits bit for bit.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ _backend.register_family(FAMILY, ("triton", "cpu", "reference"))
 DEFAULT_CHUNK = {"cuda": 1 << 26, "cpu": 1 << 24}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mm_has_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``dtype`` inputs on this device."""
     try:
@@ -163,7 +162,7 @@ def _shard_ids(ids, vocab_local, ignore_index, group_name):
 def _linear_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     ids: torch.Tensor,
     temperature: torch.Tensor,
     ignore_index: int,
@@ -196,7 +195,7 @@ def _(hidden, weight, bias, ids, temperature, ignore_index, chunk_size, backend,
 def _linear_stats_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     ids: torch.Tensor,
     temperature: torch.Tensor,
     lse: torch.Tensor,

@@ -240,15 +240,24 @@ def unflatten(args, *types) -> list:
 # --- argument checks ----------------------------------------------------------------------------------
 
 
-def _check_mask(mask, logprobs) -> None:
+def check_token_mask(mask, like: torch.Tensor, like_name: str, kinds: str, hint: str) -> None:
+    """A token mask of the shape and device of ``like`` (named ``like_name``), of a real or bool
+    dtype (``kinds`` says which in the TypeError), holding only 0 and 1 where value checks run
+    (``hint`` ends the ValueError). Shared by policy_loss and rollout_correction."""
     _checks.tensor(mask, "mask")
-    _checks.same_device(logprobs, "logprobs", mask, "mask")
-    if tuple(mask.shape) != tuple(logprobs.shape):
-        raise ValueError(f"mask must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(mask.shape)}")
+    _checks.same_device(like, like_name, mask, "mask")
+    if tuple(mask.shape) != tuple(like.shape):
+        raise ValueError(f"mask must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
     if mask.is_complex():
-        raise TypeError(f"mask must be bool, integer or floating, got {mask.dtype}")
+        raise TypeError(f"mask must be {kinds}, got {mask.dtype}")
     if mask.dtype != torch.bool and _checks.value_checks(mask.device) and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1 (a weighting belongs in importance_weights)")
+        raise ValueError(f"mask must hold only 0 and 1 {hint}")
+
+
+def _check_mask(mask, logprobs) -> None:
+    check_token_mask(
+        mask, logprobs, "logprobs", "bool, integer or floating", "(a weighting belongs in importance_weights)"
+    )
 
 
 def _check_layout(logprobs, cu_seqlens) -> torch.Tensor | None:

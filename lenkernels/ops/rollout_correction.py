@@ -20,6 +20,7 @@ import torch
 
 from lenkernels import _backend, _checks, _codes
 from lenkernels._codes import CorrectionLevel, CorrectionMode, CorrectionStat
+from lenkernels.ops.policy_loss_args import check_token_mask
 from lenkernels.reference import rollout_correction as ref
 
 FAMILY = "rollout_correction"
@@ -141,17 +142,8 @@ def _valid(mask, old: torch.Tensor) -> torch.Tensor:
     """Response tokens as a flat bool ``[N]`` (default: every token)."""
     if mask is None:
         return torch.ones(old.numel(), dtype=torch.bool, device=old.device)
-    _checks.tensor(mask, "mask")
-    _checks.same_device(old, "old_logprobs", mask, "mask")
-    if tuple(mask.shape) != tuple(old.shape):
-        raise ValueError(f"mask must have the shape of old_logprobs {tuple(old.shape)}, got {tuple(mask.shape)}")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or real, got {mask.dtype}")
-    if mask.dtype == torch.bool:
-        return mask.reshape(-1)
-    if _checks.value_checks(mask.device) and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1 (or be bool)")
-    return (mask != 0).reshape(-1)
+    check_token_mask(mask, old, "old_logprobs", "bool or real", "(or be bool)")
+    return mask.reshape(-1) if mask.dtype == torch.bool else (mask != 0).reshape(-1)
 
 
 def _offsets(old: torch.Tensor, cu_seqlens) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from lenkernels import _backend, _checks
-from lenkernels.reference import token_stats as ref
+from lenkernels.ops import _library
 
 FAMILY = "token_stats"
 # On CUDA tensors the CUDA C++ kernels are the default: the static SASS report
@@ -76,7 +76,6 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
 # --- torch.library registration -------------------------------------------------------------
 
 
-@torch.library.custom_op("lenkernels::token_stats", mutates_args=())
 def _token_stats(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -88,12 +87,15 @@ def _token_stats(
     return token_stats_fwd(logits, ids, temperature, ignore_index, backend)
 
 
+_TOKEN_STATS_ARGS = _token_stats  # the undecorated function: its typed arguments, for the vocab-parallel op
+_token_stats = torch.library.custom_op("lenkernels::token_stats", _token_stats, mutates_args=())
+
+
 @_token_stats.register_fake
 def _(logits, ids, temperature, ignore_index, inplace_backward, backend):
     return tuple(torch.empty(ids.shape, dtype=torch.float32, device=logits.device) for _ in range(4))
 
 
-@torch.library.custom_op("lenkernels::token_stats_backward", mutates_args=())
 def _token_stats_backward(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -110,50 +112,46 @@ def _token_stats_backward(
     return dlogits
 
 
+def _backward_into_logits(logits, *args) -> None:
+    token_stats_bwd(logits, *args, logits)
+
+
+_library.writing_twin(
+    "lenkernels::token_stats_backward_", _token_stats_backward, _backward_into_logits, mutates="logits",
+    doc="Overwrites ``logits`` with d(loss)/d(logits): saves the [N, V] gradient buffer.",
+)  # fmt: skip
+_token_stats_backward = torch.library.custom_op(
+    "lenkernels::token_stats_backward", _token_stats_backward, mutates_args=()
+)
+
+
 @_token_stats_backward.register_fake
 def _(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("lenkernels::token_stats_backward_", mutates_args=("logits",))
-def _token_stats_backward_inplace(
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    temperature: torch.Tensor,
-    lse: torch.Tensor,
-    mean_z: torch.Tensor,
-    g_logprobs: torch.Tensor,
-    g_entropy: torch.Tensor,
-    ignore_index: int,
-    backend: str,
-) -> None:
-    """Overwrites ``logits`` with d(loss)/d(logits): saves the [N, V] gradient buffer."""
-    token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend, logits)
-
-
-@_token_stats_backward_inplace.register_fake
-def _(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend):
-    return None
-
-
 def _setup_context(ctx, inputs, output):
-    logits, ids, temperature, ignore_index, inplace_backward, backend = inputs
-    _, _, lse, mean_z = output
-    ctx.save_for_backward(logits, ids, temperature, lse, mean_z)
+    """Saves ``(logits, ids, temperature, lse, mean_z[, vocab_offset])`` for :func:`_backward` and
+    :func:`_vp_backward` (the vocabulary-parallel op has one more input and output)."""
+    logits, ids, temperature, ignore_index, inplace_backward, backend = inputs[:6]
+    ctx.save_for_backward(logits, ids, temperature, *output[2:])
     ctx.ignore_index = ignore_index
     ctx.inplace = inplace_backward
     ctx.backend = backend
 
 
+def _logits_grad(logits, args, inplace: bool) -> torch.Tensor:
+    """d(loss)/d(logits) from the backward op; written over ``logits`` when asked and it is a row view."""
+    if inplace and _is_row_view(logits):
+        torch.ops.lenkernels.token_stats_backward_(logits, *args)
+        return logits
+    return torch.ops.lenkernels.token_stats_backward(logits, *args)
+
+
 def _backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z):
     logits, ids, temperature, lse, mean_z = ctx.saved_tensors
     args = (ids, temperature, lse, mean_z, g_logprobs, g_entropy, ctx.ignore_index, ctx.backend)
-    if ctx.inplace and _is_row_view(logits):
-        torch.ops.lenkernels.token_stats_backward_(logits, *args)
-        dlogits = logits
-    else:
-        dlogits = torch.ops.lenkernels.token_stats_backward(logits, *args)
-    return dlogits, None, None, None, None, None
+    return _logits_grad(logits, args, ctx.inplace), None, None, None, None, None
 
 
 _token_stats.register_autograd(_backward, setup_context=_setup_context)
@@ -165,18 +163,10 @@ _token_stats.register_autograd(_backward, setup_context=_setup_context)
 # Backward needs no communication: SPEC 1's gradient of a shard only reads the merged lse and mean_z.
 
 
-@torch.library.custom_op("lenkernels::token_stats_vocab_parallel", mutates_args=())
-def _token_stats_vocab_parallel(
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    temperature: torch.Tensor,
-    ignore_index: int,
-    inplace_backward: bool,
-    backend: str,
-    group_name: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _token_stats_vocab_parallel(logits, ids, temperature, ignore_index, inplace_backward, backend, group_name):
     """``(logprobs, entropy, lse, mean_z, vocab_offset)`` of the full vocabulary; ``logits`` is
-    this rank's shard of it, ``ids`` are global."""
+    this rank's shard of it, ``ids`` are global. The arguments of ``lenkernels::token_stats`` and
+    the process group's name."""
     from lenkernels import distributed as lkdist
 
     group = lkdist.resolve_group(group_name)
@@ -194,19 +184,19 @@ def _token_stats_vocab_parallel(
     return lp, ent, lse, mean_z, offset
 
 
+_token_stats_vocab_parallel = torch.library.custom_op(
+    "lenkernels::token_stats_vocab_parallel",
+    _library.with_arguments(
+        _token_stats_vocab_parallel, _TOKEN_STATS_ARGS, ("group_name", str), returns=tuple[(torch.Tensor,) * 5]
+    ),
+    mutates_args=(),
+)
+
+
 @_token_stats_vocab_parallel.register_fake
 def _(logits, ids, temperature, ignore_index, inplace_backward, backend, group_name):
     stats = tuple(torch.empty(ids.shape, dtype=torch.float32, device=logits.device) for _ in range(4))
     return (*stats, torch.empty(1, dtype=torch.int64, device=logits.device))
-
-
-def _vp_setup_context(ctx, inputs, output):
-    logits, ids, temperature, ignore_index, inplace_backward, backend, _ = inputs
-    _, _, lse, mean_z, offset = output
-    ctx.save_for_backward(logits, ids, temperature, lse, mean_z, offset)
-    ctx.ignore_index = ignore_index
-    ctx.inplace = inplace_backward
-    ctx.backend = backend
 
 
 def _vp_backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z, g_offset):
@@ -225,15 +215,10 @@ def _vp_backward(ctx, g_logprobs, g_entropy, g_lse, g_mean_z, g_offset):
         ).reshape(logits.shape)  # fmt: skip
         return dlogits, None, None, None, None, None, None
     args = (local, temperature, lse, mean_z, g_logprobs, g_entropy, lkdist.IGNORED, ctx.backend)
-    if ctx.inplace and _is_row_view(logits):
-        torch.ops.lenkernels.token_stats_backward_(logits, *args)
-        dlogits = logits
-    else:
-        dlogits = torch.ops.lenkernels.token_stats_backward(logits, *args)
-    return dlogits, None, None, None, None, None, None
+    return _logits_grad(logits, args, ctx.inplace), None, None, None, None, None, None
 
 
-_token_stats_vocab_parallel.register_autograd(_vp_backward, setup_context=_vp_setup_context)
+_token_stats_vocab_parallel.register_autograd(_vp_backward, setup_context=_setup_context)
 
 
 # --- extra vocabulary statistics (SPEC 7): lenkernels.token_stats --------------------------------
@@ -350,6 +335,17 @@ def _extra_backward(ctx, g_lp, g_h, g_lse, g_mean_z, g_sp2, g_lsp2, g_argmax, g_
 _token_stats_extra.register_autograd(_extra_backward, setup_context=_extra_setup_context)
 
 
+def _check_token_args(logits, ids, temperature, ignore_index, backend: str) -> torch.Tensor:
+    """The checks of the token ops' arguments once the backend is chosen; the temperature as the
+    fp32 tensor the ops take."""
+    _checks.logits_dtype(logits, backend)
+    _checks.ids_match(logits, ids)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary (last) dimension")
+    _checks.index(ignore_index, "ignore_index")
+    return _checks.temperature(temperature, ids)
+
+
 class TokenStats(NamedTuple):
     """Per-token statistics of ``lenkernels.token_stats`` (float32 of ``ids.shape``, ``argmax``
     int64); a field whose output was not asked for is None."""
@@ -411,12 +407,7 @@ def token_stats(
     _checks.tensor(logits, "logits", min_dim=1)
     extra = not wanted <= {"logprob", "entropy"}
     name = _backend.resolve(backend, EXTRA_FAMILY if extra else FAMILY, logits.device)
-    _checks.logits_dtype(logits, name)
-    _checks.ids_match(logits, ids)
-    if logits.shape[-1] == 0:
-        raise ValueError("logits must have a non-empty vocabulary (last) dimension")
-    _checks.index(ignore_index, "ignore_index")
-    temp = _checks.temperature(temperature, ids)
+    temp = _check_token_args(logits, ids, temperature, ignore_index, name)
     if not extra:
         lp, ent, _, _ = torch.ops.lenkernels.token_stats(logits, ids, temp, ignore_index, False, name)
         return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
@@ -494,12 +485,7 @@ def token_logprobs_entropy(
         _checks.inplace_target(logits)
     _checks.tensor(logits, "logits", min_dim=1)
     name = _backend.resolve(backend, FAMILY, logits.device)
-    _checks.logits_dtype(logits, name)
-    _checks.ids_match(logits, ids)
-    if logits.shape[-1] == 0:
-        raise ValueError("logits must have a non-empty vocabulary (last) dimension")
-    _checks.index(ignore_index, "ignore_index")
-    temp = _checks.temperature(temperature, ids)
+    temp = _check_token_args(logits, ids, temperature, ignore_index, name)
     if process_group is not None:
         from lenkernels.distributed import group_name
 
