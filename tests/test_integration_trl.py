@@ -8,7 +8,6 @@ Needs ``pip install trl`` (tested with 1.16).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import types
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.utils import assert_close, trainer_module
+from tests.utils import assert_close, assert_same_training, grpo_run, trainer_close, trainer_module
 
 trl_utils = trainer_module("trl.trainer.utils")
 grpo_module = trainer_module("trl.trainer.grpo_trainer")
@@ -29,15 +28,6 @@ from lenkernels.integrations import trl as lk_trl
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ORIGINAL_COMPUTE_LOSS = GRPOTrainer.__dict__["_compute_loss"]
-
-
-def close(actual, expected, name, rtol=2e-5, scale=0.0):
-    """Both sides are fp32 computations of one formula: they may differ by a few ulps of the
-    largest term, hence an absolute floor at 1e-6 of the largest expected magnitude, or of
-    ``scale``: the size of the terms a scalar loss summed (they may cancel to a tiny result)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(float(expected.detach().abs().max()) if expected.numel() else 0.0, scale)
-    assert_close(actual, expected, rtol=rtol, atol=1e-6 * scale + 1e-12, name=name)
 
 
 # --- token statistics --------------------------------------------------------------------------
@@ -74,17 +64,17 @@ def test_selective_log_softmax_and_entropy_match_trl(device, temperature, masked
     theirs = run(trl_utils.selective_log_softmax_and_entropy, trl_index)
     assert ours[0].dtype == ours[1].dtype == torch.float32
     for a, b, name in zip(ours, theirs, ("logprobs", "entropy", "d logits")):
-        close(a, b, name)
+        trainer_close(a, b, name)
 
     x = logits.clone().requires_grad_(True)
     y = logits.clone().requires_grad_(True)
     lp = lk_trl.selective_log_softmax(x, index, temperature, row_mask)
     lp_t = trl_utils.selective_log_softmax(y, trl_index, temperature, row_mask)
-    close(lp, lp_t, "selective_log_softmax")
+    trainer_close(lp, lp_t, "selective_log_softmax")
     (lp * g_lp).sum().backward()
     (lp_t * g_lp).sum().backward()
-    close(x.grad, y.grad, "selective_log_softmax d logits")
-    close(
+    trainer_close(x.grad, y.grad, "selective_log_softmax d logits")
+    trainer_close(
         lk_trl.entropy_from_logits(logits, chunk_size=5), trl_utils.entropy_from_logits(logits, chunk_size=5), "entropy"
     )
 
@@ -102,8 +92,8 @@ def test_selective_log_softmax_top_k(device):
         out = fn(x, index, 0.8, row_mask)
         (out * g).sum().backward()
         grads.append((out, x.grad))
-    close(grads[0][0], grads[1][0], "top-k logprobs")
-    close(grads[0][1], grads[1][1], "top-k d logits")
+    trainer_close(grads[0][0], grads[1][0], "top-k logprobs")
+    trainer_close(grads[0][1], grads[1][1], "top-k d logits")
 
 
 def test_entropy_requires_grad_false_and_errors():
@@ -126,7 +116,7 @@ def test_token_stats_trace_under_torch_compile():
     def step(x):
         return lk_trl.selective_log_softmax(x, index, 0.9).sum() + lk_trl.entropy_from_logits(x).sum()
 
-    close(torch.compile(step, backend="aot_eager", fullgraph=True)(logits), step(logits), "compiled")
+    trainer_close(torch.compile(step, backend="aot_eager", fullgraph=True)(logits), step(logits), "compiled")
 
 
 class FakeTensor:
@@ -206,14 +196,14 @@ def test_grpo_advantages_match_trl(device, scale, num_generations):
     ours = lk_trl.grpo_advantages(rewards, num_generations, scale)
     theirs = trl_advantages(rewards, num_generations, scale)
     assert ours.dtype == torch.float32 and ours.shape == (B,)
-    close(ours, theirs, f"{scale} advantages", rtol=1e-5)
+    trainer_close(ours, theirs, f"{scale} advantages", rtol=1e-5)
     assert bool((ours[:num_generations] == 0).all())
 
 
 def test_grpo_advantages_aliases_and_errors():
     rewards = torch.rand(12)
-    close(lk_trl.grpo_advantages(rewards, 4, True), lk_trl.grpo_advantages(rewards, 4, "group"), "True")
-    close(lk_trl.grpo_advantages(rewards, 4, False), lk_trl.grpo_advantages(rewards, 4, "none"), "False")
+    trainer_close(lk_trl.grpo_advantages(rewards, 4, True), lk_trl.grpo_advantages(rewards, 4, "group"), "True")
+    trainer_close(lk_trl.grpo_advantages(rewards, 4, False), lk_trl.grpo_advantages(rewards, 4, "none"), "False")
     with pytest.raises(ValueError, match="scale_rewards"):
         lk_trl.grpo_advantages(rewards, 4, "prompt")
     with pytest.raises(ValueError, match="rewards"):
@@ -333,10 +323,10 @@ def test_compute_loss_matches_trl(device, options, level, loss_type):
     (loss_t * 0.9).backward()
     (loss * 0.9).backward()
     terms = float(inputs["advantages"].abs().max()) + 1.0  # |A r| and the O(1) KL / entropy terms
-    close(loss, loss_t, "loss", scale=terms)
-    close(ours.logps.grad, theirs.logps.grad, "d logps")
+    trainer_close(loss, loss_t, "loss", scale=terms)
+    trainer_close(ours.logps.grad, theirs.logps.grad, "d logps")
     if theirs.entropies.grad is not None:
-        close(ours.entropies.grad, theirs.entropies.grad, "d entropies")
+        trainer_close(ours.entropies.grad, theirs.entropies.grad, "d entropies")
     else:
         assert ours.entropies.grad is None or bool((ours.entropies.grad == 0).all())
     mode = "train" if ours.model.training else "eval"
@@ -388,8 +378,8 @@ def test_cispo_bound_below_one_and_unsupported_configs():
         loss_t, loss = ORIGINAL_COMPUTE_LOSS(theirs, None, inputs), lk_trl.grpo_compute_loss(ours, None, inputs)
         loss_t.backward()
         loss.backward()
-        close(loss, loss_t, f"{config} loss", scale=float(inputs["advantages"].abs().max()) + 1.0)
-        close(ours.logps.grad, theirs.logps.grad, f"{config} d logps")
+        trainer_close(loss, loss_t, f"{config} loss", scale=float(inputs["advantages"].abs().max()) + 1.0)
+        trainer_close(ours.logps.grad, theirs.logps.grad, f"{config} d logps")
     assert lk_trl._why_not_fused(TrainerState(logps, entropies, loss_type="vespo")) == "loss_type='vespo'"
 
 
@@ -421,7 +411,7 @@ def test_grpo_loss_local_top_entropy_quantile_equals_a_given_mask():
     )
     b = lk_trl.grpo_loss(logps, inputs["old_per_token_logps"], inputs["advantages"], mask, entropy_mask=given, **kw)
     assert torch.equal(a.entropy_mask, given)
-    close(a.loss, b.loss, "loss")
+    trainer_close(a.loss, b.loss, "loss")
 
 
 # --- patch() -------------------------------------------------------------------------------------
@@ -446,7 +436,9 @@ def test_patch_and_unpatch(monkeypatch):
         assert GRPOTrainer._compute_loss is lk_trl.grpo_compute_loss
         # TRL's own selective_log_softmax_and_entropy calls the patched functions too
         logits, index = torch.randn(4, 30), torch.randint(0, 30, (4,))
-        close(trl_utils.selective_log_softmax(logits, index), before["selective_log_softmax"](logits, index), "patched")
+        trainer_close(
+            trl_utils.selective_log_softmax(logits, index), before["selective_log_softmax"](logits, index), "patched"
+        )
         late = types.ModuleType("trl._lenkernels_probe")  # imported while patched, by `from ... import`
         late.selective_log_softmax = trl_utils.selective_log_softmax
         monkeypatch.setitem(sys.modules, late.__name__, late)
@@ -467,7 +459,7 @@ def test_patched_trainer_runs_the_fused_loss_and_falls_back():
         for config in (dict(loss_type="grpo"), dict(loss_type="vespo")):
             state, reference = TrainerState(logps, entropies, **config), TrainerState(logps, entropies, **config)
             loss = GRPOTrainer._compute_loss(state, None, inputs)  # the method patch() installed
-            close(loss, ORIGINAL_COMPUTE_LOSS(reference, None, inputs), f"{config}")
+            trainer_close(loss, ORIGINAL_COMPUTE_LOSS(reference, None, inputs), f"{config}")
     assert GRPOTrainer.__dict__["_compute_loss"] is ORIGINAL_COMPUTE_LOSS
     with pytest.raises(ValueError, match="does not replace"):
         lk_trl.patch(exclude=("compute_loss",))
@@ -476,54 +468,17 @@ def test_patched_trainer_runs_the_fused_loss_and_falls_back():
 
 def test_real_grpo_trainer_with_the_patch(tmp_path, monkeypatch):
     """TRL's own GRPOTrainer (tiny random Qwen2, a word-level tokenizer built here, a length-penalised
-    rule reward, beta > 0 with its reference model, mu = 2) trains two steps unpatched and patched:
-    the same logged losses and metrics and the same weights, with the fused loss really in use."""
+    rule reward, beta > 0 with its reference model, mu = 2) trains two steps unpatched and with the
+    fused loss: the same logged losses and metrics and the same weights (Adam, TRL's default), with
+    the fused loss really in use. The fused LM head is left as TRL's here: it is compared with TRL's
+    in tests/test_integration_trl_head.py."""
     pytest.importorskip("datasets", reason="GRPOTrainer needs the datasets package")
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    from trl import GRPOConfig
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i + 3 for i in range(61)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
-                                        eos_token="<eos>")  # fmt: skip
-    prompts = Dataset.from_dict({"prompt": [" ".join(f"w{(7 * i + j) % 61}" for j in range(4)) for i in range(8)]})
-
-    def reward(completions, **kwargs):
-        return [c.split().count("w1") - 0.1 * len(c.split()) for c in completions]
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "model")  # the reference model is loaded from a path
     calls = []
     fused = lk_trl.grpo_loss
     monkeypatch.setattr(lk_trl, "grpo_loss", lambda *a, **k: calls.append(k["loss_type"]) or fused(*a, **k))
-
-    def train(patch: bool, loss_type: str):
-        args = GRPOConfig(
-            output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=4,
-            num_generations=4, max_completion_length=8, logging_steps=1, save_strategy="no", seed=0,
-            loss_type=loss_type, beta=0.02, num_iterations=2, epsilon_high=0.28, learning_rate=1e-2,
-            disable_tqdm=True,
-        )  # fmt: skip
-        trainer = GRPOTrainer(model=str(tmp_path / "model"), reward_funcs=reward, args=args, train_dataset=prompts,
-                              processing_class=tokenizer)  # fmt: skip
-        with lk_trl.patched() if patch else contextlib.nullcontext():
-            trainer.train()
-        logs = [h for h in trainer.state.log_history if "loss" in h]
-        return logs, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-
     for loss_type in ("dapo", "grpo"):
-        logs_t, weights_t = train(False, loss_type)
-        logs, weights = train(True, loss_type)
+        config = dict(loss_type=loss_type, beta=0.02, num_iterations=2, epsilon_high=0.28, learning_rate=1e-2)
+        expected = grpo_run(tmp_path / f"{loss_type}-t", None, **config)
+        run = grpo_run(tmp_path / loss_type, lk_trl.patched(exclude=("ChunkedLogProbFunction",)), **config)
         assert calls.count(loss_type) == 2, calls  # the fused loss ran on both steps
-        assert len(logs) == len(logs_t) == 2
-        for ours, theirs in zip(logs, logs_t):
-            assert ours.keys() == theirs.keys()
-            for key in theirs.keys() - {"step_time"}:  # losses, grad norm, kl, entropy, clip ratios, rewards
-                assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-6), (loss_type, key, ours, theirs)
-        for name, w in weights_t.items():
-            close(weights[name], w, f"{loss_type} {name}", rtol=1e-4)
+        assert_same_training(run, expected, loss_type, rtol=1e-4)

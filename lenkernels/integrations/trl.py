@@ -20,9 +20,11 @@ controller, ``delta < 1 + epsilon_high``) run TRL's original method. TRL compute
 inline in ``_generate_and_score_completions`` (which also generates and scores), so ``patch()``
 leaves them to TRL; :func:`grpo_advantages` gives the same numbers for a subclass or a custom
 loop (``multi_objective_aggregation="sum_then_normalize"``, TRL's default). TRL 1.16's
-``GRPOTrainer`` computes its log-probabilities and entropies inside the model's fused LM head
-(``add_fused_lm_head``), which ``patch()`` keeps; the patched ``trl.trainer.utils`` functions
-serve TRL's other trainers and user code.
+``GRPOTrainer`` (and RLOO, KTO, ...) computes its log-probabilities and entropies inside the
+model's fused LM head (``add_fused_lm_head``): ``patch()`` swaps the function that head calls,
+``trl.kernels.ChunkedLogProbFunction``, for :class:`ChunkedLogProbFunction`
+(``lenkernels.linear_token_stats``: every output TRL asks for, its soft cap and logit scale); the
+patched ``trl.trainer.utils`` functions serve TRL's other trainers and user code.
 
 Dtypes are TRL's: the token statistics accept float32, bfloat16, float16 and float64 logits and
 return float32 where TRL runs its fused Triton kernel (CUDA/XPU tensors of float32/bfloat16/float16
@@ -44,6 +46,10 @@ Differences, all deliberate:
   rounded value, where TRL's eager path rounds every intermediate (log-softmax, exp, sum) to the
   half dtype, an ulp or more away. TRL's own half-precision tests compare against that eager path
   (bit for bit, or to 1e-5), so tests/upstream marks them ``xfail(strict=True)``.
+- The fused LM head under autocast with an LM-head bias: the logits are ``F.linear``'s in the
+  autocast dtype, the product and the bias summed then rounded once (as the model's own forward
+  computes them); TRL's head rounds the product, then the sum (a bfloat16 ulp of a logit apart).
+  The head's log-probabilities differ from TRL's by float32 rounding (another summation order).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from lenkernels.integrations import ModulePatch, Replacement, _check_exclude, _e
 # The maths lives in private modules: _trl_token_stats (trl.trainer.utils) and _trl_grpo (the
 # advantages and the loss). This module re-exports them (as their home: ``__module__``, see the
 # end), runs GRPOTrainer._compute_loss on them, and patches TRL.
+from lenkernels.integrations._trl_fused_head import ChunkedLogProbFunction
 from lenkernels.integrations._trl_grpo import LOSS_TYPES, GRPOLoss, _log_ratio_weights, grpo_advantages, grpo_loss
 from lenkernels.integrations._trl_token_stats import (
     entropy_from_logits,
@@ -69,6 +76,7 @@ __all__ = [
     "selective_log_softmax",
     "entropy_from_logits",
     "selective_log_softmax_and_entropy",
+    "ChunkedLogProbFunction",
     "grpo_advantages",
     "GRPOLoss",
     "grpo_loss",
@@ -235,8 +243,11 @@ def _log_metrics(trainer, metrics, out: GRPOLoss, logps, old, advantages, mask, 
 
 _UTILS = "trl.trainer.utils"
 _TRAINER = "trl.trainer.grpo_trainer.GRPOTrainer"
-PATCHED_NAMES = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy", "_compute_loss")
-"""What ``patch()`` replaces: the three ``trl.trainer.utils`` functions and ``GRPOTrainer._compute_loss``."""
+_KERNELS = "trl.kernels"
+PATCHED_NAMES = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy", "_compute_loss",
+                 "ChunkedLogProbFunction")  # fmt: skip
+"""What ``patch()`` replaces: the three ``trl.trainer.utils`` functions, ``GRPOTrainer._compute_loss``
+and the fused LM head's ``trl.kernels.ChunkedLogProbFunction`` (every reference to it in TRL)."""
 
 
 def _check_trainer() -> None:
@@ -262,7 +273,8 @@ def _check_trainer() -> None:
 
 def _replacements() -> list[Replacement]:
     reps = [Replacement(_UTILS, name, globals()[name]) for name in PATCHED_NAMES[:3]]
-    return reps + [Replacement(_TRAINER, "_compute_loss", grpo_compute_loss)]
+    return reps + [Replacement(_TRAINER, "_compute_loss", grpo_compute_loss),
+                   Replacement(_KERNELS, "ChunkedLogProbFunction", ChunkedLogProbFunction)]  # fmt: skip
 
 
 _PATCH = ModulePatch("trl", _replacements)
