@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import re
@@ -29,7 +28,7 @@ import torch
 
 from lenkernels import _build, _checks
 from lenkernels.reference import token_stats as ref
-from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, nan_like
+from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, load_replay, nan_like
 
 NVCC = _build.find_nvcc()
 pytestmark = pytest.mark.skipif(
@@ -201,14 +200,7 @@ def test_extension_modules_build_and_link(builds):
 def replay(builds):
     proc, path = builds["replay"]
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    lib = ctypes.CDLL(str(path))
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.lk_replay_split_count.argtypes = [i64, i64, i64, i64]
-    lib.lk_replay_fwd.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
-    lib.lk_replay_bwd.argtypes = [
-        ptr, i32, i64, i64, i64, ptr, i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i32,
-    ]  # fmt: skip
-    return lib
+    return load_replay(path)
 
 
 def _splits(lib, x: torch.Tensor) -> int:

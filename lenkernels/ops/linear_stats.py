@@ -329,31 +329,8 @@ def linear_logprobs_entropy(
     """
     _checks.flags(return_entropy=return_entropy, reduce_hidden_grad=reduce_hidden_grad)
     _checks.tensor(hidden, "hidden", min_dim=1)
-    _checks.tensor(weight, "weight")
     name = _backend.resolve(backend, FAMILY, hidden.device)
-    _checks.float_input(hidden, "hidden", name)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must have shape [V, {hidden.shape[-1]}] (the last dim of hidden), got {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    _checks.same_device(hidden, "hidden", weight, "weight")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one vocabulary row")
-    if bias is not None:
-        _checks.tensor(bias, "bias")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        _checks.same_device(hidden, "hidden", bias, "bias")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [{weight.shape[0]}] (the rows of weight), got {tuple(bias.shape)}")
-    _checks.tensor(ids, "ids", dtypes=_checks.INT_DTYPES)
-    _checks.same_device(hidden, "hidden", ids, "ids")
-    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"ids must have the leading shape of hidden {tuple(hidden.shape[:-1])}, got {tuple(ids.shape)}"
-        )
+    _checks.lm_head(hidden, weight, bias, ids, name)
     _checks.index(ignore_index, "ignore_index")
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK["cuda" if hidden.device.type == "cuda" else "cpu"]
