@@ -48,6 +48,7 @@ from lenkernels.triton.group_math import (
     scale_exponent,
     scaled,
 )
+from lenkernels.triton.utils import persistent_range
 
 FAMILY = "advantages"
 _MOMENT_CHUNK = 4096  # elements per program of the batch moments (fixed: results do not depend on the GPU)
@@ -55,6 +56,16 @@ _BROADCAST_BLOCK = 1024
 
 
 # --- group advantages ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _member_tile(start, ge, perm_ptr, rewards_ptr, score_buf_ptr, TOKEN_REWARDS: tl.constexpr,
+                 CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Sorted positions start.. of a group ending at ``ge``: (pos, valid, response rows, scores)."""
+    pos = start + tl.arange(0, BLOCK)
+    valid = pos < ge
+    rows = member_rows(pos, valid, perm_ptr, CONTIGUOUS)
+    return pos, valid, rows, member_scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
 
 
 @triton.jit(do_not_specialize=["T", "stride_r", "stride_m", "group_size", "eps", "norm", "ddof"])
@@ -87,9 +98,7 @@ def group_advantages_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    nprog = tl.num_programs(0).to(tl.int64)
-    n_groups = tl.load(n_groups_ptr)
+    pid, n_groups, nprog = persistent_range(n_groups_ptr)
     for g in range(pid, n_groups, nprog):
         gs, ge = group_bounds(g, offsets_ptr, group_size, CONTIGUOUS)
         if (LEN_SOURCE == LEN_SOURCES.LEN_MASK) | TOKEN_REWARDS:
@@ -110,10 +119,9 @@ def group_advantages_kernel(
         # pass 0: the largest |s| -> the sums and squares below are of s * 2^-e (no overflow)
         acc_abs = tl.zeros([BLOCK], tl.float32)
         for start in range(gs, ge, BLOCK):
-            pos = start + tl.arange(0, BLOCK)
-            valid = pos < ge
-            rows = member_rows(pos, valid, perm_ptr, CONTIGUOUS)
-            s = member_scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
+            pos, valid, rows, s = _member_tile(
+                start, ge, perm_ptr, rewards_ptr, score_buf_ptr, TOKEN_REWARDS, CONTIGUOUS, BLOCK
+            )
             acc_abs = tl.maximum(acc_abs, abs_or_zero(s, valid))
         e = scale_exponent(tl.max(acc_abs, 0))
         down = pow2(-e)
@@ -127,10 +135,9 @@ def group_advantages_kernel(
         acc_max = tl.full([BLOCK], float("-inf"), tl.float32)
         acc_nan = tl.zeros([BLOCK], tl.int32)
         for start in range(gs, ge, BLOCK):
-            pos = start + tl.arange(0, BLOCK)
-            valid = pos < ge
-            rows = member_rows(pos, valid, perm_ptr, CONTIGUOUS)
-            s = member_scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
+            pos, valid, rows, s = _member_tile(
+                start, ge, perm_ptr, rewards_ptr, score_buf_ptr, TOKEN_REWARDS, CONTIGUOUS, BLOCK
+            )
             d = tl.where(valid, s * down - shift, 0.0)
             acc_d += d
             if METHOD == METHODS.OPO:
@@ -157,10 +164,9 @@ def group_advantages_kernel(
         acc_first = tl.zeros([BLOCK], tl.int64) + ge  # past the group: no best member yet
         if (METHOD == METHODS.GRPO) | (METHOD == METHODS.GRPO_PASSK):
             for start in range(gs, ge, BLOCK):
-                pos = start + tl.arange(0, BLOCK)
-                valid = pos < ge
-                rows = member_rows(pos, valid, perm_ptr, CONTIGUOUS)
-                s = member_scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
+                pos, valid, rows, s = _member_tile(
+                    start, ge, perm_ptr, rewards_ptr, score_buf_ptr, TOKEN_REWARDS, CONTIGUOUS, BLOCK
+                )
                 c = tl.where(valid, s * down - mean_s, 0.0)
                 acc_m2 += c * c
                 if METHOD == METHODS.GRPO_PASSK:
@@ -175,10 +181,9 @@ def group_advantages_kernel(
 
         # pass 3: one advantage per member, written in response order
         for start in range(gs, ge, BLOCK):
-            pos = start + tl.arange(0, BLOCK)
-            valid = pos < ge
-            rows = member_rows(pos, valid, perm_ptr, CONTIGUOUS)
-            s = member_scores(pos, valid, rows, rewards_ptr, score_buf_ptr, TOKEN_REWARDS)
+            pos, valid, rows, s = _member_tile(
+                start, ge, perm_ptr, rewards_ptr, score_buf_ptr, TOKEN_REWARDS, CONTIGUOUS, BLOCK
+            )
             if METHOD == METHODS.GRPO_PASSK:
                 gap = r_max - r_second
                 a = tl.where(pos == best, tl.where(norm != 0, scaled(gap, std, eps), gap), 0.0)
@@ -204,9 +209,7 @@ def gaussian_rank_kernel(
     adv_ptr,  # [B] fp32 out, response order
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    nprog = tl.num_programs(0).to(tl.int64)
-    n_runs = tl.load(n_runs_ptr)
+    pid, n_runs, nprog = persistent_range(n_runs_ptr)
     for r in range(pid, n_runs, nprog):
         rs = tl.load(run_offsets_ptr + r)
         re = tl.load(run_offsets_ptr + r + 1)
@@ -235,6 +238,19 @@ def gaussian_rank_kernel(
 # --- batch-level step (batch, reinforce_pp_baseline) -------------------------------------------
 
 
+@triton.jit
+def _weighted_tile(x_ptr, w_ptr, i, end, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """x [BLOCK] fp32 and its weights (1 without HAS_W) at i.., padding lanes 0 past ``end``."""
+    offs = i + tl.arange(0, BLOCK)
+    valid = offs < end
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=valid, other=0).to(tl.float32)
+    else:
+        w = tl.where(valid, 1.0, 0.0)
+    return x, w
+
+
 @triton.jit(do_not_specialize=["n", "chunk"])
 def batch_moments_kernel(
     x_ptr,  # [n] fp32
@@ -251,13 +267,7 @@ def batch_moments_kernel(
     acc_w = tl.zeros([BLOCK], tl.float32)
     acc_abs = tl.zeros([BLOCK], tl.float32)
     for i in range(start, end, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        valid = offs < end
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0)
-        if HAS_W:
-            w = tl.load(w_ptr + offs, mask=valid, other=0).to(tl.float32)
-        else:
-            w = tl.where(valid, 1.0, 0.0)
+        x, w = _weighted_tile(x_ptr, w_ptr, i, end, HAS_W, BLOCK)
         acc_w += w
         acc_abs = tl.maximum(acc_abs, abs_or_zero(x, w != 0.0))
     wsum = tl.sum(acc_w, 0)
@@ -265,24 +275,12 @@ def batch_moments_kernel(
     down = pow2(-e)
     acc_wx = tl.zeros([BLOCK], tl.float32)
     for i in range(start, end, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        valid = offs < end
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0)
-        if HAS_W:
-            w = tl.load(w_ptr + offs, mask=valid, other=0).to(tl.float32)
-        else:
-            w = tl.where(valid, 1.0, 0.0)
+        x, w = _weighted_tile(x_ptr, w_ptr, i, end, HAS_W, BLOCK)
         acc_wx += tl.where(w != 0.0, w * (x * down), 0.0)
     mean = tl.where(wsum > 0.0, tl.sum(acc_wx, 0) / wsum, 0.0)
     acc_m2 = tl.zeros([BLOCK], tl.float32)
     for i in range(start, end, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        valid = offs < end
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0)
-        if HAS_W:
-            w = tl.load(w_ptr + offs, mask=valid, other=0).to(tl.float32)
-        else:
-            w = tl.where(valid, 1.0, 0.0)
+        x, w = _weighted_tile(x_ptr, w_ptr, i, end, HAS_W, BLOCK)
         c = x * down - mean
         acc_m2 += tl.where(w != 0.0, w * c * c, 0.0)
     out = partial_ptr + pid * 4
@@ -515,70 +513,37 @@ group_stats_step = _group_stats.group_stats_step
 _STAGES = _grouping.Stages(group_step, gaussian_rank, batch_shift_scale, broadcast, group_stats_step)
 
 
-_GROUP_SIG = {
-    "rewards_ptr": "*fp32", "mask_ptr": "*i64", "lengths_ptr": "*fp32", "perm_ptr": "*i64", "offsets_ptr": "*i64",
-    "n_groups_ptr": "*i64", "score_buf_ptr": "*fp32", "len_buf_ptr": "*fp32", "adv_ptr": "*fp32", "raw_ptr": "*fp32",
-    "w_out_ptr": "*fp32", "T": "i32", "stride_r": "i64", "stride_m": "i64", "group_size": "i32", "eps": "fp32",
-    "norm": "i32", "ddof": "i32", "METHOD": "constexpr", "TOKEN_REWARDS": "constexpr", "LEN_SOURCE": "constexpr",
-    "CONTIGUOUS": "constexpr", "WRITE_RAW": "constexpr", "WRITE_W": "constexpr", "BLOCK": "constexpr",
-    "BLOCK_R": "constexpr", "BLOCK_T": "constexpr",
-}
-_BLOCKS = {"BLOCK": GROUP_BLOCK, "BLOCK_R": ROW_BLOCK_R, "BLOCK_T": ROW_BLOCK_T}
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
 
 
-def _group_spec(method, token, len_source, contiguous, raw=False, w=False, rewards="fp32"):
-    return {
-        "kernel": group_advantages_kernel,
-        "signature": {**_GROUP_SIG, "rewards_ptr": f"*{rewards}"},
-        "constexprs": {"METHOD": int(method), "TOKEN_REWARDS": token, "LEN_SOURCE": int(len_source),
-                       "CONTIGUOUS": contiguous, "WRITE_RAW": raw, "WRITE_W": w, **_BLOCKS},
-        "num_warps": 4,
-    }  # fmt: skip
+def _aot_case(method, *, token=False, grouped=True, mask=None, lengths=False, rewards=torch.float32):
+    """group_advantages_fwd on a small CPU batch: 8 responses (T = 16 tokens) in groups of 4, by
+    ids (``grouped``) or contiguous; ``mask``: its dtype, or None; ``lengths``: a [B] fp32 tensor."""
+
+    def run():
+        from lenkernels.ops.advantages import AdvantageConfig
+
+        n, t = 8, 16
+        m = torch.ones((n, t), dtype=mask) if mask is not None else None
+        out = torch.empty((n, t) if mask is not None else (n,), dtype=torch.float32)
+        group_advantages_fwd(
+            torch.zeros((n, t) if token else (n,), dtype=rewards), torch.arange(n) % 2 if grouped else None, 4, m,
+            torch.full((n,), float(t)) if lengths else None, None, AdvantageConfig(method, 1e-6, True, True), out,
+        )  # fmt: skip
+
+    return run
 
 
-_NO_LEN, _LEN_MASK, _LEN_TENSOR = LenSource.LEN_NONE, LenSource.LEN_MASK, LenSource.LEN_TENSOR
-AOT_SPECS = [
-    _group_spec(Method.GRPO, True, _NO_LEN, False, rewards="bf16"),
-    _group_spec(Method.GRPO, False, _NO_LEN, True),
-    _group_spec(Method.RLOO, False, _NO_LEN, False),
-    _group_spec(Method.GRPO_PASSK, False, _NO_LEN, False),
-    _group_spec(Method.OPO, True, _LEN_MASK, False),
-    _group_spec(Method.OPO, False, _LEN_TENSOR, True),
-    _group_spec(Method.REINFORCE_PP_BASELINE, False, _LEN_MASK, False, w=True),
-    _group_spec(Method.BATCH, True, _NO_LEN, True, raw=True),
-    {
-        "kernel": gaussian_rank_kernel,
-        "signature": {"scores_ptr": "*fp32", "perm_ptr": "*i64", "group_of_ptr": "*i64", "group_offsets_ptr": "*i64",
-                      "run_offsets_ptr": "*i64", "n_runs_ptr": "*i64", "adv_ptr": "*fp32", "BLOCK": "constexpr"},
-        "constexprs": {"BLOCK": GROUP_BLOCK},
-        "num_warps": 4,
-    },
-] + [
-    {
-        "kernel": batch_moments_kernel,
-        "signature": {"x_ptr": "*fp32", "w_ptr": w, "partial_ptr": "*fp32", "n": "i32", "chunk": "i32",
-                      "HAS_W": "constexpr", "BLOCK": "constexpr"},
-        "constexprs": {"HAS_W": has_w, "BLOCK": _BROADCAST_BLOCK},
-        "num_warps": 4,
-    }
-    for w, has_w in (("*fp32", False), ("*fp32", True))
-] + [
-    {
-        "kernel": batch_moments_finalize_kernel,
-        "signature": {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "n_chunks": "i32", "eps": "fp32",
-                      "METHOD": "constexpr"},
-        "constexprs": {"METHOD": int(method)},
-        "num_warps": 1,
-    }
-    for method in (Method.REINFORCE_PP_BASELINE, Method.BATCH)
-] + [
-    {
-        "kernel": advantages_broadcast_kernel,
-        "signature": {"adv_ptr": "*fp32", "stats_ptr": "*fp32", "mask_ptr": mask, "out_ptr": "*fp32", "n_rows": "i32",
-                      "T": "i32", "stride_m": "i64", "stride_o": "i64", "GLOBAL": "constexpr", "HAS_MASK": "constexpr",
-                      "BLOCK": "constexpr"},
-        "constexprs": {"GLOBAL": glob, "HAS_MASK": has_mask, "BLOCK": _BROADCAST_BLOCK},
-        "num_warps": 4,
-    }
-    for mask, glob, has_mask in (("*i1", False, True), ("*i64", True, True), ("*fp32", True, False))
-]  # fmt: skip
+# the group kernel of every method family (token / scalar rewards, both layouts, each length source),
+# and through the global methods the batch moments, their finalize and the broadcast variants
+AOT_CASES = [
+    _aot_case(Method.GRPO, token=True, rewards=torch.bfloat16),
+    _aot_case(Method.GRPO, grouped=False, mask=torch.bool),  # + broadcast of a bool mask
+    _aot_case(Method.RLOO),
+    _aot_case(Method.GRPO_PASSK),
+    _aot_case(Method.OPO, token=True, mask=torch.int64),  # length from the mask's row sums
+    _aot_case(Method.OPO, grouped=False, lengths=True),
+    _aot_case(Method.REINFORCE_PP_BASELINE, mask=torch.int64),  # weighted moments, global broadcast
+    _aot_case(Method.BATCH, token=True, grouped=False),  # raw scores, unweighted moments, [B] broadcast
+    _aot_case(Method.GAUSSIAN),
+]

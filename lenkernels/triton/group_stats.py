@@ -28,6 +28,7 @@ from lenkernels.triton.group_math import (
     row_sums,
     scale_exponent,
 )
+from lenkernels.triton.utils import persistent_range
 
 _STATS_BLOCK = GROUP_BLOCK // 2  # members per step: [BLOCK, C_PAD] tiles of several columns
 
@@ -56,9 +57,7 @@ def group_stats_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    nprog = tl.num_programs(0).to(tl.int64)
-    n_groups = tl.load(n_groups_ptr)
+    pid, n_groups, nprog = persistent_range(n_groups_ptr)
     col = tl.arange(0, C_PAD)
     for g in range(pid, n_groups, nprog):
         gs, ge = group_bounds(g, offsets_ptr, group_size, CONTIGUOUS)
@@ -189,17 +188,20 @@ def group_stats_step(values, where, mask, seg, stats, lengths) -> None:
     )
 
 
-AOT_SPECS = [
-    {
-        "kernel": group_stats_kernel,
-        "signature": {"values_ptr": "*fp32", "where_ptr": "*fp32", "mask_ptr": "*i1", "perm_ptr": "*i64",
-                      "offsets_ptr": "*i64", "n_groups_ptr": "*i64", "len_buf_ptr": "*fp32", "lengths_ptr": "*fp32",
-                      "stats_ptr": "*fp32", "T": "i32", "stride_m": "i64", "group_size": "i32", "C_IN": "constexpr",
-                      "C_OUT": "constexpr", "C_PAD": "constexpr", "HAS_WHERE": "constexpr", "MASK_LEN": "constexpr",
-                      "CONTIGUOUS": "constexpr", "BLOCK": "constexpr", "BLOCK_R": "constexpr", "BLOCK_T": "constexpr"},
-        "constexprs": {"C_IN": 2, "C_OUT": 3, "C_PAD": 4, "HAS_WHERE": True, "MASK_LEN": True, "CONTIGUOUS": contiguous,
-                       "BLOCK": _STATS_BLOCK, "BLOCK_R": ROW_BLOCK_R, "BLOCK_T": ROW_BLOCK_T},
-        "num_warps": 4,
-    }
-    for contiguous in (False, True)
-]  # fmt: skip
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
+
+
+def _aot_case(grouped: bool):
+    """The heaviest step: two columns plus the mask's length column (C_OUT = 3), a selection, 8
+    responses in groups of 4 (by ids, or contiguous)."""
+
+    def run():
+        n = 8
+        seg = _grouping.segments(torch.arange(n) % 2 if grouped else None, 4, n, torch.device("cpu"))
+        group_stats_step(torch.zeros((n, 2)), torch.ones((n, 3)), torch.ones((n, 16), dtype=torch.bool), seg,
+                         torch.empty((n, 3, 6)), torch.empty(n))  # fmt: skip
+
+    return run
+
+
+AOT_CASES = [_aot_case(grouped=True), _aot_case(grouped=False)]

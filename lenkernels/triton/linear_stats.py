@@ -45,7 +45,6 @@ NUM_WARPS = 8
 # (BLOCK_N, BLOCK_V, BLOCK_K) per dtype: the largest tiles without register spills on sm_80 and
 # sm_90 (the AOT test checks every variant); fp32 operands take twice the registers of 16-bit ones
 TILES = {torch.bfloat16: (64, 128, 32), torch.float16: (64, 128, 32), torch.float32: (64, 64, 32)}
-_AOT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FINALIZE_BLOCK = 128
 # vocabulary tiles per chunk (1024 columns in 16-bit, 512 in fp32): the reduction tree over a row's
 # vocabulary is a function of V alone (see linear_stats_fwd)
@@ -392,48 +391,36 @@ def linear_stats_bwd_tile(
     )
 
 
-def _aot_signature(dt: str, extra: dict) -> dict:
-    return {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", **extra}
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
+
+
+def _aot_case(dtype: torch.dtype, has_bias: bool, tf32: bool = False):
+    """Forward (+ finalize) and one backward tile of 4 rows x 256 columns, D = 64, in ``dtype``;
+    ``tf32``: fp32 with torch's tf32 matmul setting on (the tf32 dot)."""
+
+    def run():
+        n, v, d = 4, 256, 64
+        h, w = torch.zeros((n, d), dtype=dtype), torch.zeros((v, d), dtype=dtype)
+        b = torch.zeros(v, dtype=dtype) if has_bias else None
+        ids, temp = torch.zeros(n, dtype=torch.int64), torch.ones(1)
+        stats = [torch.empty(n) for _ in range(6)]
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            linear_stats_fwd(h, w, b, ids, temp, 0, *stats)
+            linear_stats_bwd_tile(h, w, b, ids, temp, stats[2], stats[3], stats[0], stats[1], (0, n), (0, v),
+                                  torch.empty((n, v), dtype=dtype))  # fmt: skip
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+
+    return run
 
 
 # every dtype and dot precision with a bias (the longer code path); bf16 without one as well
-_AOT_VARIANTS = [("bf16", "ieee", False), ("bf16", "ieee", True), ("fp16", "ieee", True), ("fp32", "ieee", True),
-                 ("fp32", "tf32", True)]  # fmt: skip
-_TILE = {"HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
-         "DOT_PRECISION": "constexpr", "UPCAST_DOT": "constexpr"}  # fmt: skip
-_STRIDES = {"dim": "i32", "stride_h": "i64", "stride_w": "i64", "temp_stride": "i32"}
-_SIZES = {"n_rows": "i32", "vocab": "i32", **_STRIDES}
-AOT_SPECS = [
-    {
-        "kernel": linear_stats_fwd_kernel,
-        "signature": _aot_signature(dt, {"ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32", **_SIZES,
-                                         "chunks_per_program": "i32", "n_chunks": "i32", **_TILE}),
-        "constexprs": {"HAS_BIAS": has_bias, **dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K"), TILES[_AOT_DTYPES[dt]])),
-                       "DOT_PRECISION": precision, "UPCAST_DOT": False},
-        "num_warps": NUM_WARPS,
-    }
-    for dt, precision, has_bias in _AOT_VARIANTS
-] + [
-    {
-        "kernel": linear_stats_finalize_kernel,
-        "signature": {"state_ptr": "*fp32", "ids_ptr": "*i64", "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                      "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "max_z_ptr": "*fp32", "log_s_ptr": "*fp32",
-                      "n_rows": "i32", "vocab": "i32", "n_splits": "i32", "BLOCK": "constexpr"},
-        "constexprs": {"BLOCK": _FINALIZE_BLOCK},
-        "num_warps": 4,
-    },
-] + [
-    {
-        "kernel": linear_stats_bwd_kernel,
-        "signature": _aot_signature(dt, {"ids_ptr": "*i64", "temp_ptr": "*fp32", "lse_ptr": "*fp32",
-                                         "mean_z_ptr": "*fp32", "g_lp_ptr": "*fp32", "g_h_ptr": "*fp32",
-                                         "dlogits_ptr": f"*{dt}", "row_start": "i32", "row_stop": "i32",
-                                         "col_start": "i32", "col_stop": "i32", **_STRIDES, "stride_d": "i64",
-                                         "g_lp_stride": "i64",
-                                         "g_h_stride": "i64", **_TILE}),
-        "constexprs": {"HAS_BIAS": has_bias, **dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_K"), TILES[_AOT_DTYPES[dt]])),
-                       "DOT_PRECISION": precision, "UPCAST_DOT": False},
-        "num_warps": NUM_WARPS,
-    }
-    for dt, precision, has_bias in _AOT_VARIANTS
-]  # fmt: skip
+AOT_CASES = [
+    _aot_case(torch.bfloat16, has_bias=False),
+    _aot_case(torch.bfloat16, has_bias=True),
+    _aot_case(torch.float16, has_bias=True),
+    _aot_case(torch.float32, has_bias=True),
+    _aot_case(torch.float32, has_bias=True, tf32=True),
+]

@@ -21,15 +21,26 @@ import torch
 import triton
 import triton.language as tl
 
+from lenkernels.triton.utils import sequence_bounds, sequence_tile
+
 _BLOCK = 1024
 
 
 @triton.jit
-def _bounds(cu_ptr, seq, n_tokens):
-    """[start, end) of a sequence, clamped into [0, n_tokens] (a malformed cu_seqlens stays in bounds)."""
-    start = tl.minimum(tl.maximum(tl.load(cu_ptr + seq), 0), n_tokens)
-    end = tl.minimum(tl.maximum(tl.load(cu_ptr + seq + 1), start), n_tokens)
-    return start, end
+def _channel_sequence(cu_ptr, values_ptr, n_tokens, n_seq, channel_stride):
+    """The (sequence, channel) of this program (grid (S, C)): (seq, start, end, index of the [C, S]
+    outputs, the channel's values pointer)."""
+    seq = tl.program_id(0).to(tl.int64)
+    channel = tl.program_id(1).to(tl.int64)
+    start, end = sequence_bounds(cu_ptr, seq, n_tokens)
+    return seq, start, end, channel * n_seq + seq, values_ptr + channel * channel_stride
+
+
+@triton.jit
+def _phase_grad(g_mean_ptr, g_sum_ptr, g, count):
+    """d(phase mean, phase sum)/d(token) against their cotangents at [C, S] index g; 0 for an empty phase."""
+    return tl.where(count > 0, tl.load(g_mean_ptr + g) / tl.maximum(count, 1).to(tl.float32) + tl.load(g_sum_ptr + g),
+                    0.0)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_tokens", "n_seq", "channel_stride", "delim_len"])
@@ -53,11 +64,8 @@ def phase_stats_fwd_kernel(
     delim_len,
     BLOCK: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    channel = tl.program_id(1).to(tl.int64)
-    start, end = _bounds(cu_ptr, seq, n_tokens)
+    seq, start, end, out, values_ptr = _channel_sequence(cu_ptr, values_ptr, n_tokens, n_seq, channel_stride)
     length = end - start
-    values_ptr += channel * channel_stride
     # k = sequence length until an occurrence is found. Tiles run in order, so once k is set every
     # later token is already classified correctly: think if offset < k, answer if >= k + L.
     k = length
@@ -66,8 +74,7 @@ def phase_stats_fwd_kernel(
     think_n = tl.zeros([], tl.int64)
     answer_n = tl.zeros([], tl.int64)
     for first in range(start, end, BLOCK):
-        pos = first + tl.arange(0, BLOCK)
-        in_seq = pos < end
+        pos, in_seq, valid = sequence_tile(valid_ptr, first, end, BLOCK)
         hit = in_seq & (pos + delim_len <= end)
         for j in range(delim_len):
             tok = tl.load(ids_ptr + pos + j, mask=hit, other=-1).to(tl.int64)
@@ -75,7 +82,6 @@ def phase_stats_fwd_kernel(
             hit = hit & ok & (tok == tl.load(delim_ptr + j))
         offset = pos - start
         k = tl.minimum(k, tl.min(tl.where(hit, offset, length), 0))
-        valid = tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
         x = tl.load(values_ptr + pos, mask=valid, other=0.0).to(tl.float32)
         think = valid & (offset < k)
         answer = valid & (offset >= k + delim_len)
@@ -83,12 +89,11 @@ def phase_stats_fwd_kernel(
         answer_sum += tl.sum(tl.where(answer, x, 0.0), 0)
         think_n += tl.sum(think.to(tl.int32), 0).to(tl.int64)
         answer_n += tl.sum(answer.to(tl.int32), 0).to(tl.int64)
-    out = channel * n_seq + seq
     tl.store(think_sum_ptr + out, think_sum)
     tl.store(answer_sum_ptr + out, answer_sum)
     tl.store(think_mean_ptr + out, tl.where(think_n > 0, think_sum / tl.maximum(think_n, 1).to(tl.float32), 0.0))
     tl.store(answer_mean_ptr + out, tl.where(answer_n > 0, answer_sum / tl.maximum(answer_n, 1).to(tl.float32), 0.0))
-    first_channel = channel == 0
+    first_channel = tl.program_id(1).to(tl.int64) == 0
     tl.store(think_count_ptr + seq, think_n, mask=first_channel)
     tl.store(answer_count_ptr + seq, answer_n, mask=first_channel)
     tl.store(k_ptr + seq, k, mask=first_channel)
@@ -113,28 +118,12 @@ def phase_stats_bwd_kernel(
     delim_len,
     BLOCK: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    channel = tl.program_id(1).to(tl.int64)
-    start, end = _bounds(cu_ptr, seq, n_tokens)
+    seq, start, end, g, dvalues_ptr = _channel_sequence(cu_ptr, dvalues_ptr, n_tokens, n_seq, channel_stride)
     k = tl.load(k_ptr + seq)
-    think_n = tl.load(think_count_ptr + seq)
-    answer_n = tl.load(answer_count_ptr + seq)
-    g = channel * n_seq + seq
-    g_think = tl.where(
-        think_n > 0,
-        tl.load(g_think_mean_ptr + g) / tl.maximum(think_n, 1).to(tl.float32) + tl.load(g_think_sum_ptr + g),
-        0.0,
-    )
-    g_answer = tl.where(
-        answer_n > 0,
-        tl.load(g_answer_mean_ptr + g) / tl.maximum(answer_n, 1).to(tl.float32) + tl.load(g_answer_sum_ptr + g),
-        0.0,
-    )
-    dvalues_ptr += channel * channel_stride
+    g_think = _phase_grad(g_think_mean_ptr, g_think_sum_ptr, g, tl.load(think_count_ptr + seq))
+    g_answer = _phase_grad(g_answer_mean_ptr, g_answer_sum_ptr, g, tl.load(answer_count_ptr + seq))
     for first in range(start, end, BLOCK):
-        pos = first + tl.arange(0, BLOCK)
-        in_seq = pos < end
-        valid = tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
+        pos, in_seq, valid = sequence_tile(valid_ptr, first, end, BLOCK)
         offset = pos - start
         grad = tl.where(valid & (offset < k), g_think, tl.where(valid & (offset >= k + delim_len), g_answer, 0.0))
         tl.store(dvalues_ptr + pos, grad.to(dvalues_ptr.dtype.element_ty), mask=in_seq)
@@ -158,7 +147,7 @@ def sequence_stats_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    start, end = _bounds(cu_ptr, seq, n_tokens)
+    start, end = sequence_bounds(cu_ptr, seq, n_tokens)
     quantile = tl.load(quantile_ptr) if WRITE_MASK else 0.0
     count = tl.zeros([], tl.int64)
     above = tl.zeros([], tl.int64)
@@ -167,9 +156,7 @@ def sequence_stats_fwd_kernel(
     vmin = tl.zeros([], tl.float32) + float("inf")
     vmax = tl.zeros([], tl.float32) - float("inf")
     for first in range(start, end, BLOCK):
-        pos = first + tl.arange(0, BLOCK)
-        in_seq = pos < end
-        valid = tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
+        pos, in_seq, valid = sequence_tile(valid_ptr, first, end, BLOCK)
         x = tl.load(values_ptr + pos, mask=valid, other=0.0).to(tl.float32)
         count += tl.sum(valid.to(tl.int32), 0).to(tl.int64)
         above += tl.sum((valid & (x > threshold)).to(tl.int32), 0).to(tl.int64)
@@ -192,33 +179,34 @@ def sequence_stats_fwd_kernel(
     tl.store(frac_ptr + seq, tl.where(nonempty, above.to(tl.float32) / n, 0.0))
 
 
+def _launch(values, valid, cu_seqlens, split, delim_len: int) -> tuple[tuple[int, int], dict]:
+    """The grid (S, C) of the phase kernels over values / dvalues [C, N], and the arguments both take:
+    the layout, and the split of each sequence ``split`` = (k, think_count, answer_count) [S] int64
+    (written by the forward, read by the backward)."""
+    n_channels, n_tokens = values.shape
+    n_seq = cu_seqlens.numel() - 1
+    common = {"valid_ptr": valid.view(torch.uint8), "cu_ptr": cu_seqlens, "n_tokens": n_tokens, "n_seq": n_seq,
+              "channel_stride": values.stride(0), "delim_len": delim_len, "BLOCK": _BLOCK, "num_warps": 4}  # fmt: skip
+    common.update(zip(("k_ptr", "think_count_ptr", "answer_count_ptr"), split))
+    return (n_seq, n_channels), common
+
+
 def phase_stats_fwd(values, ids, valid, cu_seqlens, delimiter, think_mean, think_sum, answer_mean, answer_sum,
                     think_count, answer_count, k, found):  # fmt: skip
     """Host launcher. values [C, N] (unit stride along N), ids [N] int32/int64, valid [N] bool,
     cu_seqlens [S + 1] int64, delimiter [L] int64 (all contiguous); writes the [C, S] fp32, [S]
     int64 and found [S] bool outputs."""
-    n_channels, n_tokens = values.shape
-    n_seq = cu_seqlens.numel() - 1
-    phase_stats_fwd_kernel[(n_seq, n_channels)](
+    grid, common = _launch(values, valid, cu_seqlens, (k, think_count, answer_count), delimiter.numel())
+    phase_stats_fwd_kernel[grid](
         values_ptr=values,
         ids_ptr=ids,
-        valid_ptr=valid.view(torch.uint8),
-        cu_ptr=cu_seqlens,
         delim_ptr=delimiter,
         think_mean_ptr=think_mean,
         think_sum_ptr=think_sum,
         answer_mean_ptr=answer_mean,
         answer_sum_ptr=answer_sum,
-        think_count_ptr=think_count,
-        answer_count_ptr=answer_count,
-        k_ptr=k,
         found_ptr=found.view(torch.uint8),
-        n_tokens=n_tokens,
-        n_seq=n_seq,
-        channel_stride=values.stride(0),
-        delim_len=delimiter.numel(),
-        BLOCK=_BLOCK,
-        num_warps=4,
+        **common,
     )
 
 
@@ -226,25 +214,14 @@ def phase_stats_bwd(valid, cu_seqlens, k, think_count, answer_count, delim_len, 
                     g_answer_mean, g_answer_sum, dvalues):  # fmt: skip
     """Host launcher: writes dvalues [C, N] (values dtype) for every token of every sequence from
     the fp32 [C, S] contiguous cotangents; valid [N] bool."""
-    n_channels, n_tokens = dvalues.shape
-    n_seq = cu_seqlens.numel() - 1
-    phase_stats_bwd_kernel[(n_seq, n_channels)](
-        valid_ptr=valid.view(torch.uint8),
-        cu_ptr=cu_seqlens,
-        k_ptr=k,
-        think_count_ptr=think_count,
-        answer_count_ptr=answer_count,
+    grid, common = _launch(dvalues, valid, cu_seqlens, (k, think_count, answer_count), delim_len)
+    phase_stats_bwd_kernel[grid](
         g_think_mean_ptr=g_think_mean,
         g_think_sum_ptr=g_think_sum,
         g_answer_mean_ptr=g_answer_mean,
         g_answer_sum_ptr=g_answer_sum,
         dvalues_ptr=dvalues,
-        n_tokens=n_tokens,
-        n_seq=n_seq,
-        channel_stride=dvalues.stride(0),
-        delim_len=delim_len,
-        BLOCK=_BLOCK,
-        num_warps=4,
+        **common,
     )
 
 
@@ -273,40 +250,31 @@ def sequence_stats_fwd(values, valid, cu_seqlens, threshold, quantile, length, m
     )
 
 
-_SIZES = {"n_tokens": "i64", "n_seq": "i32", "channel_stride": "i64", "delim_len": "i32"}
-AOT_SPECS = [
-    {
-        "kernel": phase_stats_fwd_kernel,
-        "signature": {"values_ptr": f"*{dt}", "ids_ptr": f"*{it}", "valid_ptr": "*u8", "cu_ptr": "*i64",
-                      "delim_ptr": "*i64", "think_mean_ptr": "*fp32", "think_sum_ptr": "*fp32",
-                      "answer_mean_ptr": "*fp32", "answer_sum_ptr": "*fp32", "think_count_ptr": "*i64",
-                      "answer_count_ptr": "*i64", "k_ptr": "*i64", "found_ptr": "*u8", **_SIZES,
-                      "BLOCK": "constexpr"},
-        "constexprs": {"BLOCK": _BLOCK},
-        "num_warps": 4,
-    }
-    for dt, it in (("fp32", "i64"), ("bf16", "i32"), ("fp16", "i64"))
-] + [
-    {
-        "kernel": phase_stats_bwd_kernel,
-        "signature": {"dvalues_ptr": f"*{dt}", "valid_ptr": "*u8", "cu_ptr": "*i64", "k_ptr": "*i64",
-                      "think_count_ptr": "*i64", "answer_count_ptr": "*i64", "g_think_mean_ptr": "*fp32",
-                      "g_think_sum_ptr": "*fp32", "g_answer_mean_ptr": "*fp32", "g_answer_sum_ptr": "*fp32",
-                      **_SIZES, "BLOCK": "constexpr"},
-        "constexprs": {"BLOCK": _BLOCK},
-        "num_warps": 4,
-    }
-    for dt in ("fp32", "bf16", "fp16")
-] + [
-    {
-        "kernel": sequence_stats_fwd_kernel,
-        "signature": {"values_ptr": f"*{dt}", "valid_ptr": "*u8", "cu_ptr": "*i64", "quantile_ptr": "*fp32",
-                      "length_ptr": "*i64", "mean_ptr": "*fp32", "min_ptr": "*fp32", "max_ptr": "*fp32",
-                      "frac_ptr": "*fp32", "high_ptr": "*u8", "n_tokens": "i64", "threshold": "fp32",
-                      "WRITE_MASK": "constexpr", "BLOCK": "constexpr"},
-        "constexprs": {"WRITE_MASK": write_mask, "BLOCK": _BLOCK},
-        "num_warps": 4,
-    }
-    for dt in ("fp32", "bf16")
-    for write_mask in (True, False)
-]  # fmt: skip
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
+
+
+def _aot_case(dtype: torch.dtype, ids_dtype: torch.dtype = torch.int64, sequence_stats: bool = True):
+    """Forward and backward of the phase split, then the sequence statistics with and without a
+    quantile (``sequence_stats``), on 2 channels x 2 sequences of 8 tokens in ``dtype``."""
+
+    def run():
+        n, s = 16, 2
+        valid, cu = torch.ones(n, dtype=torch.bool), torch.tensor([0, 8, n])
+        i64 = {"dtype": torch.int64}
+        f32, counts = [torch.empty((2, s)) for _ in range(4)], [torch.empty(s, **i64) for _ in range(3)]
+        phase_stats_fwd(torch.zeros((2, n), dtype=dtype), torch.zeros(n, dtype=ids_dtype), valid, cu,
+                        torch.tensor([1, 2]), *f32, *counts, torch.empty(s, dtype=torch.bool))  # fmt: skip
+        phase_stats_bwd(valid, cu, counts[2], counts[0], counts[1], 2, *f32, torch.empty((2, n), dtype=dtype))
+        if sequence_stats:
+            for quantile in (torch.zeros(1), None):
+                sequence_stats_fwd(torch.zeros(n, dtype=dtype), valid, cu, 0.5, quantile, torch.empty(s, **i64),
+                                   *[torch.empty(s) for _ in range(4)], torch.empty(n, dtype=torch.bool))  # fmt: skip
+
+    return run
+
+
+AOT_CASES = [
+    _aot_case(torch.float32),
+    _aot_case(torch.bfloat16, ids_dtype=torch.int32),
+    _aot_case(torch.float16, sequence_stats=False),
+]

@@ -39,7 +39,7 @@ from lenkernels.triton.policy_loss_math import (
     span,
     valid_tokens,
 )
-from lenkernels.triton.utils import constexprs, program_target
+from lenkernels.triton.utils import column_stats, column_value, constexprs, program_target
 
 MODES = constexprs(Mode)
 AGGS = constexprs(Agg)
@@ -109,6 +109,19 @@ def policy_loss_seq_kernel(
         tl.store(row + j, n * 0.0)
 
 
+@triton.jit
+def _token_tile(t0, b, start, length, lp_ptr, old_ptr, adv_ptr, mask_ptr, lp_rs, old_rs, adv_rs, mask_rs,
+                HAS_MASK: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Tokens t0.. of sequence b (first token ``start``): (offs, in_seq, valid, lp, old, advantage),
+    each value 0 at invalid tokens."""
+    offs = t0 + tl.arange(0, BLOCK)
+    in_seq = offs < length
+    valid = valid_tokens(mask_ptr, b * mask_rs + start, offs, in_seq, HAS_MASK)
+    lp = tl.where(valid, load_tokens(lp_ptr, b * lp_rs + start, offs, in_seq), 0.0)
+    old = tl.where(valid, load_tokens(old_ptr, b * old_rs + start, offs, in_seq), 0.0)
+    return offs, in_seq, valid, lp, old, advantage(adv_ptr, b, adv_rs, start, offs, in_seq, valid, ADV_PER_TOKEN)
+
+
 @triton.jit(do_not_specialize=["seq_len", "n_splits", "lp_rs", "old_rs", "adv_rs", "mask_rs", "ref_rs", "ent_rs",
                                "w_rs"])
 def policy_loss_fwd_kernel(
@@ -155,12 +168,10 @@ def policy_loss_fwd_kernel(
     r_min = tl.zeros([], tl.float32) + float("inf")
     r_max = tl.zeros([], tl.float32) - float("inf")
     for t0 in range(split * BLOCK, length, n_splits * BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        in_seq = offs < length
-        valid = valid_tokens(mask_ptr, b * mask_rs + start, offs, in_seq, HAS_MASK)
-        lp = tl.where(valid, load_tokens(lp_ptr, b * lp_rs + start, offs, in_seq), 0.0)
-        old = tl.where(valid, load_tokens(old_ptr, b * old_rs + start, offs, in_seq), 0.0)
-        a = advantage(adv_ptr, b, adv_rs, start, offs, in_seq, valid, ADV_PER_TOKEN)
+        offs, in_seq, valid, lp, old, a = _token_tile(
+            t0, b, start, length, lp_ptr, old_ptr, adv_ptr, mask_ptr, lp_rs, old_rs, adv_rs, mask_rs, HAS_MASK,
+            ADV_PER_TOKEN, BLOCK,
+        )  # fmt: skip
         p, _, ratio, low, high, dual = policy_term(lp, old, a, n, seq_x, seq_y, seq_ratio, params_ptr, MODE, DUAL)
         if HAS_W and MODE != MODES.GMPO:
             p = p * tl.where(valid, load_tokens(w_ptr, b * w_rs + start, offs, in_seq), 0.0)
@@ -203,11 +214,6 @@ def policy_loss_fwd_kernel(
         tl.store(row + j, s_n * 0.0)
 
 
-@triton.jit
-def _column(v, cols, k: tl.constexpr):
-    return tl.sum(tl.where(cols == k, v, 0.0), 0)
-
-
 @triton.jit(do_not_specialize=["n_rows"])
 def policy_loss_finalize_kernel(
     part_ptr,  # [n_rows, NUM_PARTIALS] (Partial layout)
@@ -217,20 +223,9 @@ def policy_loss_finalize_kernel(
     n_rows,
     AGG: tl.constexpr, NORM_SOURCE: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    cols = tl.arange(0, PARTS.NUM_PARTIALS)
-    rows = tl.arange(0, BLOCK_R)
-    total = tl.zeros([PARTS.NUM_PARTIALS], tl.float32)
-    low = tl.zeros([PARTS.NUM_PARTIALS], tl.float32) + float("inf")
-    high = tl.zeros([PARTS.NUM_PARTIALS], tl.float32) - float("inf")
-    for r0 in range(0, n_rows, BLOCK_R):
-        r = (r0 + rows).to(tl.int64)
-        ok = r < n_rows
-        tile = tl.load(part_ptr + r[:, None] * PARTS.NUM_PARTIALS + cols[None, :], mask=ok[:, None], other=0.0)
-        total += tl.sum(tile, 0)
-        low = tl.minimum(low, tl.min(tl.where(ok[:, None], tile, float("inf")), 0))
-        high = tl.maximum(high, tl.max(tl.where(ok[:, None], tile, -float("inf")), 0))
-    tokens = _column(total, cols, PARTS.PART_TOKENS)
-    seqs = _column(total, cols, PARTS.PART_SEQS)
+    cols, total, low, high = column_stats(part_ptr, n_rows, PARTS.NUM_PARTIALS, BLOCK_R)
+    tokens = column_value(total, cols, PARTS.PART_TOKENS)
+    seqs = column_value(total, cols, PARTS.PART_SEQS)
     if NORM_SOURCE == NORMS.NORM_TENSOR:
         d = tl.load(norm_ptr).to(tl.float32)
     elif NORM_SOURCE == NORMS.NORM_CONSTANT:
@@ -243,27 +238,27 @@ def policy_loss_finalize_kernel(
         d = tl.maximum(seqs, 1.0)
     inv_norm = tl.load(params_ptr + PARAMS.SCALE) / d
     inv_tokens = 1.0 / tl.maximum(tokens, 1.0)
-    s_p = _column(total, cols, PARTS.PART_POLICY)
-    s_k = _column(total, cols, PARTS.PART_KL)
-    s_h = _column(total, cols, PARTS.PART_ENTROPY)
+    s_p = column_value(total, cols, PARTS.PART_POLICY)
+    s_k = column_value(total, cols, PARTS.PART_KL)
+    s_h = column_value(total, cols, PARTS.PART_ENTROPY)
     kl_coef = tl.load(params_ptr + PARAMS.KL_COEF)
     ent_coef = tl.load(params_ptr + PARAMS.ENTROPY_COEF)
     tl.store(stats_ptr + STATS.STAT_LOSS, (s_p + kl_coef * s_k - ent_coef * s_h) * inv_norm)
     tl.store(stats_ptr + STATS.STAT_POLICY, s_p * inv_norm)
     tl.store(stats_ptr + STATS.STAT_KL, s_k * inv_norm)
     tl.store(stats_ptr + STATS.STAT_ENTROPY, s_h * inv_norm)
-    tl.store(stats_ptr + STATS.STAT_CLIP_LOW, _column(total, cols, PARTS.PART_CLIP_LOW) * inv_tokens)
-    tl.store(stats_ptr + STATS.STAT_CLIP_HIGH, _column(total, cols, PARTS.PART_CLIP_HIGH) * inv_tokens)
-    tl.store(stats_ptr + STATS.STAT_CLIP_DUAL, _column(total, cols, PARTS.PART_CLIP_DUAL) * inv_tokens)
-    tl.store(stats_ptr + STATS.STAT_APPROX_KL, _column(total, cols, PARTS.PART_NEG_LOG_RATIO) * inv_tokens)
-    tl.store(stats_ptr + STATS.STAT_RATIO_MIN, _column(low, cols, PARTS.PART_RATIO_MIN))
-    tl.store(stats_ptr + STATS.STAT_RATIO_MEAN, _column(total, cols, PARTS.PART_RATIO_SUM) * inv_tokens)
-    tl.store(stats_ptr + STATS.STAT_RATIO_MAX, _column(high, cols, PARTS.PART_RATIO_MAX))
-    tl.store(stats_ptr + STATS.STAT_ENTROPY_MEAN, _column(total, cols, PARTS.PART_ENTROPY_SUM) * inv_tokens)
+    tl.store(stats_ptr + STATS.STAT_CLIP_LOW, column_value(total, cols, PARTS.PART_CLIP_LOW) * inv_tokens)
+    tl.store(stats_ptr + STATS.STAT_CLIP_HIGH, column_value(total, cols, PARTS.PART_CLIP_HIGH) * inv_tokens)
+    tl.store(stats_ptr + STATS.STAT_CLIP_DUAL, column_value(total, cols, PARTS.PART_CLIP_DUAL) * inv_tokens)
+    tl.store(stats_ptr + STATS.STAT_APPROX_KL, column_value(total, cols, PARTS.PART_NEG_LOG_RATIO) * inv_tokens)
+    tl.store(stats_ptr + STATS.STAT_RATIO_MIN, column_value(low, cols, PARTS.PART_RATIO_MIN))
+    tl.store(stats_ptr + STATS.STAT_RATIO_MEAN, column_value(total, cols, PARTS.PART_RATIO_SUM) * inv_tokens)
+    tl.store(stats_ptr + STATS.STAT_RATIO_MAX, column_value(high, cols, PARTS.PART_RATIO_MAX))
+    tl.store(stats_ptr + STATS.STAT_ENTROPY_MEAN, column_value(total, cols, PARTS.PART_ENTROPY_SUM) * inv_tokens)
     tl.store(stats_ptr + STATS.STAT_TOKENS, tokens)
     tl.store(stats_ptr + STATS.STAT_SEQS, seqs)
     tl.store(stats_ptr + STATS.STAT_INV_NORM, inv_norm)
-    tl.store(stats_ptr + STATS.STAT_KEPT, _column(total, cols, PARTS.PART_KEPT) * inv_tokens)
+    tl.store(stats_ptr + STATS.STAT_KEPT, column_value(total, cols, PARTS.PART_KEPT) * inv_tokens)
 
 
 @triton.jit(do_not_specialize=["seq_len", "n_splits", "lp_rs", "old_rs", "adv_rs", "mask_rs", "ref_rs", "ent_rs",
@@ -301,12 +296,10 @@ def policy_loss_bwd_kernel(
     if AGG == AGGS.SEQ_MEAN_TOKEN_MEAN:
         g = g / tl.maximum(n, 1.0)
     for t0 in range(split * BLOCK, length, n_splits * BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        in_seq = offs < length
-        valid = valid_tokens(mask_ptr, b * mask_rs + start, offs, in_seq, HAS_MASK)
-        lp = tl.where(valid, load_tokens(lp_ptr, b * lp_rs + start, offs, in_seq), 0.0)
-        old = tl.where(valid, load_tokens(old_ptr, b * old_rs + start, offs, in_seq), 0.0)
-        a = advantage(adv_ptr, b, adv_rs, start, offs, in_seq, valid, ADV_PER_TOKEN)
+        offs, in_seq, valid, lp, old, a = _token_tile(
+            t0, b, start, length, lp_ptr, old_ptr, adv_ptr, mask_ptr, lp_rs, old_rs, adv_rs, mask_rs, HAS_MASK,
+            ADV_PER_TOKEN, BLOCK,
+        )  # fmt: skip
         _, d, _, _, _, _ = policy_term(lp, old, a, n, seq_x, seq_y, seq_ratio, params_ptr, MODE, DUAL)
         if MODE != MODES.GMPO:  # GMPO's factor already holds its weights and kept-token count
             if HAS_W:
@@ -481,103 +474,58 @@ def kl_penalty_bwd(logprobs, ref_logprobs, grad, cfg, dlogprobs, dref):
     )  # fmt: skip
 
 
-# --- ahead-of-time compilation specs (lenkernels/triton/aot.py) ------------------------------------
 
-_TOK = {"seq_len": "i32", "n_splits": "i32", "lp_rs": "i64", "old_rs": "i64", "adv_rs": "i64", "mask_rs": "i64",
-        "ent_rs": "i64", "w_rs": "i64"}
-_PTRS = {"lp_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*i1"}
-_SEQ_AGGS = (Agg.SEQ_MEAN_TOKEN_MEAN, Agg.SEQ_MEAN_TOKEN_SUM, Agg.SEQ_MEAN_TOKEN_SUM_NORM)
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
 
 
-def _flags(mode, agg) -> dict:
-    has_seq = mode in (Mode.GSPO, Mode.LUSPO, Mode.GMPO) or agg in _SEQ_AGGS
-    return {"MODE": int(mode), "AGG": int(agg), "HAS_SEQ": has_seq, "DUAL": mode in (Mode.PPO, Mode.GSPO, Mode.LUSPO)}
+def _aot_case(mode, agg, norm, packed, kl_est=KLEstimator.K3, dtype=torch.float32):
+    """Forward and backward with every optional input (mask, reference, entropy, importance weights,
+    entropy threshold, entropy gradient) on 2 sequences of 1024 tokens (BLOCK 1024, 8 warps), padded
+    or packed; the dual clip where the mode has one; the normaliser source ``norm`` of the finalize."""
+
+    def run():
+        from lenkernels.ops.policy_loss_args import PolicyConfig, PolicyTokens
+
+        b, t = 2, 1024
+        shape = (b * t,) if packed else (b, t)
+        lp = torch.zeros(shape, dtype=dtype)
+        f32 = torch.zeros(shape)
+        tokens = PolicyTokens(
+            logprobs=lp, old_logprobs=lp, advantages=f32, mask=torch.ones(shape, dtype=torch.bool), ref_logprobs=lp,
+            entropy=f32, importance_weights=f32, threshold=torch.zeros(1, dtype=torch.float64),
+            normaliser=torch.ones(1) if norm == NormSource.NORM_TENSOR else None,
+            cu_seqlens=torch.tensor([0, t, b * t]) if packed else None, adv_per_token=True, n_seqs=b,
+            seq_len=0 if packed else t,
+        )  # fmt: skip
+        dual = 3.0 if mode in (Mode.PPO, Mode.GSPO, Mode.LUSPO) else 0.0
+        cfg = PolicyConfig(mode=mode, agg=agg, kl_est=kl_est, clip_dual=dual, norm_source=norm, norm_const=1.0,
+                           norm_length=1.0)  # fmt: skip
+        stats, seq = torch.empty(Stat.NUM_STATS), torch.empty((b, SeqValue.NUM_SEQ_VALUES))
+        policy_loss_fwd(tokens, cfg, stats, seq)
+        policy_loss_bwd(tokens, cfg, stats, seq, torch.ones(Stat.NUM_STATS), torch.empty(shape, dtype=dtype),
+                        torch.empty(shape))  # fmt: skip
+
+    return run
 
 
-def _fwd_spec(mode, agg, kl_est, packed, dtype="fp32"):
-    return {
-        "kernel": policy_loss_fwd_kernel,
-        "signature": {"lp_ptr": f"*{dtype}", "old_ptr": f"*{dtype}", "adv_ptr": "*fp32", "mask_ptr": "*i1",
-                      "ref_ptr": f"*{dtype}", "ent_ptr": "*fp32", "w_ptr": "*fp32", "thr_ptr": "*fp64",
-                      "cu_ptr": "*i64", "seq_part_ptr": "*fp32", "seq_ptr": "*fp32", "part_ptr": "*fp32",
-                      "params_ptr": "*fp32", **_TOK, "ref_rs": "i64", **{k: "constexpr" for k in (
-                          "MODE", "AGG", "KL_EST", "KL_CLAMP", "PACKED", "ADV_PER_TOKEN", "HAS_MASK", "HAS_REF",
-                          "HAS_ENT", "HAS_W", "HAS_THR", "HAS_SEQ", "DUAL", "BLOCK")}},
-        "constexprs": {**_flags(mode, agg), "KL_EST": int(kl_est), "KL_CLAMP": True, "PACKED": packed,
-                       "ADV_PER_TOKEN": True, "HAS_MASK": True, "HAS_REF": True, "HAS_ENT": True, "HAS_W": True,
-                       "HAS_THR": True, "BLOCK": 1024},
-        "num_warps": 8,
-    }  # fmt: skip
+def _aot_kl_case():
+    from lenkernels.ops.policy_loss_args import KLConfig
+
+    x = torch.zeros(1024)
+    kl_penalty_fwd(x, x, KLConfig(), torch.empty(1024))
+    kl_penalty_bwd(x, x, x, KLConfig(), torch.empty(1024), torch.empty(1024))
 
 
-def _bwd_spec(mode, agg, kl_est, packed, dtype="fp32"):
-    return {
-        "kernel": policy_loss_bwd_kernel,
-        "signature": {"lp_ptr": f"*{dtype}", "old_ptr": f"*{dtype}", "adv_ptr": "*fp32", "mask_ptr": "*i1",
-                      "ref_ptr": f"*{dtype}", "ent_ptr": "*fp32", "w_ptr": "*fp32", "thr_ptr": "*fp64",
-                      "cu_ptr": "*i64", "seq_ptr": "*fp32", "stats_ptr": "*fp32", "g_ptr": "*fp32",
-                      "dlp_ptr": f"*{dtype}", "dent_ptr": "*fp32", "params_ptr": "*fp32", **_TOK, "ref_rs": "i64",
-                      "dlp_rs": "i64", "dent_rs": "i64", **{k: "constexpr" for k in (
-                          "MODE", "AGG", "KL_EST", "KL_STRAIGHT", "KL_CLAMP", "PACKED", "ADV_PER_TOKEN", "HAS_MASK",
-                          "HAS_REF", "HAS_ENT", "HAS_W", "HAS_THR", "HAS_SEQ", "HAS_DENT", "DUAL", "BLOCK")}},
-        "constexprs": {**_flags(mode, agg), "KL_EST": int(kl_est), "KL_STRAIGHT": False, "KL_CLAMP": True,
-                       "PACKED": packed, "ADV_PER_TOKEN": True, "HAS_MASK": True, "HAS_REF": True, "HAS_ENT": True,
-                       "HAS_W": True, "HAS_THR": True, "HAS_DENT": True, "BLOCK": 1024},
-        "num_warps": 8,
-    }  # fmt: skip
-
-
-_LOSS_CASES = ((Mode.PPO, Agg.TOKEN_MEAN, False), (Mode.GSPO, Agg.SEQ_MEAN_TOKEN_MEAN, True),
-               (Mode.GMPO, Agg.SEQ_MEAN_TOKEN_MEAN, False), (Mode.SAPO, Agg.TOKEN_SUM, True),
-               (Mode.CISPO, Agg.SEQ_MEAN_TOKEN_SUM_NORM, False))  # fmt: skip
-K1, K3 = KLEstimator.K1, KLEstimator.K3
-
-# The heaviest configurations of each kernel (every optional input present), on both layouts.
-AOT_SPECS = (
-    [
-        {
-            "kernel": policy_loss_seq_kernel,
-            "signature": {**_PTRS, "ent_ptr": "*fp32", "w_ptr": "*fp32", "thr_ptr": "*fp64", "cu_ptr": "*i64",
-                          "seq_part_ptr": "*fp32", "params_ptr": "*fp32", **_TOK,
-                          **{k: "constexpr" for k in ("MODE", "PACKED", "ADV_PER_TOKEN", "HAS_MASK", "HAS_W",
-                                                       "HAS_THR", "BLOCK")}},
-            "constexprs": {"MODE": int(mode), "PACKED": packed, "ADV_PER_TOKEN": True, "HAS_MASK": True,
-                           "HAS_W": True, "HAS_THR": True, "BLOCK": 1024},
-            "num_warps": 8,
-        }
-        for mode in (Mode.GSPO, Mode.GMPO)
-        for packed in (False, True)
-    ]
-    + [_fwd_spec(m, a, K3, p) for m, a, p in _LOSS_CASES]
-    + [_fwd_spec(Mode.PPO, Agg.TOKEN_MEAN, K1, False, "bf16")]
-    + [_bwd_spec(m, a, K3, p) for m, a, p in _LOSS_CASES]
-    + [_bwd_spec(Mode.PPO, Agg.TOKEN_MEAN, K1, False, "bf16")]
-    + [
-        {
-            "kernel": policy_loss_finalize_kernel,
-            "signature": {"part_ptr": "*fp32", "norm_ptr": "*fp32", "stats_ptr": "*fp32", "params_ptr": "*fp32",
-                          "n_rows": "i32", "AGG": "constexpr", "NORM_SOURCE": "constexpr", "BLOCK_R": "constexpr"},
-            "constexprs": {"AGG": int(agg), "NORM_SOURCE": int(src), "BLOCK_R": _FINALIZE_ROWS},
-            "num_warps": 4,
-        }
-        for agg, src in ((Agg.TOKEN_MEAN, NormSource.NORM_COUNTED), (Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_TENSOR),
-                         (Agg.TOKEN_SUM, NormSource.NORM_CONSTANT))
-    ]
-    + [
-        {
-            "kernel": kl_penalty_fwd_kernel,
-            "signature": {"lp_ptr": "*fp32", "ref_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32",
-                          "KL_EST": "constexpr", "KL_CLAMP": "constexpr", "BLOCK": "constexpr"},
-            "constexprs": {"KL_EST": int(K3), "KL_CLAMP": True, "BLOCK": 1024},
-            "num_warps": 4,
-        },
-        {
-            "kernel": kl_penalty_bwd_kernel,
-            "signature": {"lp_ptr": "*fp32", "ref_ptr": "*fp32", "g_ptr": "*fp32", "dlp_ptr": "*fp32",
-                          "dref_ptr": "*fp32", "n": "i32", "KL_EST": "constexpr", "KL_STRAIGHT": "constexpr",
-                          "KL_CLAMP": "constexpr", "BLOCK": "constexpr"},
-            "constexprs": {"KL_EST": int(K3), "KL_STRAIGHT": False, "KL_CLAMP": True, "BLOCK": 1024},
-            "num_warps": 4,
-        },
-    ]
-)  # fmt: skip
+# the heaviest configurations of each kernel (every optional input present) on both layouts: each
+# sequence mode (and its per-sequence kernel) padded and packed, each finalize normaliser source
+AOT_CASES = [
+    _aot_case(Mode.PPO, Agg.TOKEN_MEAN, NormSource.NORM_COUNTED, packed=False),
+    _aot_case(Mode.GSPO, Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_TENSOR, packed=True),
+    _aot_case(Mode.GSPO, Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_TENSOR, packed=False),
+    _aot_case(Mode.GMPO, Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_TENSOR, packed=False),
+    _aot_case(Mode.GMPO, Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_TENSOR, packed=True),
+    _aot_case(Mode.SAPO, Agg.TOKEN_SUM, NormSource.NORM_CONSTANT, packed=True),
+    _aot_case(Mode.CISPO, Agg.SEQ_MEAN_TOKEN_SUM_NORM, NormSource.NORM_COUNTED, packed=False),
+    _aot_case(Mode.PPO, Agg.TOKEN_MEAN, NormSource.NORM_COUNTED, False, KLEstimator.K1, torch.bfloat16),
+    _aot_kl_case,
+]

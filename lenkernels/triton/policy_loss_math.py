@@ -25,8 +25,9 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _expm1(x):
-    """exp(x) - 1 without cancellation near 0 (series to x^9 for |x| < 0.5)."""
+def _exp_series(x):
+    """(|x| < 0.5, s = x there else 0, p) with exp(s) = 1 + s + s^2 / 2 * p (series to s^9): the
+    shared tail of exp(x) - 1 and exp(x) - 1 - x without cancellation near 0."""
     small = tl.abs(x) < 0.5
     s = tl.where(small, x, 0.0)
     p = 1.0 + s * (1.0 / 9.0)
@@ -36,6 +37,13 @@ def _expm1(x):
     p = 1.0 + s * (1.0 / 5.0) * p
     p = 1.0 + s * (1.0 / 4.0) * p
     p = 1.0 + s * (1.0 / 3.0) * p
+    return small, s, p
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0 (series to x^9 for |x| < 0.5)."""
+    small, s, p = _exp_series(x)
     p = 1.0 + s * 0.5 * p
     return tl.where(small, s * p, tl.exp(x) - 1.0)
 
@@ -43,15 +51,7 @@ def _expm1(x):
 @triton.jit
 def expm1mx(x):
     """exp(x) - 1 - x (k3) with full relative precision for small |x|."""
-    small = tl.abs(x) < 0.5
-    s = tl.where(small, x, 0.0)
-    p = 1.0 + s * (1.0 / 9.0)
-    p = 1.0 + s * (1.0 / 8.0) * p
-    p = 1.0 + s * (1.0 / 7.0) * p
-    p = 1.0 + s * (1.0 / 6.0) * p
-    p = 1.0 + s * (1.0 / 5.0) * p
-    p = 1.0 + s * (1.0 / 4.0) * p
-    p = 1.0 + s * (1.0 / 3.0) * p
+    small, s, p = _exp_series(x)
     return tl.where(small, 0.5 * s * s * p, (tl.exp(x) - 1.0) - x)
 
 
@@ -211,8 +211,7 @@ def advantage(adv_ptr, b, adv_rs, start, offs, in_seq, valid, ADV_PER_TOKEN: tl.
 
 
 @triton.jit
-def sequence_values(seq_part_ptr, b, n_splits, MODE: tl.constexpr, HAS_W: tl.constexpr,
-                     HAS_THR: tl.constexpr):
+def sequence_values(seq_part_ptr, b, n_splits, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_THR: tl.constexpr):
     """Merges sequence b's partial sums left to right -> (n, x, y, ratio) (SeqValue layout)."""
     n = tl.zeros([], tl.float32)
     s_l = tl.zeros([], tl.float32)

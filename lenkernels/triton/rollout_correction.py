@@ -25,7 +25,7 @@ import triton.language as tl
 
 from lenkernels._codes import CorrectionCount, CorrectionLevel, CorrectionMode, CorrectionPartial, CorrectionStat
 from lenkernels.triton.policy_loss_math import expm1mx  # k3 without cancellation, shared with the KL terms
-from lenkernels.triton.utils import constexprs
+from lenkernels.triton.utils import column_stats, column_sums, column_value, constexprs, sequence_bounds, sequence_tile
 
 LEVELS = constexprs(CorrectionLevel)
 MODES = constexprs(CorrectionMode)
@@ -35,14 +35,6 @@ STATS = constexprs(CorrectionStat)
 
 _BLOCK = 1024
 _FINALIZE_ROWS = 128
-
-
-@triton.jit
-def _bounds(cu_ptr, seq, n_tokens):
-    """[start, end) of a sequence, clamped into [0, n_tokens] (a malformed cu_seqlens stays in bounds)."""
-    start = tl.minimum(tl.maximum(tl.load(cu_ptr + seq), 0), n_tokens)
-    end = tl.minimum(tl.maximum(tl.load(cu_ptr + seq + 1), start), n_tokens)
-    return start, end
 
 
 @triton.jit
@@ -58,10 +50,12 @@ def _outside(w, lo, hi):
 
 
 @triton.jit
-def _delta(old_ptr, rollout_ptr, pos, valid):
-    """δ = old - rollout in fp32 at response tokens, 0 elsewhere (never read there)."""
+def _token_deltas(valid_ptr, old_ptr, rollout_ptr, first, end, BLOCK: tl.constexpr):
+    """Tokens first.. of a sequence ending at ``end``: (pos, in_seq, valid, δ), δ = old - rollout
+    in fp32 at response tokens, 0 elsewhere (never read there)."""
+    pos, in_seq, valid = sequence_tile(valid_ptr, first, end, BLOCK)
     old = tl.load(old_ptr + pos, mask=valid, other=0.0).to(tl.float32)
-    return old - tl.load(rollout_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+    return pos, in_seq, valid, old - tl.load(rollout_ptr + pos, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["n_tokens", "lo", "hi", "log_clamp", "veto_lo", "veto_hi"])
@@ -86,7 +80,7 @@ def rollout_correction_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    start, end = _bounds(cu_ptr, seq, n_tokens)
+    start, end = sequence_bounds(cu_ptr, seq, n_tokens)
     seq_w = tl.full([], 1.0, tl.float32)
     seq_reject = tl.zeros([], tl.int32) != 0
     if LEVEL != LEVELS.TOKEN or HAS_VETO:
@@ -94,9 +88,7 @@ def rollout_correction_fwd_kernel(
         n = tl.zeros([], tl.int64)
         vetoed = tl.zeros([], tl.int64)
         for first in range(start, end, BLOCK):
-            pos = first + tl.arange(0, BLOCK)
-            valid = tl.load(valid_ptr + pos, mask=pos < end, other=0) != 0
-            d = _delta(old_ptr, rollout_ptr, pos, valid)
+            _, _, valid, d = _token_deltas(valid_ptr, old_ptr, rollout_ptr, first, end, BLOCK)
             sum_delta += tl.sum(tl.where(valid, d, 0.0), 0)
             n += tl.sum(valid.to(tl.int32), 0).to(tl.int64)
             if HAS_VETO:
@@ -120,10 +112,7 @@ def rollout_correction_fwd_kernel(
     truncated_n = tl.zeros([], tl.int64)
     nan_n = tl.zeros([], tl.int64)
     for first in range(start, end, BLOCK):
-        pos = first + tl.arange(0, BLOCK)
-        in_seq = pos < end
-        valid = tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
-        d = _delta(old_ptr, rollout_ptr, pos, valid)
+        pos, in_seq, valid, d = _token_deltas(valid_ptr, old_ptr, rollout_ptr, first, end, BLOCK)
         if LEVEL == LEVELS.TOKEN:
             raw = tl.exp(_clamp(d, log_clamp))
         else:
@@ -171,11 +160,6 @@ def rollout_correction_fwd_kernel(
 
 
 @triton.jit
-def _column(v, cols, k: tl.constexpr):
-    return tl.sum(tl.where(cols == k, v, 0), 0)
-
-
-@triton.jit
 def _ratio_or_zero(num, den):
     return tl.where(den > 0, num / tl.maximum(den, 1).to(tl.float32), 0.0)
 
@@ -188,41 +172,27 @@ def rollout_correction_finalize_kernel(
     n_seq,
     BLOCK_R: tl.constexpr,
 ):
-    cols = tl.arange(0, PARTS.NUM_CORRECTION_PARTIALS)
-    ccols = tl.arange(0, COUNTS.NUM_CORRECTION_COUNTS)
-    rows = tl.arange(0, BLOCK_R)
-    total = tl.zeros([PARTS.NUM_CORRECTION_PARTIALS], tl.float32)
-    low = tl.full([PARTS.NUM_CORRECTION_PARTIALS], float("inf"), tl.float32)
-    high = tl.full([PARTS.NUM_CORRECTION_PARTIALS], float("-inf"), tl.float32)
-    count = tl.zeros([COUNTS.NUM_CORRECTION_COUNTS], tl.int64)
-    for r0 in range(0, n_seq, BLOCK_R):
-        r = (r0 + rows).to(tl.int64)
-        ok = r < n_seq
-        tile = tl.load(part_ptr + r[:, None] * PARTS.NUM_CORRECTION_PARTIALS + cols[None, :], mask=ok[:, None],
-                       other=0.0)  # fmt: skip
-        total += tl.sum(tile, 0)
-        low = tl.minimum(low, tl.min(tl.where(ok[:, None], tile, float("inf")), 0))
-        high = tl.maximum(high, tl.max(tl.where(ok[:, None], tile, float("-inf")), 0))
-        count += tl.sum(tl.load(count_ptr + r[:, None] * COUNTS.NUM_CORRECTION_COUNTS + ccols[None, :],
-                                mask=ok[:, None], other=0), 0)  # fmt: skip
-    tokens = _column(count, ccols, COUNTS.COUNT_TOKENS)
-    kept = _column(count, ccols, COUNTS.COUNT_KEPT)
-    nan = _column(count, ccols, COUNTS.COUNT_NAN)
+    cols, total, low, high = column_stats(part_ptr, n_seq, PARTS.NUM_CORRECTION_PARTIALS, BLOCK_R)
+    ccols, count = column_sums(count_ptr, n_seq, COUNTS.NUM_CORRECTION_COUNTS, BLOCK_R)
+    tokens = column_value(count, ccols, COUNTS.COUNT_TOKENS)
+    kept = column_value(count, ccols, COUNTS.COUNT_KEPT)
+    nan = column_value(count, ccols, COUNTS.COUNT_NAN)
     masked = tokens - kept
-    w_min = tl.where(nan > 0, float("nan"), tl.where(kept > 0, _column(low, cols, PARTS.PART_WEIGHT_MIN), 0.0))
-    w_max = tl.where(nan > 0, float("nan"), tl.where(kept > 0, _column(high, cols, PARTS.PART_WEIGHT_MAX), 0.0))
-    tl.store(stats_ptr + STATS.STAT_WEIGHT_MEAN, _ratio_or_zero(_column(total, cols, PARTS.PART_WEIGHT_SUM), kept))
+    w_min = tl.where(nan > 0, float("nan"), tl.where(kept > 0, column_value(low, cols, PARTS.PART_WEIGHT_MIN), 0.0))
+    w_max = tl.where(nan > 0, float("nan"), tl.where(kept > 0, column_value(high, cols, PARTS.PART_WEIGHT_MAX), 0.0))
+    tl.store(stats_ptr + STATS.STAT_WEIGHT_MEAN, _ratio_or_zero(column_value(total, cols, PARTS.PART_WEIGHT_SUM), kept))
     tl.store(stats_ptr + STATS.STAT_WEIGHT_MIN, w_min)
     tl.store(stats_ptr + STATS.STAT_WEIGHT_MAX, w_max)
-    truncated = _column(count, ccols, COUNTS.COUNT_TRUNCATED).to(tl.float32)
+    truncated = column_value(count, ccols, COUNTS.COUNT_TRUNCATED).to(tl.float32)
     tl.store(stats_ptr + STATS.STAT_TRUNCATED_FRACTION, _ratio_or_zero(truncated, tokens))
     tl.store(stats_ptr + STATS.STAT_MASKED_FRACTION, _ratio_or_zero(masked.to(tl.float32), tokens))
-    masked_seqs = _column(count, ccols, COUNTS.COUNT_MASKED_SEQS).to(tl.float32)
+    masked_seqs = column_value(count, ccols, COUNTS.COUNT_MASKED_SEQS).to(tl.float32)
     tl.store(stats_ptr + STATS.STAT_MASKED_SEQ_FRACTION,
-             _ratio_or_zero(masked_seqs, _column(count, ccols, COUNTS.COUNT_SEQS)))  # fmt: skip
+             _ratio_or_zero(masked_seqs, column_value(count, ccols, COUNTS.COUNT_SEQS)))  # fmt: skip
     tl.store(stats_ptr + STATS.STAT_MASKED_TOKENS, masked.to(tl.float32))
-    tl.store(stats_ptr + STATS.STAT_KL_K1, _ratio_or_zero(_column(total, cols, PARTS.PART_NEG_LOG_RATIO_SUM), tokens))
-    tl.store(stats_ptr + STATS.STAT_KL_K3, _ratio_or_zero(_column(total, cols, PARTS.PART_K3_SUM), tokens))
+    k1 = column_value(total, cols, PARTS.PART_NEG_LOG_RATIO_SUM)
+    tl.store(stats_ptr + STATS.STAT_KL_K1, _ratio_or_zero(k1, tokens))
+    tl.store(stats_ptr + STATS.STAT_KL_K3, _ratio_or_zero(column_value(total, cols, PARTS.PART_K3_SUM), tokens))
 
 
 def rollout_correction_fwd(old_logprobs, rollout_logprobs, valid, cu_seqlens, cfg, weights, keep, stats) -> None:
@@ -248,28 +218,29 @@ def rollout_correction_fwd(old_logprobs, rollout_logprobs, valid, cu_seqlens, cf
     )
 
 
-# --- ahead-of-time compilation specs (lenkernels/triton/aot.py) ------------------------------------
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
 
-_SCALARS = {"n_tokens": "i64", "lo": "fp32", "hi": "fp32", "log_clamp": "fp32", "veto_lo": "fp32", "veto_hi": "fp32"}
-AOT_SPECS = [
-    {
-        "kernel": rollout_correction_fwd_kernel,
-        "signature": {"old_ptr": f"*{old}", "rollout_ptr": f"*{rollout}", "valid_ptr": "*u8", "cu_ptr": "*i64",
-                      "weights_ptr": "*fp32", "keep_ptr": "*u8", "part_ptr": "*fp32", "count_ptr": "*i64",
-                      **_SCALARS, "LEVEL": "constexpr", "MODE": "constexpr", "HAS_VETO": "constexpr",
-                      "BLOCK": "constexpr"},
-        "constexprs": {"LEVEL": int(level), "MODE": int(mode), "HAS_VETO": has_veto, "BLOCK": _BLOCK},
-        "num_warps": 4,
-    }
+
+def _aot_case(level: CorrectionLevel, mode: CorrectionMode, old_dtype: torch.dtype, has_veto: bool):
+    """One launch (forward + finalize) on 2 sequences of 8 tokens: old log-probs in ``old_dtype``,
+    rollout log-probs fp32."""
+
+    def run():
+        from lenkernels.ops.rollout_correction import CorrectionConfig
+
+        n = 16
+        cfg = CorrectionConfig(level, mode, lo=0.5, hi=2.0, has_veto=has_veto, veto_lo=1e-4, veto_hi=1e4)
+        rollout_correction_fwd(torch.zeros(n, dtype=old_dtype), torch.zeros(n), torch.ones(n, dtype=torch.bool),
+                               torch.tensor([0, 8, n]), cfg, torch.empty(n), torch.empty(n, dtype=torch.bool),
+                               torch.empty(CorrectionStat.NUM_CORRECTION_STATS))  # fmt: skip
+
+    return run
+
+
+# every level and mode, fp32 without the veto and bf16 old log-probs with it
+AOT_CASES = [
+    _aot_case(level, mode, old_dtype, has_veto)
     for level in CorrectionLevel
     for mode in CorrectionMode
-    for old, rollout, has_veto in (("fp32", "fp32", False), ("bf16", "fp32", True))
-] + [
-    {
-        "kernel": rollout_correction_finalize_kernel,
-        "signature": {"part_ptr": "*fp32", "count_ptr": "*i64", "stats_ptr": "*fp32", "n_seq": "i32",
-                      "BLOCK_R": "constexpr"},
-        "constexprs": {"BLOCK_R": _FINALIZE_ROWS},
-        "num_warps": 4,
-    }
-]  # fmt: skip
+    for old_dtype, has_veto in ((torch.float32, False), (torch.bfloat16, True))
+]

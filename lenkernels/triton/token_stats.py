@@ -406,40 +406,27 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
     )
 
 
-_COMMON = {"vocab": "i32", "stride_row": "i64", "temp_stride": "i32"}
-AOT_SPECS = [
-    {
-        "kernel": token_stats_fwd_kernel,
-        "signature": {"logits_ptr": f"*{dt}", "temp_ptr": "*fp32", "state_ptr": "*fp32", **_COMMON,
-                      "n_chunks": "i32", "chunks_per_program": "i32", "BLOCK_V": "constexpr",
-                      "COLS": "constexpr", "CHUNK_TILES": "constexpr", "ALIGNED": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "COLS": 256, "CHUNK_TILES": CHUNK_TILES, "ALIGNED": aligned},
-        "num_warps": 8,
-    }
-    for dt in ("bf16", "fp16", "fp32")
-    for aligned in (True, False)
-] + [
-    {
-        "kernel": token_stats_finalize_kernel,
-        "signature": {"logits_ptr": "*bf16", "ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32",
-                      "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "mean_z_ptr": "*fp32",
-                      "max_z_ptr": "*fp32", "log_s_ptr": "*fp32", **_COMMON, "n_chunks": "i32", "ignore_index": "i64"},
-        "num_warps": 1,
-    },
-] + [
-    {
-        "kernel": token_stats_bwd_kernel,
-        "signature": {"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "ids_ptr": "*i64", "temp_ptr": "*fp32",
-                      "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "g_lp_ptr": "*fp32", "g_h_ptr": "*fp32",
-                      **_COMMON, "stride_drow": "i64", "g_lp_stride": "i64", "g_h_stride": "i64",
-                      "tiles_per_split": "i32", "ignore_index": "i64", "BLOCK_V": "constexpr",
-                      "ALIGNED": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "ALIGNED": aligned},
-        "num_warps": 8,
-    }
-    for dt in ("bf16", "fp16", "fp32")
-    for aligned in (True, False)
-]  # fmt: skip
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
+
+
+def _aot_case(dtype: torch.dtype, aligned: bool):
+    """Forward (+ finalize) and backward of 2 rows at the largest tile (V >= 4096: BLOCK_V 4096, 8
+    warps); ``aligned``: rows on 16-byte boundaries (V = 4096), else not (V = 4095)."""
+
+    def run():
+        n, vocab = 2, 4096 if aligned else 4095
+        logits, ids, temp = torch.zeros((n, vocab), dtype=dtype), torch.zeros(n, dtype=torch.int64), torch.ones(1)
+        lp, ent, lse, mean_z = (torch.empty(n) for _ in range(4))
+        token_stats_fwd(logits, ids, temp, -100, lp, ent, lse, mean_z)
+        token_stats_bwd(logits, ids, temp, lse, mean_z, lp, ent, -100, torch.empty_like(logits))
+
+    return run
+
+
+# every dtype, aligned and unaligned rows
+AOT_CASES = [
+    _aot_case(dtype, aligned) for dtype in (torch.bfloat16, torch.float16, torch.float32) for aligned in (True, False)
+]
 
 
 # the extra vocabulary statistics (lenkernels.token_stats(outputs=...)) live beside, same family

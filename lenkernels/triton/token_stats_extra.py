@@ -9,8 +9,6 @@ import triton
 import triton.language as tl
 
 from lenkernels.triton.token_stats import (
-    _COMMON,
-    _MAX_BLOCK_V,
     CHUNK_TILES,
     FLT_MAX,
     LOG2E,
@@ -315,38 +313,26 @@ def token_stats_extra_bwd(logits, ids, temperature, lse, mean_z, log_sum_p2, arg
     )  # fmt: skip
 
 
-_EXTRA_OUTS = ("logprobs_ptr", "entropy_ptr", "lse_ptr", "mean_z_ptr", "sum_p2_ptr", "log_sum_p2_ptr")
-AOT_SPECS = [
-    {
-        "kernel": token_stats_extra_fwd_kernel,
-        "signature": {"logits_ptr": f"*{dt}", "temp_ptr": "*fp32", "state_ptr": "*fp32", "argmax_ptr": "*i32",
-                      **_COMMON, "n_chunks": "i32", "chunks_per_program": "i32", "BLOCK_V": "constexpr",
-                      "COLS": "constexpr", "CHUNK_TILES": "constexpr", "ALIGNED": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "COLS": 256, "CHUNK_TILES": CHUNK_TILES, "ALIGNED": aligned},
-        "num_warps": 8,
-    }
-    for dt in ("bf16", "fp16", "fp32")
-    for aligned in (True, False)
-] + [
-    {
-        "kernel": token_stats_extra_finalize_kernel,
-        "signature": {"logits_ptr": "*bf16", "ids_ptr": "*i64", "temp_ptr": "*fp32", "state_ptr": "*fp32",
-                      "chunk_argmax_ptr": "*i32", **{k: "*fp32" for k in _EXTRA_OUTS}, "argmax_ptr": "*i64",
-                      "max_logprob_ptr": "*fp32", "mean_logit_ptr": "*fp32", **_COMMON, "n_chunks": "i32",
-                      "ignore_index": "i64"},
-        "num_warps": 1,
-    },
-] + [
-    {
-        "kernel": token_stats_extra_bwd_kernel,
-        "signature": {"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "ids_ptr": "*i64", "temp_ptr": "*fp32",
-                      "lse_ptr": "*fp32", "mean_z_ptr": "*fp32", "log_sum_p2_ptr": "*fp32", "argmax_ptr": "*i64",
-                      "grads_ptr": "*fp32", "n_rows": "i32", **_COMMON, "stride_drow": "i64",
-                      "tiles_per_split": "i32", "ignore_index": "i64", "BLOCK_V": "constexpr",
-                      "ALIGNED": "constexpr"},
-        "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "ALIGNED": aligned},
-        "num_warps": 8,
-    }
-    for dt in ("bf16", "fp16", "fp32")
-    for aligned in (True, False)
-]  # fmt: skip
+# --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
+
+
+def _aot_case(dtype: torch.dtype, aligned: bool):
+    """Every SPEC 7 statistic, forward (+ finalize) and backward, of 2 rows at the largest tile
+    (BLOCK_V 4096, 8 warps); ``aligned``: rows on 16-byte boundaries (V = 4096), else not (4095)."""
+
+    def run():
+        n, vocab = 2, 4096 if aligned else 4095
+        logits, ids, temp = torch.zeros((n, vocab), dtype=dtype), torch.zeros(n, dtype=torch.int64), torch.ones(1)
+        outs = [torch.empty(n) for _ in range(6)]  # logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2
+        argmax = torch.empty(n, dtype=torch.int64)
+        token_stats_extra_fwd(logits, ids, temp, -100, *outs, argmax, torch.empty(n), torch.empty(n))
+        dlogits = torch.empty_like(logits)
+        token_stats_extra_bwd(logits, ids, temp, outs[2], outs[3], outs[5], argmax, outs, -100, dlogits)
+
+    return run
+
+
+# every dtype, aligned and unaligned rows
+AOT_CASES = [
+    _aot_case(dtype, aligned) for dtype in (torch.bfloat16, torch.float16, torch.float32) for aligned in (True, False)
+]
