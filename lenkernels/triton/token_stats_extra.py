@@ -12,6 +12,7 @@ from lenkernels.triton.token_stats import (
     CHUNK_TILES,
     FLT_MAX,
     LOG2E,
+    _MAX_BLOCK_V,
     _block,
     column_bcast,
     column_max,
@@ -284,14 +285,19 @@ def token_stats_extra_fwd(logits, ids, temperature, ignore_index, logprobs, entr
     """Host launcher of every SPEC 7 statistic (fp32 [N] outputs, argmax int64 [N])."""
     n_rows, vocab = logits.shape
     block, warps = _block(vocab)
-    n_chunks = triton.cdiv(vocab, block * CHUNK_TILES)
+    chunk_tiles = CHUNK_TILES
+    if logits.dtype == torch.float32 and block == _MAX_BLOCK_V:
+        # 16 fp32 logits a thread beside the seven column states: ptxas spills the unaligned
+        # variant (sm_90); half-width tiles, twice as many a chunk (the same 32 768-logit chunks)
+        block, chunk_tiles = block // 2, CHUNK_TILES * 2
+    n_chunks = triton.cdiv(vocab, block * chunk_tiles)
     n_programs, chunks_per_program = split_plan(n_rows, n_chunks, logits.device)
     state = torch.empty((n_rows, n_chunks, EXTRA_STATE), dtype=torch.float32, device=logits.device)
     chunk_argmax = torch.empty((n_rows, n_chunks), dtype=torch.int32, device=logits.device)
     temp_stride = 0 if temperature.numel() == 1 else 1
     token_stats_extra_fwd_kernel[(n_rows, n_programs)](
         logits, temperature, state, chunk_argmax, vocab, logits.stride(0), temp_stride, n_chunks,
-        chunks_per_program, BLOCK_V=block, COLS=min(block, 32 * warps), CHUNK_TILES=CHUNK_TILES,
+        chunks_per_program, BLOCK_V=block, COLS=min(block, 32 * warps), CHUNK_TILES=chunk_tiles,
         ALIGNED=rows_aligned(logits), num_warps=warps,
     )  # fmt: skip
     token_stats_extra_finalize_kernel[(n_rows,)](
