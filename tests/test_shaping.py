@@ -14,6 +14,7 @@ import torch
 
 import lenkernels as lk
 from lenkernels import shaping
+from lenkernels.reference import advantages as ref_adv
 from lenkernels.reference import shaping as ref
 from tests.utils import HAS_CUDA, STAT_RTOL, assert_close, backend_params
 
@@ -113,7 +114,7 @@ def test_dler(backend, device):
     _close(out, ref.dler(correct.cpu(), length, None, 8, ids.cpu(), True, 4), "dler difficulty-aware")
     adv = shaping.dler_advantages(correct, ids, mask=mask, target_length=8, backend=backend)
     rewards = ref.dler(correct.cpu(), length, None, 8)
-    expected = lk.reference.advantages.group_advantages(rewards, ids.cpu(), "reinforce_pp_baseline", mask=mask.cpu())
+    expected = ref_adv.group_advantages(rewards, ids.cpu(), "reinforce_pp_baseline", mask=mask.cpu())
     _close(adv, expected, "dler advantages", scale=10.0)
 
 
