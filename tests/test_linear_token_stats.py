@@ -99,13 +99,16 @@ def test_half_precision_logits_are_the_eager_gemm_rounded(dtype):
     logits = torch.nn.functional.linear(h, w, b)
     want = lk.token_stats(logits, ids, temperature=temp, outputs=ALL, backend="cpu")
     for field, value in st._asdict().items():
+        if value is None:  # a field not asked for (the sparse ones: tests/test_token_stats_sparse.py)
+            assert getattr(want, field) is None, field
+            continue
         assert torch.equal(value, getattr(want, field)), field
 
 
 def test_no_grad_and_empty_batch():
     h, w, b, ids, temp = _inputs((0,), 8, 11, torch.float32, True, seed=1)
     st = lk.linear_token_stats(h, w, ids, bias=b, temperature=temp, outputs=ALL, softcap=5.0)
-    assert all(v.shape == (0,) for v in st)
+    assert all(v.shape == (0,) for v in st if v is not None)
     h, w, b, ids, temp = _inputs((4,), 8, 11, torch.float32, True, seed=2)
     with torch.no_grad():
         st = lk.linear_token_stats(h.requires_grad_(), w, ids, bias=b, outputs=ALL, logit_scale=0.5)

@@ -182,6 +182,8 @@ def test_padded_and_packed_bitwise(backend, device):
     packed = lk.token_stats(logits.reshape(6, -1), ids.reshape(6), temperature=0.7, outputs=ALL, backend=backend)
     single = lk.token_stats(logits[1, 2:], ids[1, 2:], temperature=0.7, outputs=ALL, backend=backend)
     for f in lk.TokenStats._fields:
+        if getattr(padded, f) is None:  # the sparse fields (test_token_stats_sparse.py)
+            continue
         assert torch.equal(getattr(padded, f).reshape(6), getattr(packed, f)), f
         assert torch.equal(getattr(padded, f)[1, 2:], getattr(single, f)), f
 
@@ -212,7 +214,7 @@ def test_empty_batch(backend, device):
 def test_bad_arguments():
     x, ids = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="unknown"):
-        lk.token_stats(x, ids, outputs=("logprob", "topk"))
+        lk.token_stats(x, ids, outputs=("logprob", "nope"))
     with pytest.raises(ValueError, match="at least one"):
         lk.token_stats(x, ids, outputs=())
     with pytest.raises(TypeError, match="outputs"):

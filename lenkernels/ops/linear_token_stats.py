@@ -6,7 +6,8 @@ Two paths, one meaning (``token_stats(transform(F.linear(hidden, weight, bias)),
 
 - log-probabilities and/or entropy of untransformed logits run ``linear_logprobs_entropy``: the
   fused GEMM-epilogue kernels (Triton on CUDA tensors), no logits tile in the forward;
-- anything else (``sum_p2``, ``argmax``, ``mean_logit``, a logit scale, a soft cap) runs row
+- anything else (``sum_p2``, ``argmax``, ``mean_logit``, the sparse ``topk``/``gathered``/``kept``,
+  a logit scale, a soft cap) runs row
   chunks of at most ``chunk_size`` logits each: the chunk's GEMM in the hidden dtype (rounded like
   the eager ``F.linear``), the transform in fp32, then one ``token_stats`` kernel over the chunk.
   Each chunk is checkpointed: the backward recomputes its logits, writes one gradient tile through
@@ -48,7 +49,7 @@ class _LowPrecisionLinear(torch.autograd.Function):
 
 
 def _chunk_stats(hidden, weight, bias, ids, temperature, ignore_index, outputs, logit_scale, softcap, backend,
-                 compute_dtype):  # fmt: skip
+                 compute_dtype, top_k=0, gather_ids=None, kept_ids=None, sampling=None):  # fmt: skip
     if compute_dtype == hidden.dtype:
         logits = F.linear(hidden, weight, bias)
     else:
@@ -58,6 +59,7 @@ def _chunk_stats(hidden, weight, bias, ids, temperature, ignore_index, outputs, 
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
     stats = ts.token_stats(logits, ids, temperature=temperature, ignore_index=ignore_index, outputs=outputs,
+                           top_k=top_k, gather_ids=gather_ids, kept_ids=kept_ids, sampling=sampling,
                            backend=backend)  # fmt: skip
     return tuple(x for x in stats if x is not None)
 
@@ -75,6 +77,10 @@ def linear_token_stats(
     softcap: float | None = None,
     chunk_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    top_k: int = 0,
+    gather_ids: torch.Tensor | None = None,
+    kept_ids: torch.Tensor | None = None,
+    sampling: dict | None = None,
     backend: str | None = None,
 ) -> ts.TokenStats:
     """The ``token_stats`` outputs of the logits ``hidden @ weight.T + bias``, transformed as the
@@ -92,6 +98,9 @@ def linear_token_stats(
         bias: optional ``[V]``.
         temperature, ignore_index, outputs, backend: as in :func:`token_stats` (``backend`` names the
             backend of the statistics kernels).
+        top_k, gather_ids, kept_ids, sampling: as in :func:`token_stats` (``gather_ids``/``kept_ids``
+            ``[..., K]`` of the leading shape of ``hidden``); the sampler's kept set is built per
+            row chunk from the chunk's logits (the same set: it is a function of the row).
         logit_scale: a finite number multiplying the logits before the soft cap.
         softcap: None, or a positive finite soft cap.
         chunk_size: most logits elements held at once (default as ``linear_logprobs_entropy``).
@@ -120,10 +129,12 @@ def linear_token_stats(
     elif compute_dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be one of {_checks.FLOAT_DTYPES} or None, got {compute_dtype!r}")
     fused = wanted <= TRANSFORM_FREE and logit_scale == 1.0 and softcap is None and compute_dtype == hidden.dtype
-    family = linear_stats.FAMILY if fused else ts.EXTRA_FAMILY if wanted - TRANSFORM_FREE else ts.FAMILY
+    family = linear_stats.FAMILY if fused else ts.family_of(wanted)
     name = _backend.resolve(backend, family, hidden.device)
     _checks.lm_head(hidden, weight, bias, ids, name)
     _checks.index(ignore_index, "ignore_index")
+    top_k, gather_ids, kept_ids, _ = ts._sparse.check_args(wanted, ids, weight.shape[0], top_k, gather_ids, kept_ids,
+                                                           sampling)  # fmt: skip
     if chunk_size is None:
         chunk_size = linear_stats.DEFAULT_CHUNK["cuda" if hidden.device.type == "cuda" else "cpu"]
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -141,25 +152,22 @@ def linear_token_stats(
     n_rows, vocab = y.shape[0], weight.shape[0]
     rows = max(1, chunk_size // vocab)
     order = tuple(n for n in ts.OUTPUTS if n in wanted)
+    per_row = [None if t is None else t.reshape(n_rows, t.shape[-1]) for t in (gather_ids, kept_ids)]
     differentiable = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     parts = []
     for start in range(0, max(n_rows, 1), rows):
         args = (h2[start : start + rows], weight, bias, y[start : start + rows],
                 temp if temp.numel() == 1 else temp[start : start + rows], ignore_index, order, logit_scale,
-                softcap, name, compute_dtype)  # fmt: skip
+                softcap, name, compute_dtype, top_k,
+                *(None if t is None else t[start : start + rows] for t in per_row), sampling)  # fmt: skip
         if differentiable:
             parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
         else:
             parts.append(_chunk_stats(*args))
-    fields = [torch.cat(column).reshape(ids.shape) for column in zip(*parts)]
+    fields = [torch.cat(column).reshape(*ids.shape, *column[0].shape[1:]) for column in zip(*parts)]
     present = [f for f in ts.TokenStats._fields if _field_wanted(f, wanted)]
     return ts.TokenStats(**dict(zip(present, fields)))
 
 
-# each TokenStats field, and the output name that asks for it
-_FIELD_OUTPUT = {"logprob": "logprob", "entropy": "entropy", "sum_p2": "sum_p2", "log_sum_p2": "sum_p2",
-                 "argmax": "argmax", "max_logprob": "argmax", "mean_logit": "mean_logit"}  # fmt: skip
-
-
 def _field_wanted(field: str, wanted) -> bool:
-    return _FIELD_OUTPUT[field] in wanted
+    return ts.FIELD_OUTPUT[field] in wanted

@@ -6,6 +6,8 @@ autograd) -> ``token_stats_fwd`` / ``token_stats_bwd`` (host launchers, one per 
 ``token_stats`` (public, SPEC 7) -> the same op when only logprob/entropy are asked for, else
 ``lenkernels::token_stats_extra`` -> ``token_stats_extra_fwd`` / ``token_stats_extra_bwd`` launchers
 (triton, cpu, reference; the cuda backend has none yet and raises BackendUnavailableError).
+The sparse outputs (top-k, gathered, kept set) go to ``lenkernels::token_stats_sparse``
+(``ops/token_stats_sparse.py``): the same dense kernels plus a gather of a few logits per row.
 """
 
 from __future__ import annotations
@@ -347,8 +349,9 @@ def _check_token_args(logits, ids, temperature, ignore_index, backend: str) -> t
 
 
 class TokenStats(NamedTuple):
-    """Per-token statistics of ``lenkernels.token_stats`` (float32 of ``ids.shape``, ``argmax``
-    int64); a field whose output was not asked for is None."""
+    """Per-token statistics of ``lenkernels.token_stats`` (float32 of ``ids.shape``; ``argmax`` int64;
+    ``topk_ids`` int64 and ``topk_logprobs`` ``[..., top_k]``; ``gathered_logprobs`` ``[..., K]``); a
+    field whose output was not asked for is None."""
 
     logprob: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
@@ -357,9 +360,27 @@ class TokenStats(NamedTuple):
     argmax: torch.Tensor | None = None
     max_logprob: torch.Tensor | None = None
     mean_logit: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    gathered_logprobs: torch.Tensor | None = None
+    kept_logprob: torch.Tensor | None = None
+    kept_entropy: torch.Tensor | None = None
+    kept_log_mass: torch.Tensor | None = None
 
 
-OUTPUTS = ("logprob", "entropy", "sum_p2", "argmax", "mean_logit")
+DENSE_EXTRA = ("sum_p2", "argmax", "mean_logit")  # the outputs of the extended kernels
+OUTPUTS = ("logprob", "entropy", *DENSE_EXTRA, "topk", "gathered", "kept")
+# each TokenStats field, and the output name that asks for it
+FIELD_OUTPUT = {"logprob": "logprob", "entropy": "entropy", "sum_p2": "sum_p2", "log_sum_p2": "sum_p2",
+                "argmax": "argmax", "max_logprob": "argmax", "mean_logit": "mean_logit", "topk_ids": "topk",
+                "topk_logprobs": "topk", "gathered_logprobs": "gathered", "kept_logprob": "kept",
+                "kept_entropy": "kept", "kept_log_mass": "kept"}  # fmt: skip
+
+
+def family_of(wanted) -> str:
+    """The backend family that computes the outputs ``wanted``: the extended kernels' when a dense
+    statistic beyond logprob/entropy is asked for, else token_stats' (the sparse outputs run on it)."""
+    return EXTRA_FAMILY if set(wanted) & set(DENSE_EXTRA) else FAMILY
 
 
 def token_stats(
@@ -369,6 +390,10 @@ def token_stats(
     temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     outputs=("logprob", "entropy"),
+    top_k: int = 0,
+    gather_ids: torch.Tensor | None = None,
+    kept_ids: torch.Tensor | None = None,
+    sampling: dict | None = None,
     backend: str | None = None,
 ) -> TokenStats:
     """Every per-token vocabulary statistic asked for, from one read of the logits (SPEC 1, 7).
@@ -380,21 +405,63 @@ def token_stats(
             optimal-token baseline, and ``log_sum_p2 = logsumexp(2z) - 2 lse``, TRL's
             ``log_sum_sq_probs``; both without cancellation), ``"argmax"`` (fields ``argmax``: the
             lowest id among the maxima of z, int64, 0 for an all ``-inf`` row; and ``max_logprob =
-            max z - lse``; TRL's is-top1 is ``argmax == ids``) and ``"mean_logit"`` (``(1/V) sum_j
-            z_j`` over the finite entries of the vocabulary, V = the full last dimension).
+            max z - lse``; TRL's is-top1 is ``argmax == ids``), ``"mean_logit"`` (``(1/V) sum_j
+            z_j`` over the finite entries of the vocabulary, V = the full last dimension), and the
+            sparse statistics:
+
+            - ``"topk"`` (needs ``top_k``): ``topk_ids`` int64 and ``topk_logprobs = z - lse``, both
+              ``[..., top_k]``: the ``top_k`` largest z in descending order, ties to the lower id
+              (exactly, also where bf16 ties straddle the k-th place);
+            - ``"gathered"`` (needs ``gather_ids``): ``gathered_logprobs`` ``[..., K]`` ``= z_g - lse``
+              at ``gather_ids`` (0, without gradient, at -1 padding): the student's logprobs at a
+              teacher's top-k ids (on-policy distillation);
+            - ``"kept"`` (needs ``kept_ids`` or ``sampling``): for a kept set K (a sampler's
+              truncation), ``kept_logprob = z_y - logsumexp_K z``, ``kept_entropy`` (the entropy of
+              softmax(z) restricted to K and renormalised) and ``kept_log_mass = logsumexp_K z - lse``.
+        top_k: int in ``[0, V]``; ``>= 1`` exactly when ``"topk"`` is asked for.
+        gather_ids: ``[..., K]`` int32/int64 ids (K >= 0) of the leading shape of ``logits``, -1 padding.
+        kept_ids: ``[..., K]`` int32/int64 ids (K >= 1), -1 padding (repeats count once): each row's kept set.
+        sampling: instead of ``kept_ids``, the kept set of vLLM's sampler replayed at this
+            temperature: ``dict(top_k=..., top_p=..., min_p=...)`` (missing keys, ``top_k`` 0 / -1,
+            ``top_p=1`` and ``min_p=0`` disable a step). In SPEC 7's order (vLLM's V0 sampler):
+            top-k keeps every z >= the k-th largest (ties all kept); top-p then keeps the smallest
+            prefix of the survivors (z descending, ties by id ascending) whose renormalised mass
+            reaches p, the crossing token included (masses in float64); min-p keeps p_j >= min_p *
+            max p. Ids of zero probability are never kept. vLLM's V1 sampler applies min-p before
+            top-k/top-p: with both top_p and min_p set its set may differ.
 
     Returns:
         ``TokenStats``: the fields asked for, None elsewhere. Every float field is differentiable in
-        ``logits`` with one read of the logits and one write of the gradient, whatever the
-        combination. A row of all ``-inf`` gives NaN in every float field; rows with
-        ``ids == ignore_index`` get logprob 0, their other statistics are still computed.
+        ``logits``. A row of all ``-inf`` gives NaN in every float field; rows with ``ids ==
+        ignore_index`` get logprob and kept_logprob 0 (no gradient), their other statistics are still
+        computed. A valid id outside its kept set raises ValueError where value checks run (CPU
+        tensors, ``LENKERNELS_DEBUG=1``), else gives NaN in the row's kept statistics.
+
+    Reads of the logits: the dense statistics one (forward) and one plus one gradient write
+    (backward), whatever the combination; ``gathered`` and ``kept_ids`` add K reads per row (and
+    K read-modify-writes of the gradient); ``topk`` and ``sampling`` with top-k add one
+    ``torch.topk`` pass of the logits (2k + 8 candidates), ``sampling`` with top-p or min-p but no
+    top-k a float64 pass and ``torch.topk`` of 256, 1024, ... candidates until each row's set ends
+    (at worst a sort of the row, ``O(V log V)``, in row chunks). ``topk`` and ``sampling`` sync the
+    host (free on CPU tensors; under ``torch.compile`` they are opaque custom ops, the kept set's
+    width an unbacked size).
 
     ``outputs`` of only logprob/entropy run exactly ``token_logprobs_entropy``'s kernels (same bits).
-    Any other output runs the extended kernels (which also compute logprob and entropy, with the
-    same per-chunk arithmetic); backend ``"cuda"`` implements only the two-output path, so
-    ``backend=None`` runs the others with Triton on CUDA tensors and ``backend="cuda"`` raises
-    ``BackendUnavailableError`` for them.
+    ``sum_p2``/``argmax``/``mean_logit`` run the extended kernels (which also compute logprob and
+    entropy, with the same per-chunk arithmetic); backend ``"cuda"`` implements only the two-output
+    kernels, so ``backend=None`` runs those with Triton on CUDA tensors and ``backend="cuda"`` raises
+    ``BackendUnavailableError`` for them. The sparse outputs run on any backend's kernels.
+
+    Example (on-policy distillation: the student's logprobs at the teacher's top-20 ids)::
+
+        st = token_stats(student_logits, ids, outputs=("logprob", "gathered"), gather_ids=teacher_topk_ids)
+        kl = (teacher_topk_probs * (teacher_topk_logprobs - st.gathered_logprobs)).sum(-1)
+
+    Example (the trainer's logprob under the rollout's truncated distribution, vLLM top_p=0.95 / top_k=20)::
+
+        st = token_stats(logits, ids, temperature=0.6, outputs=("kept",), sampling=dict(top_k=20, top_p=0.95))
     """
+    sparse = _sparse
     if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
         raise TypeError(f"outputs must be a tuple or list of names among {OUTPUTS}, got {outputs!r}")
     wanted = set()
@@ -405,9 +472,19 @@ def token_stats(
     if not wanted:
         raise ValueError(f"outputs must name at least one statistic among {OUTPUTS}")
     _checks.tensor(logits, "logits", min_dim=1)
-    extra = not wanted <= {"logprob", "entropy"}
-    name = _backend.resolve(backend, EXTRA_FAMILY if extra else FAMILY, logits.device)
+    extra = bool(wanted & set(DENSE_EXTRA))
+    name = _backend.resolve(backend, family_of(wanted), logits.device)
     temp = _check_token_args(logits, ids, temperature, ignore_index, name)
+    top_k, gather_ids, kept_ids, sampling = sparse.check_args(
+        wanted, ids, logits.shape[-1], top_k, gather_ids, kept_ids, sampling
+    )
+    if wanted & set(sparse.SPARSE_OUTPUTS):
+        if _checks.value_checks(ids.device):
+            _checks.ids_in_range(ids, logits.shape[-1], ignore_index)
+        fields = sparse.sparse_token_stats(
+            logits, ids, temp, ignore_index, wanted, top_k, gather_ids, kept_ids, sampling, extra, name
+        )
+        return TokenStats(**fields)
     if not extra:
         lp, ent, _, _ = torch.ops.lenkernels.token_stats(logits, ids, temp, ignore_index, False, name)
         return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
@@ -513,3 +590,6 @@ def token_entropy(logits: torch.Tensor, *, ids: torch.Tensor | None = None, **kw
         ignore_index = kwargs.get("ignore_index", -100)
         ids = torch.full(logits.shape[:-1], ignore_index, dtype=torch.int64, device=logits.device)
     return token_logprobs_entropy(logits, ids, **kwargs)[1]
+
+
+from lenkernels.ops import token_stats_sparse as _sparse  # registers its custom ops

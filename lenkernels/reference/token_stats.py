@@ -173,3 +173,83 @@ def token_stats_extra_fwd(x, ids, temperature, ignore_index, logprobs, entropy, 
 def token_stats_extra_bwd(x, ids, temperature, lse, mean_z, log_sum_p2, argmax, grads, ignore_index, dlogits):
     """Writes ``dlogits`` ``[N, V]`` (closed forms in float64; the saved row scalars are unused)."""
     dlogits.copy_(token_stats_extra_backward(x, ids, temperature, grads, ignore_index))
+
+
+# --- sparse vocabulary statistics (SPEC 7): top-k, gathered, kept set, sampler replay ------------------
+
+
+def _z_lse(logits, temperature):
+    """float64 ``z = logits / T`` and ``lse`` ``[..., 1]`` (T a float or a tensor of the leading shape)."""
+    z = _scaled(logits, temperature, torch.float64)
+    return z, torch.logsumexp(z, -1, keepdim=True)
+
+
+def topk(logits: torch.Tensor, temperature, k: int):
+    """``(ids, logprobs)`` ``[..., k]``: the k largest z, descending, ties to the lower id (a stable
+    sort of the whole row), and ``z - lse`` there (float64, differentiable)."""
+    z, lse = _z_lse(logits, temperature)
+    ids = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
+    return ids, z.gather(-1, ids) - lse
+
+
+def gathered_logprobs(logits: torch.Tensor, temperature, gather_ids: torch.Tensor) -> torch.Tensor:
+    """``z_g - lse`` at ``gather_ids`` ``[..., K]``; 0 (no gradient) at -1 padding (float64)."""
+    z, lse = _z_lse(logits, temperature)
+    pad = gather_ids == -1
+    value = z.gather(-1, torch.where(pad, 0, gather_ids).long()) - lse
+    return torch.where(pad, torch.zeros_like(value), value)
+
+
+def kept_mask_from_ids(kept_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[..., V]`` bool: the ids of each row's ``kept_ids`` (-1 padding, repeats once)."""
+    mask = torch.zeros(*kept_ids.shape[:-1], vocab + 1, dtype=torch.bool, device=kept_ids.device)
+    mask.scatter_(-1, torch.where(kept_ids < 0, vocab, kept_ids).long(), True)
+    return mask[..., :vocab]
+
+
+def sampler_kept_mask(logits: torch.Tensor, temperature, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """``[..., V]`` bool: the kept set of vLLM's sampler (V0 order: top-k, top-p, min-p) at z = logits / T.
+
+    A port of vLLM's masking in float64: ascending sort (z ascending, ties by id descending: the
+    reverse of z descending, ties by id ascending), top-k masks z < the k-th largest, top-p masks
+    where the cumulative softmax of the survivors <= 1 - p (never the largest), min-p masks
+    softmax < min_p * max softmax. Ids of zero probability (z = -inf) are never kept.
+    """
+    z, _ = _z_lse(logits.detach(), temperature)
+    vocab = z.shape[-1]
+    flipped = z.flip(-1)
+    zs, order = torch.sort(flipped, dim=-1, stable=True)  # ascending; ties: flipped position ascending = id descending
+    ids = vocab - 1 - order
+    neg = torch.full_like(zs, float("-inf"))
+    if 0 < top_k < vocab:
+        zs = torch.where(zs < zs[..., vocab - top_k : vocab - top_k + 1], neg, zs)
+    if top_p < 1.0:
+        cum = torch.softmax(zs, -1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False
+        zs = torch.where(drop, neg, zs)
+    keep = zs > float("-inf")
+    if min_p > 0.0:
+        probs = torch.softmax(zs, -1)
+        keep &= probs >= min_p * probs.amax(-1, keepdim=True)
+    return torch.zeros_like(keep).scatter(-1, ids, keep)
+
+
+def kept_stats(logits: torch.Tensor, ids: torch.Tensor, temperature, kept_mask: torch.Tensor, ignore_index: int = -100):
+    """``(kept_logprob, kept_entropy, kept_log_mass)`` float64 for the kept sets ``kept_mask`` ``[..., V]``.
+
+    kept_logprob = z_y - logsumexp_K z (0 where ids == ignore_index); kept_entropy = the entropy of
+    softmax(z) restricted to K; kept_log_mass = logsumexp_K z - lse. A valid id outside its set gives
+    NaN in all three.
+    """
+    z, lse = _z_lse(logits, temperature)
+    zk = torch.where(kept_mask, z, torch.full_like(z, float("-inf")))
+    lse_k = torch.logsumexp(zk, -1)
+    q = torch.softmax(zk, -1)
+    ent = lse_k - (q * torch.where(zk > float("-inf"), zk, torch.zeros_like(zk))).sum(-1)
+    valid = ids != ignore_index
+    y = torch.where(valid, ids, torch.zeros_like(ids)).long().unsqueeze(-1)
+    outside = valid & ~kept_mask.gather(-1, y).squeeze(-1)
+    nan = torch.full_like(lse_k, float("nan"))
+    lp = torch.where(valid, torch.where(outside, nan, z.gather(-1, y).squeeze(-1) - lse_k), torch.zeros_like(lse_k))
+    return lp, torch.where(outside, nan, ent), torch.where(outside, nan, lse_k - lse.squeeze(-1))
