@@ -28,7 +28,7 @@ from lenkernels import _build, _checks
 from lenkernels.ops.token_stats import token_stats_bwd, token_stats_fwd
 from tests.utils import backend_params, load_replay
 
-VOCAB = 40_009  # 2 Triton chunks of 8 x 4096 (the second with the partial tile), 20 CPU chunks of 2048
+VOCAB = 40_009  # 2 Triton chunks of 8 x 4096 (the second with the partial tile), 10 CPU chunks of 4096
 N_PROBES = 3
 IGNORE = -100
 DTYPES = [torch.float32, torch.bfloat16]

@@ -2,13 +2,16 @@
 //   forward:  one read of each [V] row -> logprob, entropy, lse, mean_z   (fp32, [N] each), and
 //             optionally the row's state (max z, log S) for merging vocabulary parts
 //   backward: one read + one write of each row -> dlogits in the logits dtype (may alias logits)
-// A row is cut into fixed kChunk-element chunks; each chunk is scaled into an L1-resident fp32
-// buffer, reduced to an online-softmax state, and the states are merged left to right.  The chunk
-// structure never depends on the thread count, so results are bitwise reproducible whether a row
-// runs on one thread or is split across all of them (few rows, large V).
+// A row is cut into fixed kChunk-element chunks; each chunk is reduced to an online-softmax state
+// (a max sweep, then one exp2 sweep over the same L1-resident logits, while the next chunk is
+// prefetched), and the states are merged left to right.  The chunk structure never depends on the
+// thread count, so results are bitwise reproducible whether a row runs on one thread or is split
+// across all of them (few rows, large V).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu_utils.h"
 #include "lenkernels/softmax_state.h"
@@ -18,70 +21,184 @@ namespace lk {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 2048;  // 8 KiB of fp32: stays in L1 between the max and the exp sweep
+constexpr int64_t kChunk = 4096;  // 8-16 KiB of logits: stays in L1 between the max and the exp sweep
+
+// 2^w for w in [-127, 0] with ~1.5 ulp error (a degree-5 minimax polynomial on [-1/2, 1/2], exact
+// at w = 0), in plain arithmetic so that it vectorises in every ISA clone: adding 1.5 * 2^23 + 127
+// rounds w + 127 = n + 127 into the low mantissa bits, whose shift by 23 is 2^n's bit pattern; it is
+// 0 (not a denormal) at n = -127: w = -127 (the clamp of a masked logit) gives exactly 0.  NaN stays NaN.
+LK_ALWAYS_INLINE float exp2_clamped(float w) {
+  constexpr float kShift = 12582912.0f + 127.0f;
+  const float shifted = w + kShift;
+  const float f = w - (shifted - kShift);
+  float p = 1.326470869e-3f;
+  p = p * f + 9.671511129e-3f;
+  p = p * f + 5.550733954e-2f;
+  p = p * f + 2.402224243e-1f;
+  p = p * f + 6.931470037e-1f;
+  p = p * f + 1.0f;
+  return p * bits_to_float(float_to_bits(shifted) << 23);
+}
+
+// -127, hidden from the optimiser: with a literal, g++ if-converts the clamp below into masked
+// copies of the whole exp2 (the constant branch folded), twice the instructions of one vmaxps.
+LK_ALWAYS_INLINE float opaque_clamp_floor() {
+  float lo = -127.0f;
+#if defined(__x86_64__)
+  asm("" : "+x"(lo));
+#endif
+  return lo;
+}
+
+// (z - m) * log2(e) = (x - x_max) * (log2(e) / T), clamped to lo = -127 (NaN kept): exactly 0 at
+// the max, and x - x_max is exact for 16-bit inputs.
+LK_ALWAYS_INLINE float log2_offset(float x, float x_max, float scale, float lo) {
+  const float w = (x - x_max) * scale;
+  return w < lo ? lo : w;
+}
+
+// Prefetches the byte at offset bytes of the element one chunk after p (the next chunk of the row,
+// or the next row), for reading or, with kWrite, for writing; an address past the end of the logits
+// is harmless (prefetches never fault).
+template <bool kWrite = false, typename T>
+LK_ALWAYS_INLINE void prefetch_ahead(const T* p, size_t offset) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kChunk * sizeof(T) + offset),
+                     kWrite ? 1 : 0);
+}
+
+// Lanes of the exp sweep: two AVX-512 (four AVX2) registers of independent accumulators.
+constexpr int kExpLanes = 32;
+
+// The largest of n raw logits; a NaN may or may not be taken (the exp sweep catches it either way).
+LK_ALWAYS_INLINE float raw_max(const float* x, int64_t n) {
+  float mx[kExpLanes];
+  for (int k = 0; k < kExpLanes; ++k) mx[k] = kNegInf;
+  int64_t i = 0;
+  for (; i + kExpLanes <= n; i += kExpLanes) {
+#pragma omp simd
+    for (int k = 0; k < kExpLanes; ++k) mx[k] = x[i + k] > mx[k] ? x[i + k] : mx[k];
+  }
+  for (int k = 0; i + k < n; ++k) mx[k] = x[i + k] > mx[k] ? x[i + k] : mx[k];
+  for (int w = kExpLanes / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) mx[k] = mx[k + w] > mx[k] ? mx[k + w] : mx[k];
+  }
+  return mx[0];
+}
+
+// 16-bit floats (sign-magnitude, like bf16 and fp16) as int16 keys in the same order: a max over
+// 32 keys per AVX-512 register without converting to fp32. The map is its own inverse.
+LK_ALWAYS_INLINE int16_t order_key(uint16_t bits) {
+  const int16_t b = static_cast<int16_t>(bits);
+  return static_cast<int16_t>(b ^ ((b >> 15) & 0x7fff));
+}
 
 template <typename T>
-LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t, float* buf) {
-  float mx[kLanes];
-  for (int k = 0; k < kLanes; ++k) mx[k] = kNegInf;
+LK_ALWAYS_INLINE float raw_max(const T* x, int64_t n) {
+  constexpr int kKeys = 64;
+  int16_t mx[kKeys];
+  for (int k = 0; k < kKeys; ++k) mx[k] = order_key(0xff80u);  // -inf
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (; i + kKeys <= n; i += kKeys) {
 #pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      const float z = to_float(x[i + k]) * inv_t;
-      buf[i + k] = z;
-      mx[k] = max_nan(mx[k], z);
+    for (int k = 0; k < kKeys; ++k) {
+      const int16_t key = order_key(x[i + k].bits);
+      mx[k] = key > mx[k] ? key : mx[k];
     }
   }
   for (int k = 0; i + k < n; ++k) {
-    const float z = to_float(x[i + k]) * inv_t;
-    buf[i + k] = z;
-    mx[k] = max_nan(mx[k], z);
+    const int16_t key = order_key(x[i + k].bits);
+    mx[k] = key > mx[k] ? key : mx[k];
   }
-  float m = mx[0];
-  for (int k = 1; k < kLanes; ++k) m = max_nan(m, mx[k]);
-  if (m == kNegInf) return empty_state();  // a fully masked chunk contributes nothing
+  for (int w = kKeys / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) mx[k] = mx[k + w] > mx[k] ? mx[k + w] : mx[k];
+  }
+  return to_float(T{static_cast<uint16_t>(order_key(static_cast<uint16_t>(mx[0])))});
+}
 
-  float s[kLanes], u[kLanes];
-  for (int k = 0; k < kLanes; ++k) s[k] = u[k] = 0.0f;
-  for (i = 0; i + kLanes <= n; i += kLanes) {
+// One chunk's online-softmax state, in two sweeps over the (L1-resident) logits: the raw max, then
+// one exp2 per logit against that max, as fold_tile (lenkernels/token_stats.h):
+//   w = (x - x_max) * log2(e) / T = (z - m) * log2(e),  e = 2^w,  S += e,  U += e * w  (U * ln 2 at the end);
+// w is clamped at -127, where e is exactly 0 (terms below 2^-126 are dropped).
+// NaN logits are not looked for in the max sweep (a plain max ignores them): they reach S and U
+// as NaN through the exp sweep, and the state's m is made NaN too, as merge() expects.
+template <typename T>
+LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t) {
+  const float x_max = raw_max(x, n);
+  const float m = x_max * inv_t;  // z = x / T is monotonic in x (T > 0): the max of z, exactly
+  if (m == kNegInf) {
+    // fully masked, or only -inf and NaN: a NaN must still poison the row
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = to_float(x[j]);
+      if (v != v) return SoftmaxState{v, v, v};
+    }
+    return empty_state();  // a fully masked chunk contributes nothing
+  }
+
+  const float lo = opaque_clamp_floor();
+  const float scale = inv_t * kLog2e;
+  float s[kExpLanes], u[kExpLanes];
+  for (int k = 0; k < kExpLanes; ++k) s[k] = u[k] = 0.0f;
+  int64_t i = 0;
+  for (; i + kExpLanes <= n; i += kExpLanes) {
+    // the same lines of the next chunk (or row): the memory system streams it in while this
+    // L1-resident chunk is exponentiated
+    for (size_t line = 0; line < kExpLanes * sizeof(T); line += 64) prefetch_ahead(x + i, line);
+    if constexpr (std::is_same<T, bf16>::value) {
+      // two bf16 logits per 32-bit word, unpacked with a shift and a mask (no widening shuffles):
+      // lane k takes logit 2k, lane k + 16 logit 2k + 1
 #pragma omp simd
-    for (int k = 0; k < kLanes; ++k) {
-      const float d = buf[i + k] - m;
-      const float e = fast_exp(d);
-      s[k] += e;
-      u[k] += weighted_offset(e, d);
+      for (int k = 0; k < kExpLanes / 2; ++k) {
+        uint32_t pair;
+        std::memcpy(&pair, x + i + 2 * k, 4);
+        const float w0 = log2_offset(bits_to_float(pair << 16), x_max, scale, lo);
+        const float w1 = log2_offset(bits_to_float(pair & 0xffff0000u), x_max, scale, lo);
+        const float e0 = exp2_clamped(w0), e1 = exp2_clamped(w1);
+        s[k] += e0;
+        u[k] += e0 * w0;
+        s[k + kExpLanes / 2] += e1;
+        u[k + kExpLanes / 2] += e1 * w1;
+      }
+    } else {
+#pragma omp simd
+      for (int k = 0; k < kExpLanes; ++k) {
+        const float w = log2_offset(to_float(x[i + k]), x_max, scale, lo);
+        const float e = exp2_clamped(w);
+        s[k] += e;
+        u[k] += e * w;  // a masked logit: 0 * -127, not 0 * -inf
+      }
     }
   }
   for (int k = 0; i + k < n; ++k) {
-    const float d = buf[i + k] - m;
-    const float e = fast_exp(d);
+    const float w = log2_offset(to_float(x[i + k]), x_max, scale, lo);
+    const float e = exp2_clamped(w);
     s[k] += e;
-    u[k] += weighted_offset(e, d);
+    u[k] += e * w;
   }
   // pairwise lane reduction in a fixed order
-  for (int w = kLanes / 2; w > 0; w /= 2) {
+  for (int w = kExpLanes / 2; w > 0; w /= 2) {
     for (int k = 0; k < w; ++k) {
       s[k] += s[k + w];
       u[k] += u[k + w];
     }
   }
-  return SoftmaxState{m, s[0], u[0]};
+  // a NaN logit makes the state's m NaN as well (a +inf one leaves m = +inf, S = NaN), as before
+  const float s_all = s[0];
+  return SoftmaxState{(s_all != s_all && m < -kNegInf) ? s_all : m, s_all, u[0] * kLn2};
 }
 
 // The ISA-specific entry points sit below the OpenMP regions: an outlined parallel body does not
 // inherit the target of its enclosing function, so the clones must be the functions it calls.
-LK_TARGET_CLONES SoftmaxState chunk_state_any(int dtype, const void* x, int64_t n, float inv_t, float* buf) {
+LK_TARGET_CLONES SoftmaxState chunk_state_any(int dtype, const void* x, int64_t n, float inv_t) {
   SoftmaxState st = empty_state();
-  LK_DISPATCH_FLOAT(dtype, T, st = chunk_state(static_cast<const T*>(x), n, inv_t, buf));
+  LK_DISPATCH_FLOAT(dtype, T, st = chunk_state(static_cast<const T*>(x), n, inv_t));
   return st;
 }
 
 template <typename T>
-LK_ALWAYS_INLINE SoftmaxState row_state(const T* row, int64_t vocab, float inv_t, float* buf, int dtype) {
+LK_ALWAYS_INLINE SoftmaxState row_state(const T* row, int64_t vocab, float inv_t, int dtype) {
   SoftmaxState st = empty_state();
   for (int64_t c = 0; c < vocab; c += kChunk) {
-    st = merge(st, chunk_state_any(dtype, row + c, std::min(kChunk, vocab - c), inv_t, buf));
+    st = merge(st, chunk_state_any(dtype, row + c, std::min(kChunk, vocab - c), inv_t));
   }
   return st;
 }
@@ -102,20 +219,19 @@ struct FwdArgs : RowsArgs {
   int threads;
 };
 
-// states[t] = chunk(x, n, c, inv_t, buf) for every tile t = (row r, chunk at column c) of n logits x,
+// states[t] = chunk(x, n, c, inv_t) for every tile t = (row r, chunk at column c) of n logits x,
 // in parallel (the rows' states are merged afterwards, left to right: a fixed order).
 template <typename T, class State, class Chunk>
 void tile_states(const FwdArgs& a, int64_t n_chunks, State* states, const Chunk& chunk) {
   const int64_t n_tiles = a.n_rows * n_chunks;
 #pragma omp parallel num_threads(a.threads)
   {
-    alignas(64) float buf[kChunk];
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tiles; ++t) {
       const int64_t r = t / n_chunks, c = (t % n_chunks) * kChunk;
       const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
       const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-      states[t] = chunk(row + c, std::min(kChunk, a.vocab - c), c, inv_t, buf);
+      states[t] = chunk(row + c, std::min(kChunk, a.vocab - c), c, inv_t);
     }
   }
 }
@@ -147,16 +263,15 @@ LK_ALWAYS_INLINE int64_t forward_impl(const FwdArgs& a) {
   if (a.n_rows >= a.threads || n_chunks == 1) {
 #pragma omp parallel for schedule(static) num_threads(a.threads) reduction(min : first_bad)
     for (int64_t r = 0; r < a.n_rows; ++r) {
-      alignas(64) float buf[kChunk];
       const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
       const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-      if (!finish_row<T>(a, r, row_state(row, a.vocab, inv_t, buf, a.dtype))) first_bad = std::min(first_bad, r);
+      if (!finish_row<T>(a, r, row_state(row, a.vocab, inv_t, a.dtype))) first_bad = std::min(first_bad, r);
     }
   } else {
     // Few rows: chunk states in parallel, then the same left-to-right merge per row.
     SoftmaxState* states = new SoftmaxState[a.n_rows * n_chunks];
-    tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t, float inv_t, float* buf) {
-      return chunk_state_any(a.dtype, x, n, inv_t, buf);
+    tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t, float inv_t) {
+      return chunk_state_any(a.dtype, x, n, inv_t);
     });
     for (int64_t r = 0; r < a.n_rows; ++r) {
       SoftmaxState st = empty_state();
@@ -182,22 +297,57 @@ struct BwdArgs : RowsArgs {
   int threads;
 };
 
+// from_float<T> in a form that vectorises: fp16's (cpu_utils.h) branches keep a loop scalar, so the
+// same round-to-nearest-even conversion is written here with selects (bitwise the same results).
+template <typename T>
+LK_ALWAYS_INLINE T store_value(float f) {
+  return from_float<T>(f);
+}
+template <>
+LK_ALWAYS_INLINE fp16 store_value<fp16>(float f) {
+  uint32_t u = float_to_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  const uint32_t special = u > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN -> quiet NaN, overflow -> inf
+  const uint32_t denorm = float_to_bits(bits_to_float(u) + bits_to_float(126u << 23)) - (126u << 23);
+  const uint32_t normal = (u + (uint32_t(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+  const uint32_t out = u >= (143u << 23) ? special : (u < (113u << 23) ? denorm : normal);
+  return fp16{uint16_t(out | (sign >> 16))};
+}
+
 // One chunk of one row: d logits for n entries (SPEC 1). out may alias x (in-place backward).
+// Off the target, grad = -p (g_lp + g_h (z - mean_z)) / T with z - mean_z = d + (lse - mean_z) and
+// d = x / T - lse (one FMA where the ISA has it, as before) clamped at -127 ln 2, where
+// p = 2^(d log2 e) is exactly 0: a masked logit gets 0, never 0 * -inf.  The target is redone after.
 template <typename T>
 LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, float inv_t, float lse,
                                  float mean_z, float g_lp, float g_h) {
   // read the target logit before the sweep: with an in-place backward the sweep overwrites it
   const bool has_target = g_lp != 0.0f && local_id >= 0 && local_id < n;
-  const float z_target = has_target ? to_float(x[local_id]) * inv_t : 0.0f;
+  const float x_target = has_target ? to_float(x[local_id]) : 0.0f;
+  const float lo = opaque_clamp_floor() * kLn2;
+  const float k0 = g_lp + g_h * (lse - mean_z);  // lse - mean_z = H >= 0: no cancellation
+  const float neg_inv_t = -inv_t;
+  const auto grad = [&](int64_t j) {
+    const float d = to_float(x[j]) * inv_t - lse;
+    const float dc = d < lo ? lo : d;
+    const float p = exp2_clamped(dc * kLog2e);
+    out[j] = store_value<T>(p * (g_h * dc + k0) * neg_inv_t);
+  };
+  constexpr int64_t kBlock = 64 / sizeof(T);  // one cache line of logits
+  int64_t j0 = 0;
+  for (; j0 + kBlock <= n; j0 += kBlock) {
+    // the next chunk's line (read, and written in place): streamed in while this one is computed
+    prefetch_ahead<true>(x + j0, 0);
+    if (static_cast<const void*>(out) != static_cast<const void*>(x)) prefetch_ahead<true>(out + j0, 0);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float z = to_float(x[j]) * inv_t;
-    const float p = fast_exp(z - lse);
-    out[j] = from_float<T>(token_stats_grad(z, false, mean_z, g_lp, g_h, inv_t, p));
+    for (int64_t j = j0; j < j0 + kBlock; ++j) grad(j);
   }
+  for (int64_t j = j0; j < n; ++j) grad(j);
   if (has_target) {
-    const float p = fast_exp(z_target - lse);
-    out[local_id] = from_float<T>(token_stats_grad(z_target, true, mean_z, g_lp, g_h, inv_t, p));
+    const float d = x_target * inv_t - lse;
+    const float p = exp2_clamped((d < lo ? lo : d) * kLog2e);
+    out[local_id] = from_float<T>(token_stats_grad(x_target * inv_t, true, mean_z, g_lp, g_h, inv_t, p));
   }
 }
 
@@ -242,8 +392,8 @@ struct ExtraState {
 };
 
 template <typename T>
-LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, float inv_t, float* buf) {
-  ExtraState e{chunk_state(x, n, inv_t, buf), 0.0f, kNegInf, -1, 0.0};
+LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, float inv_t) {
+  ExtraState e{chunk_state(x, n, inv_t), 0.0f, kNegInf, -1, 0.0};
   if (e.st.s != 0.0f) {
     float s2[kLanes];
     for (int k = 0; k < kLanes; ++k) s2[k] = 0.0f;
@@ -251,12 +401,12 @@ LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, flo
     for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
       for (int k = 0; k < kLanes; ++k) {
-        const float p = fast_exp(buf[i + k] - e.st.m);
+        const float p = fast_exp(to_float(x[i + k]) * inv_t - e.st.m);
         s2[k] += p * p;
       }
     }
     for (int k = 0; i + k < n; ++k) {
-      const float p = fast_exp(buf[i + k] - e.st.m);
+      const float p = fast_exp(to_float(x[i + k]) * inv_t - e.st.m);
       s2[k] += p * p;
     }
     for (int w = kLanes / 2; w > 0; w /= 2) {
@@ -275,10 +425,9 @@ LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, flo
   return e;
 }
 
-LK_TARGET_CLONES ExtraState chunk_extra_any(int dtype, const void* x, int64_t n, int64_t base, float inv_t,
-                                            float* buf) {
+LK_TARGET_CLONES ExtraState chunk_extra_any(int dtype, const void* x, int64_t n, int64_t base, float inv_t) {
   ExtraState e{};
-  LK_DISPATCH_FLOAT(dtype, T, e = chunk_extra(static_cast<const T*>(x), n, base, inv_t, buf));
+  LK_DISPATCH_FLOAT(dtype, T, e = chunk_extra(static_cast<const T*>(x), n, base, inv_t));
   return e;
 }
 
@@ -311,8 +460,8 @@ int64_t extra_forward_impl(const ExtraFwdArgs& e) {
   const FwdArgs& a = e.base;
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
   ExtraState* states = new ExtraState[a.n_rows * n_chunks];
-  tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t c, float inv_t, float* buf) {
-    return chunk_extra_any(a.dtype, x, n, c, inv_t, buf);
+  tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t c, float inv_t) {
+    return chunk_extra_any(a.dtype, x, n, c, inv_t);
   });
   int64_t first_bad = std::numeric_limits<int64_t>::max();
 #pragma omp parallel for schedule(static) num_threads(a.threads) reduction(min : first_bad)
@@ -357,7 +506,7 @@ LK_ALWAYS_INLINE void extra_grad_chunk(const T* x, T* out, int64_t n, int64_t lo
     const float ent = p > 0.0f ? p * (z - mean_z) : 0.0f;
     const float grad = (j == local_id ? g_lp : 0.0f) + (j == local_top ? g_mlp : 0.0f) - p_coef * p - g_h * ent +
                        2.0f * g_sp2 * p * p + 2.0f * g_lsp2 * q + (std::fabs(z) < -kNegInf ? g_mean : 0.0f);
-    out[j] = from_float<T>(grad * inv_t);
+    out[j] = store_value<T>(grad * inv_t);
   }
 }
 
