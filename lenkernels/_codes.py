@@ -55,6 +55,9 @@ class Mode(enum.IntEnum):
     SAPO = 4
     GMPO = 5
     REINFORCE = 6
+    DPPO_TV = 7
+    DPPO_KL = 8
+    DRO = 9
 
 
 class KLEstimator(enum.IntEnum):
@@ -158,7 +161,8 @@ class PolicyParam(enum.IntEnum):
     ENTROPY_COEF = 6
     NORM_CONST = 7
     SCALE = 8
-    NUM_POLICY_PARAMS = 9
+    DRO_BETA = 9
+    NUM_POLICY_PARAMS = 10
 
 
 # --- advantages (lk::adv, advantages.h) ---------------------------------------------------------------

@@ -113,7 +113,8 @@ def test_policy_loss_every_mode(dev, mode):
     applies) on 5 rows of 37 tokens: far below one block, so most threads of every block idle."""
     b = _policy_batch(5, 37, dev, per_token_adv=mode in ("gmpo", "cispo"))
     kw = dict(mode=mode, ref_logprobs=b.ref, kl_coef=0.05, entropy_coef=0.01, importance_weights=b.w,
-              clip_dual=3.0 if mode in ("ppo", "gspo", "luspo") else None)  # fmt: skip
+              clip_dual=3.0 if mode in ("ppo", "gspo", "luspo") else None,
+              dro_beta=0.3 if mode == "dro" else None)  # fmt: skip
     if mode in ("gspo", "luspo"):
         kw.update(clip_low=0.05, clip_high=0.08)  # both clips active on these sequence ratios
     _check_policy(tu.run_policy(b, "cuda", **kw), tu.expect_policy(b, **kw), dev)

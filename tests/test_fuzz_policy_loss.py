@@ -22,7 +22,7 @@ from tests.fuzz import FLOAT_DTYPES, backend_fuzz_tests, examples, leading_shape
 from tests.utils import GRAD_ATOL, GRAD_RTOL, HAS_CUDA, STAT_RTOL, assert_close, assert_policy_stats, backend_params
 
 BACKENDS = [p.values for p in backend_params("policy_loss") if not p.marks]
-DUAL_MODES = ("ppo", "gspo", "luspo")
+DUAL_MODES = ("ppo", "gspo", "luspo", "dppo_tv", "dppo_kl")  # dppo: clip_dual is the ratio truncation C
 # a ratio this close (relatively) to a clip bound may fall on either side of it in fp32: the loss is
 # continuous there but its gradient and the clip fractions are not, so such draws are discarded
 BOUNDARY_MARGIN = 1e-5
@@ -57,6 +57,7 @@ def loss_cases(draw):
         "spread": draw(st.sampled_from([0.01, 0.3, 2.0, 30.0])),
         "clip": draw(st.sampled_from([None, (0.2, None), (0.2, 0.28), (0.0, 0.0), (1.0, 3.0), (3e-4, 4e-4)])),
         "dual": draw(st.sampled_from([None, 1.5, 3.0])) if mode in DUAL_MODES else None,
+        "dro_beta": draw(st.sampled_from([0.05, 1.0])) if mode == "dro" else None,
         "taus": draw(st.sampled_from([(1.0, 1.05), (0.3, 2.0)])),
         "kl": draw(st.sampled_from([None, "k1", "abs", "k2", "k3", "k3+", "low_var_kl", "mse+", "kl"])),
         "kl_coef": draw(st.sampled_from([0.0, 0.05, -0.3])),
@@ -129,6 +130,8 @@ def _build(c, device):
             got["clip_low"] = min(got["clip_low"], 0.5)  # bounds on the log-ratio
     if c["dual"] is not None:
         got["clip_dual"] = c["dual"]
+    if c["dro_beta"] is not None:
+        got["dro_beta"] = c["dro_beta"]
     if c["kl"] is not None:
         got.update(ref_logprobs=to_op(ref_lp, dtype), kl_coef=c["kl_coef"], kl_estimator=c["kl"], kl_clamp=c["kl_clamp"])
     if c["entropy"] != "none":
@@ -193,9 +196,24 @@ def _margin(want) -> float:
     else:
         ratio_bounds = [1.0 - low, 1.0 + high] + ([want["clip_dual"]] if want.get("clip_dual") else [])
         bounds = [math.log(b) for b in ratio_bounds if b > 0] + [-20.0, 20.0, 10.0]
+    if mode in ("dppo_tv", "dppo_kl"):
+        bounds.append(math.log(want.get("clip_dual") or ref.DPPO_TRUNCATION))
     dist = (logs[:, None] - torch.tensor(bounds, dtype=torch.float64)).abs()
     dist = dist[dist > 0]  # on a bound exactly (l = 0 against eps = 0): exact in fp32 as well
-    return float(dist.min()) if dist.numel() else math.inf
+    margin = float(dist.min()) if dist.numel() else math.inf
+    if mode in ("dppo_tv", "dppo_kl"):  # the trust region's divergence against its thresholds
+        p, p_old = lp[valid].exp(), old[valid].exp()
+        if mode == "dppo_tv":
+            div = p - p_old
+            bounds = [-low, high]
+        else:
+            div = p_old * (old[valid] - lp[valid]) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+            bounds = [low, high]
+        dist = (div[:, None] - torch.tensor(bounds, dtype=torch.float64)).abs()
+        dist = dist[dist > 0]  # exactly on it (l = 0 against eps = 0): exact in fp32 as well
+        if dist.numel():
+            margin = min(margin, float(dist.min()))
+    return margin
 
 
 def _check(got, want, backend, device, g):
@@ -322,6 +340,8 @@ def test_fuzz_policy_loss_from_logits(c):
     adv = torch.randn(B, generator=g)
     temp = (torch.rand(B, T, generator=g) + 0.5) if c["temperature"] == "per_token" else c["temperature"]
     kw = dict(mode=c["mode"], entropy_coef=c["entropy_coef"], top_entropy_quantile=c["quantile"])
+    if c["mode"] == "dro":
+        kw["dro_beta"] = 0.5
     dev = lambda t: t.to(device) if torch.is_tensor(t) else t  # noqa: E731
     x = dev(logits).requires_grad_(True)
     out = lk.policy_loss_from_logits(x, dev(ids), dev(old), dev(adv), dev(mask), temperature=dev(temp),

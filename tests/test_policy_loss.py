@@ -62,9 +62,11 @@ def full_kwargs(batch, **kw):
 @pytest.mark.parametrize("mode", ref.MODES)
 def test_modes_match_reference(backend, device, mode):
     """Every mode with every optional term at once (KL, entropy bonus, importance weights; dual clip
-    where it applies) on per-sequence advantages; GMPO also on per-token advantages."""
+    where it applies, DPPO's ratio truncation at 2 so that it caps some tokens) on per-sequence
+    advantages; GMPO also on per-token advantages."""
     batch = policy_batch(*SHAPES["odd"], per_token_adv=mode in ("gmpo", "cispo"), device=device)
-    kw = full_kwargs(batch, mode=mode, clip_dual=3.0 if mode in ("ppo", "gspo", "luspo") else None)
+    dual = {"ppo": 3.0, "gspo": 3.0, "luspo": 3.0, "dppo_tv": 2.0, "dppo_kl": 2.0}.get(mode)
+    kw = full_kwargs(batch, mode=mode, clip_dual=dual, dro_beta=0.3 if mode == "dro" else None)
     if mode in ("gspo", "luspo"):
         kw.update(clip_low=0.05, clip_high=0.08)  # both clips active on these ratios
     check(run_policy(batch, backend, **kw), expect_policy(batch, **kw), device)

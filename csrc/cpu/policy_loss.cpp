@@ -169,7 +169,8 @@ LK_ALWAYS_INLINE void forward_tile_impl(const Args& a, const Tile& tile, const S
     LK_MODE_CASE(kGSPO, M, __VA_ARGS__) LK_MODE_CASE(kLUSPO, M, __VA_ARGS__)                        \
     LK_MODE_CASE(kCISPO, M, __VA_ARGS__) LK_MODE_CASE(kSAPO, M, __VA_ARGS__)                        \
     LK_MODE_CASE(kGMPO, M, __VA_ARGS__) LK_MODE_CASE(kReinforce, M, __VA_ARGS__)                    \
-    LK_MODE_CASE(kPPO, M, __VA_ARGS__)                                                              \
+    LK_MODE_CASE(kDppoTV, M, __VA_ARGS__) LK_MODE_CASE(kDppoKL, M, __VA_ARGS__)                     \
+    LK_MODE_CASE(kDro, M, __VA_ARGS__) LK_MODE_CASE(kPPO, M, __VA_ARGS__)                           \
     default:                                                                                        \
       throw pybind11::value_error("mode must be a lk::policy::Mode code");                          \
   }

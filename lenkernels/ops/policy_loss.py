@@ -54,13 +54,19 @@ class PolicyLoss(NamedTuple):
     entropy_loss: torch.Tensor | None
     """The entropy aggregated like the loss (without ``entropy_coef``); None without entropy."""
     clip_frac_low: torch.Tensor
-    """Fraction of valid tokens whose low clip is active (A < 0 and ratio < 1 - eps_low)."""
+    """Fraction of valid tokens whose low clip is active (A < 0 and ratio < 1 - eps_low). dppo_tv,
+    dppo_kl: tokens outside the trust region with A <= 0 (``clip_frac_low + clip_frac_high`` is
+    verl's ``pg_clipfrac``)."""
     clip_frac_high: torch.Tensor
-    """Fraction of valid tokens whose high clip is active (A > 0 and ratio > 1 + eps_high)."""
+    """Fraction of valid tokens whose high clip is active (A > 0 and ratio > 1 + eps_high). dppo_tv,
+    dppo_kl: tokens outside the trust region with A > 0."""
     clip_frac_dual: torch.Tensor
-    """Fraction of valid tokens whose dual clip is active (A < 0 and ratio > clip_dual)."""
+    """Fraction of valid tokens whose dual clip is active (A < 0 and ratio > clip_dual; verl's
+    ``pg_clipfrac_lower``). dppo_tv, dppo_kl: tokens inside the trust region whose ratio the
+    truncation C caps (ratio > C: verl's ``pg_clipfrac_lower`` of those modes)."""
     approx_kl: torch.Tensor
-    """Mean over valid tokens of ``old_logprob - logprob`` (verl's ppo_kl)."""
+    """Mean over valid tokens of ``old_logprob - logprob`` (verl's ppo_kl; verl clamps the log-ratio
+    to +-20 first, except for dro: the two differ only where ``|l| > 20``)."""
     ratio_min: torch.Tensor
     """Smallest importance ratio over valid tokens (+inf without valid tokens)."""
     ratio_mean: torch.Tensor
@@ -266,6 +272,7 @@ def policy_loss(
     clip_dual: float | None = None,
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    dro_beta: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
@@ -302,6 +309,16 @@ def policy_loss(
       -eps_low, eps_high)))`` per sequence (bounds on the log-ratio), importance weights folded in
       by their geometric mean per sequence (verl).
     - ``"reinforce"`` (verl gpg): ``-A logprob``.
+    - ``"dppo_tv"``, ``"dppo_kl"`` (verl's DPPO-Binary-TV / -KL, arXiv 2602.04879):
+      ``-A sg(min(r, C)) logprob`` on the tokens inside a trust region of the sampled token's
+      probability ``p = exp(logprob)`` against ``p_old = exp(old_logprob)`` (no gradient through
+      it; C = ``clip_dual``, default 20). dppo_tv keeps ``p - p_old <= eps_high`` where A > 0,
+      ``p - p_old >= -eps_low`` elsewhere; dppo_kl keeps ``D <= eps_high or p <= p_old`` where
+      A > 0, ``D <= eps_low or p >= p_old`` elsewhere, with the binary KL ``D = p_old (old_logprob -
+      logprob) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))``. Metrics: ``clip_frac_low``
+      / ``clip_frac_high`` count the tokens outside the region (A <= 0 / A > 0; their sum is verl's
+      ``pg_clipfrac``), ``clip_frac_dual`` those inside it with r > C (verl's ``pg_clipfrac_lower``).
+    - ``"dro"`` (verl's Direct Reward Optimization): ``-(logprob A - dro_beta / 2 l^2)``.
 
     Args:
         logprobs: ``[B, T]`` padded or ``[N]`` packed (with ``cu_seqlens``) log-probabilities of
@@ -312,13 +329,19 @@ def policy_loss(
             packed with B == N: pass ``[B, 1]`` for per sequence).
         mask: response-token mask (bool, integer or float holding 0/1) like ``logprobs``; None: all
             tokens count. Masked positions may hold anything (NaN, inf): they never reach a result.
-        mode: ``"ppo"``, ``"gspo"``, ``"luspo"``, ``"cispo"``, ``"sapo"``, ``"gmpo"``, ``"reinforce"``.
+        mode: ``"ppo"``, ``"gspo"``, ``"luspo"``, ``"cispo"``, ``"sapo"``, ``"gmpo"``, ``"reinforce"``,
+            ``"dppo_tv"``, ``"dppo_kl"``, ``"dro"``.
         clip_low, clip_high: eps_low / eps_high. Default per mode: ppo, cispo 0.2/0.2; gspo, luspo
-            3e-4/4e-4 (GSPO paper); gmpo 0.4/0.4 (log space); ``clip_high`` defaults to ``clip_low``
-            when only that is given (DAPO clip-higher: ``clip_high=0.28``).
+            3e-4/4e-4 (GSPO paper); gmpo 0.4/0.4 (log space); dppo_tv, dppo_kl 0.2/0.2 (divergence
+            thresholds, verl's clip_ratio_low/high; clip_low may exceed 1 there); ``clip_high``
+            defaults to ``clip_low`` when only that is given (DAPO clip-higher: ``clip_high=0.28``).
         clip_dual: dual-clip constant c > 1 (ppo, gspo, luspo) or None (no dual clip; verl's
-            default is 3.0, pass it explicitly).
+            default is 3.0, pass it explicitly). dppo_tv, dppo_kl: the truncation C > 0 of the
+            ratio, ``min(r, C)`` (verl's ``clip_ratio_c``); None: 20, verl's fallback when the
+            config has none (a verl ActorConfig carries clip_ratio_c = 3.0: pass it to match).
         tau_pos, tau_neg: SAPO temperatures (1.0, 1.05).
+        dro_beta: dro's quadratic log-ratio penalty beta > 0 (verl's ``policy_loss.dro_beta``);
+            required for mode ``"dro"``, refused for every other mode.
         ref_logprobs: reference-policy log-probabilities (not differentiated), for the KL term and
             the ``kl_loss`` metric. Required when ``kl_coef != 0``.
         kl_coef: weight of the KL term.
@@ -374,8 +397,8 @@ def policy_loss(
     name = _backend.resolve(backend, FAMILY, logprobs.device)
     inputs, config, threshold_ok = args.resolve(
         logprobs, old_logprobs, advantages, mask, mode=mode, clip_low=clip_low, clip_high=clip_high,
-        clip_dual=clip_dual, tau_pos=tau_pos, tau_neg=tau_neg, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy=entropy, entropy_coef=entropy_coef,
+        clip_dual=clip_dual, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy=entropy, entropy_coef=entropy_coef,
         top_entropy_quantile=top_entropy_quantile, entropy_threshold=entropy_threshold,
         importance_weights=importance_weights, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
         norm_length=norm_length, dp_size=dp_size, cu_seqlens=cu_seqlens, backend=name,

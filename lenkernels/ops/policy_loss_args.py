@@ -25,7 +25,9 @@ from lenkernels.ops.quantile import quantile_threshold
 from lenkernels.reference import policy_loss as ref
 
 SEQ_MODES = (Mode.GSPO, Mode.LUSPO, Mode.GMPO)  # need per-sequence sums before the token pass
-DUAL_MODES = (Mode.PPO, Mode.GSPO, Mode.LUSPO)  # accept clip_dual
+DPPO_MODES = (Mode.DPPO_TV, Mode.DPPO_KL)  # clip_low/high are divergence thresholds, clip_dual the truncation C
+DUAL_MODES = (Mode.PPO, Mode.GSPO, Mode.LUSPO, *DPPO_MODES)  # accept clip_dual
+DPPO_TRUNCATION = 20.0  # C of the dppo modes when clip_dual is not given (verl's fallback clip_ratio_c)
 TOKEN_AGGS = (Agg.TOKEN_MEAN, Agg.TOKEN_SUM)
 
 
@@ -57,9 +59,9 @@ class PolicyConfig:
     """The scalars of ``lenkernels::policy_loss`` (SPEC 3), resolved: mode defaults applied."""
 
     mode: Mode = Mode.PPO
-    clip_low: float = 0.2  # eps_low (GMPO: log space)
+    clip_low: float = 0.2  # eps_low (GMPO: log space; DPPO: divergence threshold)
     clip_high: float = 0.2
-    clip_dual: float = 0.0  # dual-clip constant c > 1; 0: none
+    clip_dual: float = 0.0  # dual-clip constant c > 1; 0: none (DPPO: the ratio truncation C > 0)
     tau_pos: float = 1.0  # SAPO temperatures
     tau_neg: float = 1.05
     agg: Agg = Agg.TOKEN_MEAN
@@ -72,17 +74,23 @@ class PolicyConfig:
     norm_const: float = 0.0  # the normaliser of NormSource.NORM_CONSTANT
     norm_length: float = 0.0  # C of seq-mean-token-sum-norm
     dp_size: float = 1.0
+    dro_beta: float = 0.0  # DRO's quadratic log-ratio penalty (> 0 for mode dro)
 
     def __post_init__(self):
         _coerce_codes(self)
 
     @property
     def lo(self) -> float:
-        """Lower ratio bound ``1 - eps_low`` (GMPO: the log-ratio bound ``-eps_low``)."""
+        """Lower ratio bound ``1 - eps_low`` (GMPO: the log-ratio bound ``-eps_low``; DPPO: the
+        divergence threshold ``eps_low`` itself)."""
+        if self.mode in DPPO_MODES:
+            return self.clip_low
         return -self.clip_low if self.mode == Mode.GMPO else 1.0 - self.clip_low
 
     @property
     def hi(self) -> float:
+        if self.mode in DPPO_MODES:
+            return self.clip_high
         return self.clip_high if self.mode == Mode.GMPO else 1.0 + self.clip_high
 
     @property
@@ -318,7 +326,7 @@ def _threshold(entropy, entropy_threshold, rho, valid, logprobs):
 
 
 def resolve(logprobs, old_logprobs, advantages, mask, *, mode, clip_low, clip_high, clip_dual, tau_pos, tau_neg,
-            ref_logprobs, kl_coef, kl_estimator, kl_clamp, entropy, entropy_coef, top_entropy_quantile,
+            dro_beta, ref_logprobs, kl_coef, kl_estimator, kl_clamp, entropy, entropy_coef, top_entropy_quantile,
             entropy_threshold, importance_weights, agg, num_tokens, num_seqs, norm_length, dp_size, cu_seqlens,
             backend: str) -> tuple[PolicyInputs, PolicyConfig, torch.Tensor | None]:  # fmt: skip
     """:func:`lenkernels.policy_loss`'s arguments checked and resolved (``backend`` already chosen):
@@ -342,13 +350,21 @@ def resolve(logprobs, old_logprobs, advantages, mask, *, mode, clip_low, clip_hi
         if value is not None:
             _checks.number(value, v_name, minimum=0.0)
     low, high = ref.resolve_clip(mode, clip_low, clip_high)
-    if mode_code != Mode.GMPO and low > 1.0:
+    if mode_code != Mode.GMPO and mode_code not in DPPO_MODES and low > 1.0:
         raise ValueError(f"clip_low must be <= 1 (the lower ratio bound is 1 - clip_low), got {low}")
-    dual = 0.0
+    dual = DPPO_TRUNCATION if mode_code in DPPO_MODES else 0.0
     if clip_dual is not None:
         if mode_code not in DUAL_MODES:
             raise ValueError(f"clip_dual applies to mode in {tuple(m.name.lower() for m in DUAL_MODES)}, not {mode!r}")
-        dual = _checks.number(clip_dual, "clip_dual", minimum=1.0, exclusive=True)
+        # a dual clip needs c > 1; DPPO's truncation min(r, C) any C > 0
+        dual = _checks.number(clip_dual, "clip_dual", minimum=0.0 if mode_code in DPPO_MODES else 1.0, exclusive=True)
+    beta = 0.0
+    if mode_code == Mode.DRO:
+        if dro_beta is None:
+            raise ValueError("dro_beta is required for mode 'dro' (a positive float, verl's policy_loss.dro_beta)")
+        beta = _checks.number(dro_beta, "dro_beta", minimum=0.0, exclusive=True)
+    elif dro_beta is not None:
+        raise ValueError(f"dro_beta applies to mode 'dro', not {mode!r}")
     tau_pos = _checks.number(tau_pos, "tau_pos", minimum=0.0, exclusive=True)
     tau_neg = _checks.number(tau_neg, "tau_neg", minimum=0.0, exclusive=True)
     kl_coef = _checks.number(kl_coef, "kl_coef")
@@ -397,5 +413,6 @@ def resolve(logprobs, old_logprobs, advantages, mask, *, mode, clip_low, clip_hi
         mode=mode_code, clip_low=low, clip_high=high, clip_dual=dual, tau_pos=tau_pos, tau_neg=tau_neg, agg=agg_code,
         kl_est=kl.est, kl_straight=kl.straight, kl_clamp=kl_clamp, kl_coef=kl_coef, entropy_coef=entropy_coef,
         norm_source=source, norm_const=norm_const, norm_length=float(norm_length or 0.0), dp_size=float(dp_size),
+        dro_beta=beta,
     )  # fmt: skip
     return inputs, config, threshold_ok

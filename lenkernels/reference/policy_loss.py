@@ -10,6 +10,8 @@ of the policy_loss family (the signatures of ``lenkernels/{cpu,cuda,triton}/poli
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from lenkernels._codes import Agg, Mode, NormSource, Stat, name_of, names
 from lenkernels.reference.phase_stats import top_entropy_threshold
 
-MODES = names(Mode)  # ("ppo", "gspo", "luspo", "cispo", "sapo", "gmpo", "reinforce")
+MODES = names(Mode)  # ("ppo", "gspo", "luspo", "cispo", "sapo", "gmpo", "reinforce", "dppo_tv", "dppo_kl", "dro")
 AGGS = names(Agg)  # ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # public spellings of the estimators -> their names in _codes.KLEstimator
 KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
@@ -44,7 +46,11 @@ MODE_DEFAULTS = {
     "sapo": (0.2, None, "seq-mean-token-mean"),
     "gmpo": (0.4, None, "seq-mean-token-mean"),
     "reinforce": (0.2, None, "token-mean"),
+    "dppo_tv": (0.2, None, "token-mean"),  # divergence thresholds: verl's clip_ratio
+    "dppo_kl": (0.2, None, "token-mean"),
+    "dro": (0.2, None, "token-mean"),
 }
+DPPO_TRUNCATION = 20.0  # verl's clip_ratio_c fallback in compute_policy_loss_dppo_*
 
 
 def parse_kl_estimator(estimator: str) -> tuple[str, bool]:
@@ -140,6 +146,7 @@ def policy_loss(
     clip_dual=None,
     tau_pos=1.0,
     tau_neg=1.05,
+    dro_beta=None,
     ref_logprobs=None,
     kl_coef=0.0,
     kl_estimator="k3",
@@ -211,7 +218,7 @@ def policy_loss(
             loss = torch.where(adv < 0, torch.minimum(pg3, loss), loss)
         return loss
 
-    if mode in ("ppo", "cispo", "sapo", "reinforce"):
+    if mode in ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro"):
         ratio = neg_kl.clamp(-20.0, 20.0).exp()
     if mode == "ppo":
         pg = ppo_clip(ratio)
@@ -246,6 +253,27 @@ def policy_loss(
         low, high = (adv < 0) & (neg_kl < -clip_low), (adv > 0) & (neg_kl > clip_high)
     elif mode == "reinforce":
         pg = -adv * lp
+    elif mode in ("dppo_tv", "dppo_kl"):  # verl compute_policy_loss_dppo_tv / _kl
+        c = DPPO_TRUNCATION if clip_dual is None else clip_dual
+        truncated = ratio.clamp(max=c).detach()
+        prob, old_prob = lp.exp(), old.exp()
+        if mode == "dppo_tv":
+            valid_pos = (prob - old_prob) <= clip_high
+            valid_neg = (prob - old_prob) >= -clip_low
+        else:
+            binary_kl = old_prob * (old - lp) + (1 - old_prob) * torch.log(
+                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+            )
+            valid_pos = (binary_kl <= clip_high) | (prob <= old_prob)
+            valid_neg = (binary_kl <= clip_low) | (prob >= old_prob)
+        valid_tok = torch.where(adv > 0, valid_pos, valid_neg).detach()
+        pg = -adv * truncated * lp * valid_tok.to(dtype)
+        # verl: pg_clipfrac = mean(1 - valid) (= low + high), pg_clipfrac_lower = mean((r > C) * valid)
+        low, high, dual = ~valid_tok & (adv <= 0), ~valid_tok & (adv > 0), valid_tok & (ratio > c)
+    elif mode == "dro":  # verl compute_policy_loss_dro
+        if dro_beta is None or not dro_beta > 0:
+            raise ValueError(f"dro_beta must be a positive number for mode 'dro', got {dro_beta!r}")
+        pg = -(lp * adv - 0.5 * dro_beta * neg_kl.square())
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -324,18 +352,24 @@ def _definition(t, cfg, logprobs=None, entropy=None) -> dict:
     seq_mean = cfg.agg not in (Agg.TOKEN_MEAN, Agg.TOKEN_SUM)
     # per-sequence advantages as [B, 1]: a packed [B] with B == N would read as per token
     adv = t.advantages if t.adv_per_token else t.advantages.reshape(-1, 1)
+    # the config's scalars named like an argument of policy_loss pass by name (tau_pos, kl_coef,
+    # dro_beta, ...: a new one needs no line here); codes and encoded values are translated below
+    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in _BY_NAME}
     return policy_loss(
-        f64(t.logprobs) if logprobs is None else logprobs, f64(t.old_logprobs), f64(adv), t.mask,
-        mode=name_of(cfg.mode), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        clip_dual=cfg.clip_dual if cfg.clip_dual > 0 else None, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
-        ref_logprobs=f64(t.ref_logprobs), kl_coef=cfg.kl_coef,
-        kl_estimator=name_of(cfg.kl_est) + ("+" if cfg.kl_straight else ""), kl_clamp=cfg.kl_clamp,
-        entropy=f64(t.entropy) if entropy is None else entropy, entropy_coef=cfg.entropy_coef,
+        f64(t.logprobs) if logprobs is None else logprobs, f64(t.old_logprobs), f64(adv), t.mask, **same,
+        mode=name_of(Mode(int(cfg.mode))), clip_dual=cfg.clip_dual if cfg.clip_dual > 0 else None,
+        ref_logprobs=f64(t.ref_logprobs), kl_estimator=name_of(cfg.kl_est) + ("+" if cfg.kl_straight else ""),
+        entropy=f64(t.entropy) if entropy is None else entropy,
         entropy_threshold=None if t.threshold is None else f64(t.threshold).reshape(()),
         importance_weights=f64(t.importance_weights), agg=name_of(cfg.agg),
         num_tokens=norm if cfg.agg == Agg.TOKEN_MEAN else None, num_seqs=norm if seq_mean else None,
-        norm_length=cfg.norm_length, dp_size=cfg.dp_size, cu_seqlens=t.cu_seqlens, dtype=torch.float64,
+        cu_seqlens=t.cu_seqlens, dtype=torch.float64,
     )  # fmt: skip
+
+
+# PolicyConfig fields passed to policy_loss unchanged: those named like one of its arguments, but the
+# codes and the encoded clip_dual (0: none)
+_BY_NAME = frozenset(inspect.signature(policy_loss).parameters) - {"mode", "agg", "clip_dual"}
 
 
 def policy_loss_fwd(t, cfg, stats: torch.Tensor, seq: torch.Tensor) -> None:

@@ -413,6 +413,7 @@ def _params(cfg, device: torch.device) -> torch.Tensor:
 
 def _terms(cfg, device: torch.device) -> dict:
     """The config's hyper-parameters (``params_ptr``) and codes (plain ints) every token pass of the loss takes."""
+    Mode(int(cfg.mode))  # a code outside the enum raises here: the kernels' last branch is PPO's
     return {"params_ptr": _params(cfg, device), "MODE": int(cfg.mode), "AGG": int(cfg.agg),
             "KL_EST": int(cfg.kl_est), "KL_CLAMP": cfg.kl_clamp, "HAS_SEQ": cfg.has_seq, "DUAL": cfg.dual}  # fmt: skip
 
@@ -484,7 +485,7 @@ def _aot_case(mode, agg, norm, packed, kl_est=KLEstimator.K3, dtype=torch.float3
     or packed; the dual clip where the mode has one; the normaliser source ``norm`` of the finalize."""
 
     def run():
-        from lenkernels.ops.policy_loss_args import PolicyConfig, PolicyTokens
+        from lenkernels.ops.policy_loss_args import DUAL_MODES, PolicyConfig, PolicyTokens
 
         b, t = 2, 1024
         shape = (b * t,) if packed else (b, t)
@@ -497,9 +498,9 @@ def _aot_case(mode, agg, norm, packed, kl_est=KLEstimator.K3, dtype=torch.float3
             cu_seqlens=torch.tensor([0, t, b * t]) if packed else None, adv_per_token=True, n_seqs=b,
             seq_len=0 if packed else t,
         )  # fmt: skip
-        dual = 3.0 if mode in (Mode.PPO, Mode.GSPO, Mode.LUSPO) else 0.0
+        dual = 3.0 if mode in DUAL_MODES else 0.0  # dppo: the ratio truncation C
         cfg = PolicyConfig(mode=mode, agg=agg, kl_est=kl_est, clip_dual=dual, norm_source=norm, norm_const=1.0,
-                           norm_length=1.0)  # fmt: skip
+                           norm_length=1.0, dro_beta=0.5 if mode == Mode.DRO else 0.0)  # fmt: skip
         stats, seq = torch.empty(Stat.NUM_STATS), torch.empty((b, SeqValue.NUM_SEQ_VALUES))
         policy_loss_fwd(tokens, cfg, stats, seq)
         policy_loss_bwd(tokens, cfg, stats, seq, torch.ones(Stat.NUM_STATS), torch.empty(shape, dtype=dtype),
@@ -526,6 +527,9 @@ AOT_CASES = [
     _aot_case(Mode.GMPO, Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_TENSOR, packed=True),
     _aot_case(Mode.SAPO, Agg.TOKEN_SUM, NormSource.NORM_CONSTANT, packed=True),
     _aot_case(Mode.CISPO, Agg.SEQ_MEAN_TOKEN_SUM_NORM, NormSource.NORM_COUNTED, packed=False),
+    _aot_case(Mode.DPPO_TV, Agg.TOKEN_MEAN, NormSource.NORM_COUNTED, packed=True),
+    _aot_case(Mode.DPPO_KL, Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_COUNTED, packed=False),
+    _aot_case(Mode.DRO, Agg.TOKEN_MEAN, NormSource.NORM_CONSTANT, packed=True),
     _aot_case(Mode.PPO, Agg.TOKEN_MEAN, NormSource.NORM_COUNTED, False, KLEstimator.K1, torch.bfloat16),
     _aot_kl_case,
 ]

@@ -124,6 +124,25 @@ def gmpo_token(l, a, lo, hi):
 
 
 @triton.jit
+def dppo_valid(lp, old, a, eps_low, eps_high, MODE: tl.constexpr):
+    """DPPO's trust region (dppo_valid in policy_loss.h): TV keeps p - p_old <= eps_high where A > 0,
+    >= -eps_low elsewhere; KL keeps D <= eps_high or p <= p_old where A > 0, D <= eps_low or
+    p >= p_old elsewhere. p - p_old as p_old expm1(l) for |l| < 0.5, 1 - p as -expm1(logprob), p <=
+    p_old as logprob <= old_logprob: fp32 agrees with the float64 definition near p = 1."""
+    p_old = tl.exp(old)
+    if MODE == MODES.DPPO_TV:
+        l = lp - old
+        d = tl.where(tl.abs(l) < 0.5, p_old * _expm1(l), tl.exp(lp) - p_old)
+        valid = tl.where(a > 0.0, d <= eps_high, d >= -eps_low)
+    else:  # MODES.DPPO_KL
+        q = -_expm1(lp)
+        q_old = -_expm1(old)
+        kl = p_old * (old - lp) + q_old * tl.log((q_old + 1e-8) / (q + 1e-8))
+        valid = tl.where(a > 0.0, (kl <= eps_high) | (lp <= old), (kl <= eps_low) | (lp >= old))
+    return valid
+
+
+@triton.jit
 def policy_term(lp, old, a, seq_n, seq_x, seq_y, seq_ratio, params_ptr, MODE: tl.constexpr, DUAL: tl.constexpr):
     """(P, dP/dlogprob, ratio, low, high, dual) of one tile (policy_term in policy_loss.h); the
     hyper-parameters are read from ``params_ptr`` (fp32, ``PolicyParam`` layout)."""
@@ -167,6 +186,21 @@ def policy_term(lp, old, a, seq_n, seq_x, seq_y, seq_ratio, params_ptr, MODE: tl
         elif MODE == MODES.REINFORCE:  # verl's GPG
             value = -a * lp
             grad = -a
+            low = l * 0.0
+            high = low
+            dual = low
+        elif MODE == MODES.DPPO_TV or MODE == MODES.DPPO_KL:  # -A sg(min(r, C)) logprob inside the region
+            valid = dppo_valid(lp, old, a, lo, hi, MODE)  # lo, hi: the divergence thresholds eps_low, eps_high
+            grad = tl.where(valid, -a * tl.where(ratio > dual_c, dual_c, ratio), 0.0)  # C = dual_c
+            value = grad * lp
+            outside = tl.where(valid, 0.0, 1.0)
+            low = tl.where(a <= 0.0, outside, 0.0)
+            high = tl.where(a > 0.0, outside, 0.0)
+            dual = tl.where(valid & (ratio > dual_c), 1.0, 0.0)
+        elif MODE == MODES.DRO:  # -(logprob A - beta/2 l^2), l unclamped
+            beta = tl.load(params_ptr + PARAMS.DRO_BETA)
+            value = -(lp * a - 0.5 * beta * l * l)
+            grad = beta * l - a
             low = l * 0.0
             high = low
             dual = low

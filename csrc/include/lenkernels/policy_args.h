@@ -24,6 +24,7 @@ inline PolicyScalars parse_policy_scalars(const pybind11::dict& d) {
   s.pp.dual_c = d["dual_c"].cast<float>();
   s.pp.tau_pos = d["tau_pos"].cast<float>();
   s.pp.tau_neg = d["tau_neg"].cast<float>();
+  s.pp.dro_beta = d["dro_beta"].cast<float>();
   s.agg = d["agg"].cast<int>();
   s.kl_est = d["kl_est"].cast<int>();
   s.kl_straight = d["kl_straight"].cast<bool>();

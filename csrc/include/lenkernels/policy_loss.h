@@ -20,7 +20,8 @@
 namespace lk {
 namespace policy {
 
-enum Mode : int { kPPO = 0, kGSPO = 1, kLUSPO = 2, kCISPO = 3, kSAPO = 4, kGMPO = 5, kReinforce = 6 };
+enum Mode : int { kPPO = 0, kGSPO = 1, kLUSPO = 2, kCISPO = 3, kSAPO = 4, kGMPO = 5, kReinforce = 6, kDppoTV = 7,
+    kDppoKL = 8, kDro = 9 };
 enum KLEstimator : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
 enum Agg : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
 enum NormSource : int { kNormCounted = 0, kNormTensor = 1, kNormConstant = 2 };
@@ -55,7 +56,7 @@ enum SeqValue : int { kSeqN = 0, kSeqX = 1, kSeqY = 2, kSeqRatio = 3, kNumSeqVal
 // The float hyper-parameters as the Triton kernels read them: one fp32 vector in this layout
 // (lenkernels/_codes.py PolicyParam; the C++ kernels take them as PolicyScalars fields).
 enum PolicyParam : int { kLo = 0, kHi = 1, kDualC = 2, kTauPos = 3, kTauNeg = 4, kKlCoef = 5,
-    kEntropyCoef = 6, kNormConst = 7, kScale = 8, kNumPolicyParams = 9 };
+    kEntropyCoef = 6, kNormConst = 7, kScale = 8, kDroBeta = 9, kNumPolicyParams = 10 };
 
 // Host-side check of the codes a launch reads (declared in lenkernels/_codes.py): what is wrong, or
 // an empty string when every code is a member of its enum. Run before any kernel or parallel region,
@@ -68,8 +69,8 @@ inline std::string invalid_kl_estimator(int est) {
 }
 
 inline std::string invalid_codes(int mode, int agg, int kl_est, int norm_source) {
-  if (mode < kPPO || mode > kReinforce) {
-    return "mode must be a lk::policy::Mode code (0..6), got " + std::to_string(mode);
+  if (mode < kPPO || mode > kDro) {
+    return "mode must be a lk::policy::Mode code (0.." + std::to_string(int(kDro)) + "), got " + std::to_string(mode);
   }
   if (agg < kTokenMean || agg > kSeqMeanTokenSumNorm) {
     return "agg must be a lk::policy::Agg code (0..4), got " + std::to_string(agg);
@@ -86,6 +87,7 @@ constexpr float kK3DeltaBound = 20.0f;    // verl's k3: delta clamped to +-20 ..
 constexpr float kK3ValueMax = 10.0f;      // ... and the estimate to [-10, 10]
 constexpr float kLogWeightEps = 1e-10f;   // GMPO: geometric mean of the importance weights (verl)
 constexpr float kSeriesBound = 0.5f;      // |x| below which exp(x)-1 and exp(x)-1-x use their series
+constexpr float kBinaryKLEps = 1e-8f;     // DPPO-Binary-KL: log((1 - p_old + eps) / (1 - p + eps)) (verl)
 
 struct ValueGrad {
   float value;
@@ -221,6 +223,27 @@ LK_HOST_DEVICE GmpoToken gmpo_token(float l, float a, float lo, float hi) {
 
 LK_HOST_DEVICE float gmpo_log_weight(float w) { return logf(w + kLogWeightEps); }
 
+// DPPO (arXiv 2602.04879, verl dppo_tv / dppo_kl): whether a token stays inside the binary trust region
+// of its probability p = exp(logprob) against p_old = exp(old_logprob); eps_low / eps_high are divergence
+// thresholds (not ratio bounds). TV: A > 0 keeps p - p_old <= eps_high, else p - p_old >= -eps_low.
+// KL: D = p_old (log p_old - log p) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8)); A > 0 keeps
+// D <= eps_high or p <= p_old, else D <= eps_low or p >= p_old. Evaluated so that fp32 agrees with the
+// float64 definition near p = 1, where fp32 exp rounds p to a multiple of 6e-8: p - p_old as
+// p_old expm1(l) for |l| < 0.5, 1 - p as -expm1(logprob), p <= p_old as logprob <= old_logprob.
+template <class Exp>
+LK_HOST_DEVICE bool dppo_valid(int mode, float logprob, float old_logprob, float a, float eps_low, float eps_high,
+                               Exp exp_fn) {
+  const float p_old = exp_fn(old_logprob);
+  if (mode == kDppoTV) {
+    const float l = logprob - old_logprob;
+    const float d = fabsf(l) < kSeriesBound ? p_old * expm1_accurate(l, exp_fn) : exp_fn(logprob) - p_old;
+    return a > 0.0f ? (d <= eps_high) : (d >= -eps_low);
+  }
+  const float q = -expm1_accurate(logprob, exp_fn), q_old = -expm1_accurate(old_logprob, exp_fn);
+  const float kl = p_old * (old_logprob - logprob) + q_old * logf((q_old + kBinaryKLEps) / (q + kBinaryKLEps));
+  return a > 0.0f ? (kl <= eps_high || logprob <= old_logprob) : (kl <= eps_low || logprob >= old_logprob);
+}
+
 // Per-sequence values (SeqValue layout):
 //   GSPO/LUSPO: x = log s_b = min(mean_t l, 10), y = 1 where the clamp passes the gradient, ratio = s_b
 //   GMPO:       y = -A_b ratio_b w_b (the sequence's loss), x = y * kept_b / n_b (its backward factor),
@@ -261,10 +284,12 @@ LK_HOST_DEVICE SeqValues sequence_values(int mode, float n, float sum_log_ratio,
 
 struct PolicyParams {
   int mode;
-  float lo, hi;  // ratio bounds 1 - eps_low, 1 + eps_high (GMPO: log-space bounds -eps_low, eps_high)
-  int dual;      // 1: dual clip at dual_c
+  float lo, hi;  // ratio bounds 1 - eps_low, 1 + eps_high (GMPO: log-space bounds -eps_low, eps_high;
+                 // DPPO: the divergence thresholds eps_low, eps_high)
+  int dual;      // 1: dual clip at dual_c (DPPO: always, dual_c = C truncates the ratio)
   float dual_c;
   float tau_pos, tau_neg;
+  float dro_beta;  // DRO: weight of the quadratic log-ratio penalty
 };
 
 // Every scalar of the op the kernels read (both backends' Args derive from it): the one struct a new
@@ -318,6 +343,20 @@ LK_HOST_DEVICE PolicyTerm policy_term(const PolicyParams& p, float logprob, floa
     return PolicyTerm{-sig * (4.0f / tau) * a, -4.0f * (e * inv) * inv * a * r.grad, r.value, 0.0f, 0.0f, 0.0f};
   }
   if (p.mode == kReinforce) return PolicyTerm{-a * logprob, -a, r.value, 0.0f, 0.0f, 0.0f};
+  if (p.mode == kDppoTV || p.mode == kDppoKL) {
+    // -A sg(min(r, C)) logprob on the tokens inside the trust region (no gradient through it). Flags:
+    // low / high = outside it with A <= 0 / A > 0 (their sum is verl's pg_clipfrac), dual = inside it
+    // with r > C (verl's pg_clipfrac_lower)
+    const bool valid = dppo_valid(p.mode, logprob, old_logprob, a, p.lo, p.hi, exp_fn);
+    const float rc = r.value > p.dual_c ? p.dual_c : r.value;  // torch.clamp(max=C): NaN passes
+    const float d = valid ? -a * rc : 0.0f;
+    return PolicyTerm{d * logprob, d, r.value, (!valid && a <= 0.0f) ? 1.0f : 0.0f, (!valid && a > 0.0f) ? 1.0f : 0.0f,
+                      (valid && r.value > p.dual_c) ? 1.0f : 0.0f};
+  }
+  if (p.mode == kDro) {
+    // -(logprob A - beta/2 l^2), d/dlogprob = beta l - A (l unclamped, as verl)
+    return PolicyTerm{-(logprob * a - 0.5f * p.dro_beta * l * l), p.dro_beta * l - a, r.value, 0.0f, 0.0f, 0.0f};
+  }
   const ClipResult c = ppo_clip(r.value, a, p.lo, p.hi, p.dual, p.dual_c);
   return PolicyTerm{c.value, c.d_ratio * r.grad, r.value, c.low, c.high, c.dual};
 }
