@@ -430,7 +430,10 @@ def policy_loss_fwd(t, cfg, stats, seq):
     if cfg.has_seq:
         policy_loss_seq_kernel[grid](**args, seq_part_ptr=seq_part, params_ptr=terms["params_ptr"], MODE=int(cfg.mode))
     part = torch.empty((t.n_seqs * n_splits, Partial.NUM_PARTIALS), **f32)
-    policy_loss_fwd_kernel[grid](**args, **_ref_args(t), **terms, seq_part_ptr=seq_part, seq_ptr=seq, part_ptr=part)
+    # maxnreg: left to itself ptxas caps some sequence-aggregated modes at 80 registers and spills
+    # (dro, packed, sm_90); 128 keeps two 8-warp blocks an SM, as the heaviest mode (ppo) needs anyway
+    policy_loss_fwd_kernel[grid](**args, **_ref_args(t), **terms, seq_part_ptr=seq_part, seq_ptr=seq, part_ptr=part,
+                                 maxnreg=128)  # fmt: skip
     policy_loss_finalize_kernel[(1,)](
         part_ptr=part, norm_ptr=t.normaliser if t.normaliser is not None else part, stats_ptr=stats,
         params_ptr=terms["params_ptr"], n_rows=part.shape[0], AGG=int(cfg.agg), NORM_SOURCE=int(cfg.norm_source),
@@ -530,6 +533,7 @@ AOT_CASES = [
     _aot_case(Mode.DPPO_TV, Agg.TOKEN_MEAN, NormSource.NORM_COUNTED, packed=True),
     _aot_case(Mode.DPPO_KL, Agg.SEQ_MEAN_TOKEN_MEAN, NormSource.NORM_COUNTED, packed=False),
     _aot_case(Mode.DRO, Agg.TOKEN_MEAN, NormSource.NORM_CONSTANT, packed=True),
+    _aot_case(Mode.DRO, Agg.SEQ_MEAN_TOKEN_SUM, NormSource.NORM_COUNTED, packed=True),
     _aot_case(Mode.PPO, Agg.TOKEN_MEAN, NormSource.NORM_COUNTED, False, KLEstimator.K1, torch.bfloat16),
     _aot_kl_case,
 ]
