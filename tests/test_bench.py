@@ -97,3 +97,23 @@ def test_failed_lenkernels_provider_fails_the_run(monkeypatch):
 
     monkeypatch.setattr(victim, "fn", broken)
     assert cli.main(["--suite", "token_stats", "--provider", "lenkernels-cpu", *SMALL]) == 1
+
+
+def test_token_stats_outputs_suite_smoke(tmp_path):
+    """The per-output cost suite: opt-in (no cases in a plain run), every variant correct through
+    the runner, and the interleaved ratio command checks each variant against its own reference."""
+    load_all()
+    from lenkernels.bench.suites import token_stats_outputs as tso
+
+    plain = cli.parse_args([])
+    plain.device_type = "cpu"
+    assert SUITES["token_stats_outputs"].cases(plain) == []
+    assert cli.main(["--suite", "token_stats_outputs", "--provider", "lp+ent", "--provider", "+all", *SMALL]) == 0
+    out = tmp_path / "ratios.json"
+    # V=64: the peaked head (64 ids) fills the vocabulary, sampler sets stay small; fp32 and bf16 tolerances
+    for dtype in ("fp32", "bf16"):
+        assert tso.main(["--tokens", "5", "--vocab", "64", "--dtype", dtype, "--rounds", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["variant"] for r in rows} == set(tso.VARIANTS) and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["status"] == "ok" and r["ratio"] > 0 for r in rows)
+    assert all(r["ratio"] == pytest.approx(1.0) for r in rows if r["variant"] == "lp+ent")
