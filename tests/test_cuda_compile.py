@@ -9,7 +9,8 @@
   block by block and thread by thread (``tests/cuda_host_replay.cu``), matches the float64 reference:
   this checks which elements every thread reads and writes (row edges, split ranges, misaligned and
   in-place rows) before the code ever meets a GPU. The O(N) families' kernels run on the host through
-  ``lenkernels.cuda.host_emulation`` in tests/test_cuda_ops.py; tests/test_cuda_backend.py and
+  ``lenkernels.cuda.host_emulation`` in tests/test_cuda_ops.py, the SPEC 7 token-statistics kernels
+  through their own replay in tests/test_cuda_token_stats_extra.py; tests/test_cuda_backend.py and
   tests/test_cuda_ops.py run the real kernels on a GPU.
 """
 
@@ -140,7 +141,9 @@ def test_every_source_compiles_without_warnings_or_spills(builds, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_token_stats_kernels_for_every_dtype(builds, arch):
     names = [k["kernel"] for k in _kernels(builds, "token_stats.cu", arch)]
-    for kernel in ("token_stats_fwd_kernel", "token_stats_finalize_kernel", "token_stats_bwd_kernel"):
+    kernels = ("token_stats_fwd_kernel", "token_stats_finalize_kernel", "token_stats_bwd_kernel",
+               "token_stats_extra_fwd_kernel", "token_stats_extra_finalize_kernel", "token_stats_extra_bwd_kernel")
+    for kernel in kernels:
         for dtype in ("If", "I13__nv_bfloat16", "I6__half"):  # mangled template arguments
             assert any(kernel + dtype in n for n in names), f"{kernel}<{dtype}> missing for sm_{arch}: {names}"
 
@@ -183,7 +186,8 @@ def test_extension_modules_build_and_link(builds):
         source_hash, *symbols = proc.stdout.split()
         assert source_hash == _build.source_hash(sources)
         expected = {
-            "_cuda_token_stats": {"token_stats_fwd", "token_stats_bwd", "token_stats_splits"},
+            "_cuda_token_stats": {"token_stats_fwd", "token_stats_bwd", "token_stats_splits", "token_stats_extra_fwd",
+                                  "token_stats_extra_bwd"},
             "_cuda_policy_loss": {"policy_loss_fwd", "policy_loss_bwd", "policy_loss_splits", "kl_penalty_fwd",
                                   "kl_penalty_bwd"},
             "_cuda_advantages": {"group_advantages", "gaussian_rank", "batch_shift_scale", "broadcast", "group_stats"},

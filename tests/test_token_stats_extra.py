@@ -3,6 +3,7 @@ max_logprob, mean_logit) and their gradients, on every backend, against float64 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import pytest
@@ -221,9 +222,16 @@ def test_bad_arguments():
         lk.token_stats(x, ids, outputs="sum_p2")
 
 
-def test_cuda_backend_says_extra_outputs_are_not_there():
-    with pytest.raises(_backend.BackendUnavailableError, match="sum_p2"):
-        ops._extra_kernels("cuda")
+def test_every_compiled_backend_has_the_extra_launchers():
+    """cuda included (csrc/cuda/token_stats_extra.h; checked without a GPU by
+    tests/test_cuda_token_stats_extra.py), and it is the default on CUDA tensors."""
+    for name in ("triton", "cuda", "cpu", "reference"):
+        if name == "triton" and importlib.util.find_spec("triton") is None:
+            continue
+        kernels = ops._extra_kernels(name)
+        assert callable(kernels.token_stats_extra_fwd) and callable(kernels.token_stats_extra_bwd), name
+    assert "cuda" in _backend.implemented_backends(ops.EXTRA_FAMILY)
+    assert _backend._FAMILY_PREFERENCE[(ops.EXTRA_FAMILY, "cuda")] == ("cuda", "triton")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

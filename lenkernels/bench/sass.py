@@ -430,6 +430,11 @@ def kernels(include=("triton", "cuda")) -> list[Kernel]:
         out.append(Kernel("cuda.token_stats_fwd", "cuda", "fwd", 256, symbol="token_stats_fwd_kernelI13__nv_bfloat16",
                           chunk_logits_per_thread=4 * 4 * 8))  # fmt: skip
         out.append(Kernel("cuda.token_stats_bwd", "cuda", "bwd", 256, symbol="token_stats_bwd_kernelI13__nv_bfloat16"))
+        # the SPEC 7 kernels (token_stats_extra.h): same plan, chunks and accesses
+        out.append(Kernel("cuda.token_stats_extra_fwd", "cuda", "fwd", 256,
+                          symbol="token_stats_extra_fwd_kernelI13__nv_bfloat16", chunk_logits_per_thread=4 * 4 * 8))
+        out.append(Kernel("cuda.token_stats_extra_bwd", "cuda", "bwd", 256,
+                          symbol="token_stats_extra_bwd_kernelI13__nv_bfloat16"))  # fmt: skip
     return out
 
 

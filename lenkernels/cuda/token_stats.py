@@ -1,9 +1,9 @@
 """Host launchers of the CUDA C++ token-statistics kernels (``csrc/cuda/token_stats.cu``): the ``backend="cuda"``
 implementation of the token_stats family (same launcher signatures as the other backends).
 
-Not here yet: ``token_stats_extra_fwd`` / ``token_stats_extra_bwd`` (the SPEC 7 outputs of
-``lenkernels.token_stats``: sum_p2, argmax, mean_logit). Without them ``token_stats`` raises
-BackendUnavailableError for those outputs on this backend; logprob/entropy run as always.
+The SPEC 7 outputs of ``lenkernels.token_stats`` (sum_p2, argmax, mean_logit) have their launchers,
+``token_stats_extra_fwd`` / ``token_stats_extra_bwd``, in ``lenkernels.cuda.token_stats_extra``,
+re-exported at the end of this module (the token_stats_extra family shares this module).
 """
 
 from __future__ import annotations
@@ -83,3 +83,7 @@ def token_stats_bwd(x, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ign
         lse.data_ptr(), mean_z.data_ptr(), g_lp.data_ptr(), g_lp.stride(0), g_h.data_ptr(), g_h.stride(0),
         dlogits.data_ptr(), dlogits.stride(0), n_splits, device, stream,
     )  # fmt: skip
+
+
+# the extra vocabulary statistics (lenkernels.token_stats(outputs=...)) live beside, same family
+from lenkernels.cuda.token_stats_extra import token_stats_extra_bwd, token_stats_extra_fwd  # noqa: F401
