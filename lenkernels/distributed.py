@@ -170,6 +170,33 @@ def merge_stats(max_z, log_s, entropy, logprob, held, *, dim: int | None = None,
     return _finish(m, sums, state)
 
 
+def all_gather_stack(x: torch.Tensor, group) -> torch.Tensor:
+    """``[world, *x.shape]``: every rank's ``x`` (same shape and dtype on every rank), in rank order."""
+    world = dist.get_world_size(group)
+    out = x.new_empty((world * x.numel(),))
+    _all_gather_flat(out, x.contiguous().reshape(-1), group)
+    return out.reshape(world, *x.shape)
+
+
+def merge_argmax(max_z, m, local_argmax, offset, vocab: int, group) -> torch.Tensor:
+    """Global argmax (int64): the lowest global id among the maxima of the full row. ``max_z`` is
+    this rank's row max, ``m`` the merged one (``max_z`` all-reduced with MAX, so the comparison is
+    exact), ``local_argmax`` the lowest shard-local id at ``max_z``; one all-reduce (MIN). A row of
+    all ``-inf`` gives 0 (as one process does); a row of NaN, 0."""
+    none = torch.full_like(local_argmax, vocab, dtype=torch.int64)  # past every id: loses the MIN
+    ids = torch.where(max_z == m, local_argmax.to(torch.int64) + offset, none)
+    dist.all_reduce(ids, op=dist.ReduceOp.MIN, group=group)
+    return torch.where(ids >= vocab, torch.zeros_like(ids), ids)
+
+
+def owned_values(values: torch.Tensor, owned: torch.Tensor, group) -> torch.Tensor:
+    """Each entry from the one rank that owns it (``owned``), 0 where no rank does: one all-reduce
+    (SUM) of the values masked to the owner (exact: one term is non-zero)."""
+    out = torch.where(owned, values, torch.zeros_like(values))
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 def global_vocab_check(ids: torch.Tensor, sizes: torch.Tensor, ignore_index: int, name: str = "ids") -> None:
     """Raises ValueError on ids outside the global vocabulary (data-dependent: call only where
     ``_checks.value_checks`` allows)."""

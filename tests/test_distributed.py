@@ -340,6 +340,163 @@ def vocab_parallel_compile_and_opcheck(rank, world, group):
         assert torch.equal(a.grad, b.grad)
 
 
+# --- token_stats(process_group=...): every SPEC 7 output over a split vocabulary -------------------
+
+# shards smaller than top_k (9) on purpose: a rank with fewer ids than k pads its candidates
+VP_SHARDS = {2: [7, 13], 3: [13, 7, 5]}
+VP_TOPK = 9
+ALL_OUTPUTS = ("logprob", "entropy", "sum_p2", "argmax", "mean_logit", "topk", "gathered", "kept")
+
+
+def _vp_stats_inputs(world, dtype):
+    """Logits on a grid of quarters (ties everywhere), with ties across shard boundaries for
+    argmax and at the k-th place of top-k, a partly masked row, ignored rows, -1 padding."""
+    sizes = VP_SHARDS[world]
+    vocab, n = sum(sizes), 11
+    g = _gen(50)
+    logits = torch.round(torch.randn(n, vocab, generator=g) * 8) / 4
+    b = sizes[0]  # the first id of the second shard
+    logits[0, b - 1] = logits[0, b] = logits[0].max() + 1  # argmax tie across a boundary: id b - 1
+    logits[1] = torch.arange(vocab) % 3 * 0.5  # 3 values only: the k-th place ties across every shard
+    logits[2, -1] = logits[2, 0] = logits[2].max() + 0.5  # tie between the first and the last id
+    logits[3, :4] = float("-inf")  # a masked part of the vocabulary
+    ids = torch.randint(4, vocab, (n,), generator=g)
+    ids[[4, 9]] = -100
+    ids[5], ids[6] = b - 1, b  # targets on both sides of a boundary
+    gather = torch.randint(4, vocab, (n, 5), generator=g)
+    gather[:, 0] = b
+    gather[[2, 7], 3:] = -1  # padding
+    kept = torch.randint(4, vocab, (n, 6), generator=g)
+    kept[:, 0] = torch.where(ids >= 0, ids, 5)  # the sampled id is kept
+    kept[:, 1] = kept[:, 2]  # a repeat counts once
+    kept[[0, 8], 4:] = -1
+    temp = torch.rand(n, generator=g) + 0.5
+    return sizes, logits.to(dtype), ids, gather, kept, temp
+
+
+def _float_fields(st):
+    return {k: v for k, v in st._asdict().items() if v is not None and v.is_floating_point()}
+
+
+def _vp_token_stats_all(backend, rank, world, group):
+    import lenkernels as lk
+    from tests.utils import GRAD_RTOL, assert_close
+
+    dtype = torch.float32
+    sizes, logits, ids, gather, kept, temp = _vp_stats_inputs(world, dtype)
+    start, stop = _shard(sizes, rank)
+    vocab = sum(sizes)
+    g = _gen(51)
+    calls = {
+        "all": {"outputs": ALL_OUTPUTS, "top_k": VP_TOPK, "gather_ids": gather, "kept_ids": kept},
+        "dense": {"outputs": ("sum_p2", "argmax", "mean_logit", "entropy")},
+        "two": {"outputs": ("logprob", "entropy")},
+        "topk_all": {"outputs": ("topk", "logprob"), "top_k": vocab},  # every id: some ranks hold fewer than k
+    }  # fmt: skip
+    # the sampler replay: the sampled ids are argmaxes (always kept); top-k ties at the k-th place
+    amax_ids = torch.argmax(logits, -1)
+    amax_ids[4] = -100
+    sampled = {
+        "sample_k": {"outputs": ("kept", "argmax"), "sampling": {"top_k": 4}},
+        "sample_kpm": {"outputs": ("kept",), "sampling": {"top_k": 6, "top_p": 0.8, "min_p": 0.1}},
+        "sample_none": {"outputs": ("kept",), "sampling": {"top_k": 0}},  # no truncation: the dense path
+    }
+    results = {}
+    for name, kw in {**calls, **sampled}.items():
+        y = amax_ids if name in sampled else ids
+        shard = logits[:, start:stop].clone().requires_grad_(True)
+        full = logits.clone().requires_grad_(True)
+        st = lk.token_stats(shard, y, temperature=temp, process_group=group, backend=backend, **kw)
+        st1 = lk.token_stats(full, y, temperature=temp, backend=backend, **kw)
+        fields, fields1 = _float_fields(st), _float_fields(st1)
+        cot = {k: torch.randn(v.shape, generator=g) for k, v in fields1.items()}
+        (d_shard,) = torch.autograd.grad(sum((fields[k] * cot[k]).sum() for k in fields), shard)
+        (d_full,) = torch.autograd.grad(sum((fields1[k] * cot[k]).sum() for k in fields1), full)
+        d_all = torch.cat(dist_all_gather_cols(d_shard, group, sizes), -1)
+        results[name] = (st, st1, d_all, d_full)
+    with pytest.raises(NotImplementedError, match="process_group"):
+        lk.token_stats(logits[:, start:stop], amax_ids, outputs=("kept",), sampling={"top_p": 0.9},
+                       process_group=group, backend=backend)  # fmt: skip
+    bad = gather.clone()
+    bad[0, 0] = vocab  # one past the global vocabulary, whichever rank holds the last id
+    with pytest.raises(ValueError, match="gather_ids"):
+        lk.token_stats(logits[:, start:stop], ids, outputs=("gathered",), gather_ids=bad, process_group=group,
+                       backend=backend)  # fmt: skip
+    with pytest.raises(ValueError, match="top_k"):
+        lk.token_stats(logits[:, start:stop], ids, outputs=("topk",), top_k=vocab + 1, process_group=group)
+    with pytest.raises(ValueError, match="gather_ids"):  # the two-output path checks the sparse arguments too
+        lk.token_stats(logits[:, start:stop], ids, gather_ids=gather, process_group=group)
+    empty = lk.token_stats(logits[:0, start:stop], ids[:0], process_group=group, backend=backend, **calls["all"] | {
+        "gather_ids": gather[:0], "kept_ids": kept[:0]})  # fmt: skip
+
+    for name, (st, st1, d_all, d_full) in results.items():
+        for field, v1 in st1._asdict().items():
+            v = getattr(st, field)
+            assert (v is None) == (v1 is None), f"{name}.{field}: asked for in one call only"
+            if v1 is None:
+                continue
+            assert v.shape == v1.shape and v.dtype == v1.dtype, f"{name}.{field}: {v.shape}/{v.dtype} vs {v1.shape}"
+            if not v1.is_floating_point():
+                assert torch.equal(v, v1), f"{name}.{field}: {v} != {v1}"
+                continue
+            assert_close(v, v1, rtol=1e-5, atol=1e-6, scale=1.0, name=f"{name}.{field}")
+        if st1.logprob is not None:
+            assert bool((st.logprob[ids == -100] == 0).all()) or name.startswith("sample")
+        rtol = 2 * GRAD_RTOL[dtype]
+        assert_close(d_all, d_full, rtol=rtol, atol=1e-6 * d_full.abs().max().item(), name=f"{name} dlogits")
+    assert empty.topk_ids.shape == (0, VP_TOPK) and empty.gathered_logprobs.shape == (0, 5)
+    assert empty.logprob.shape == empty.argmax.shape == empty.kept_logprob.shape == (0,)
+    ar, ar1 = results["all"][0], results["all"][1]
+    assert ar.argmax[0] == sizes[0] - 1 and ar.argmax[2] == 0, "ties across shards go to the lower id"
+    assert torch.equal(ar.topk_ids, ar1.topk_ids)
+
+
+def dist_all_gather_cols(x, group, sizes):
+    """Every rank's ``[n, V_r]`` shard, in rank order (shards of unequal width)."""
+    from lenkernels.distributed import all_gather_variable
+
+    cols = all_gather_variable(x.detach().t().contiguous(), sizes=sizes, process_group=group)
+    return [c.t() for c in cols.split(sizes)]
+
+
+for _backend in ("cpu", "reference"):
+
+    def _fn(rank, world, group, _b=_backend):
+        _vp_token_stats_all(_b, rank, world, group)
+
+    _fn.__name__ = f"vocab_parallel_token_stats_all_{_backend}"
+    check(_fn)
+
+
+@check
+def vocab_parallel_token_stats_bf16(rank, world, group):
+    """bf16 shards with every output: the statistics compared with one process on the same bf16
+    logits; the gradient with one process on their fp32 copy (the shards' gradient is rounded to
+    bf16 once, one process's twice where it adds the sparse terms to a bf16 dense gradient)."""
+    import lenkernels as lk
+    from tests.utils import GRAD_RTOL, assert_close
+
+    sizes, logits, ids, gather, kept, temp = _vp_stats_inputs(world, torch.bfloat16)
+    start, stop = _shard(sizes, rank)
+    kw = {"outputs": ALL_OUTPUTS, "top_k": VP_TOPK, "gather_ids": gather, "kept_ids": kept, "temperature": temp,
+          "backend": "cpu"}  # fmt: skip
+    shard = logits[:, start:stop].clone().requires_grad_(True)
+    full = logits.float().requires_grad_(True)
+    st = lk.token_stats(shard, ids, process_group=group, **kw)
+    st1 = lk.token_stats(logits, ids, **kw)
+    loss = sum(v.sum() for v in _float_fields(st).values())
+    loss1 = sum(v.sum() for v in _float_fields(lk.token_stats(full, ids, **kw)).values())
+    (d_shard,) = torch.autograd.grad(loss, shard)
+    (d_full,) = torch.autograd.grad(loss1, full)
+    d_all = torch.cat(dist_all_gather_cols(d_shard, group, sizes), -1)
+    for field, v1 in _float_fields(st1).items():
+        assert_close(getattr(st, field), v1, rtol=1e-5, atol=1e-5, scale=1.0, name=field)
+    assert torch.equal(st.argmax, st1.argmax) and torch.equal(st.topk_ids, st1.topk_ids)
+    assert d_shard.dtype == torch.bfloat16
+    assert_close(d_all, d_full, rtol=2 * GRAD_RTOL[torch.bfloat16], atol=1e-6 * d_full.abs().max().item(),
+                 name="dlogits")  # fmt: skip
+
+
 @check
 def global_token_count(rank, world, group):
     from lenkernels.distributed import global_token_count

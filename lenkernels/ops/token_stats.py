@@ -5,7 +5,7 @@ autograd) -> ``token_stats_fwd`` / ``token_stats_bwd`` (host launchers, one per 
 (``triton/token_stats.py``, ``csrc/cpu/token_stats.cpp``, ``csrc/cuda/token_stats.cu``).
 ``token_stats`` (public, SPEC 7) -> the same op when only logprob/entropy are asked for, else
 ``lenkernels::token_stats_extra`` -> ``token_stats_extra_fwd`` / ``token_stats_extra_bwd`` launchers
-(triton, cpu, reference; the cuda backend has none yet and raises BackendUnavailableError).
+(triton, cuda, cpu, reference).
 The sparse outputs (top-k, gathered, kept set) go to ``lenkernels::token_stats_sparse``
 (``ops/token_stats_sparse.py``): the same dense kernels plus a gather of a few logits per row.
 """
@@ -23,10 +23,15 @@ FAMILY = "token_stats"
 # On CUDA tensors the CUDA C++ kernels are the default: the static SASS report
 # (benchmarks/results/sass-sm90.json) has their backward at 16 instructions per logit with 128-bit
 # loads and stores against Triton's 33 with 2-byte accesses (forwards: 10 and 11). The outputs
-# beyond logprob/entropy (token_stats(outputs=...)) are a family of their own, without cuda kernels.
+# beyond logprob/entropy (token_stats(outputs=...)) are a family of their own; there too the CUDA
+# C++ kernels are the default on CUDA tensors, by the same report: forward 13.4 instructions per
+# logit against Triton's 19.3, backward 20.2 with one exp a logit against 34.7 with two, 128-bit
+# accesses on both (bf16, sm_90).
 _backend.register_family(FAMILY, ("triton", "cuda", "cpu", "reference"), prefer={"cuda": ("cuda", "triton")})
 EXTRA_FAMILY = "token_stats_extra"
-_backend.register_family(EXTRA_FAMILY, ("triton", "cpu", "reference"), module=FAMILY)
+_backend.register_family(
+    EXTRA_FAMILY, ("triton", "cuda", "cpu", "reference"), prefer={"cuda": ("cuda", "triton")}, module=FAMILY
+)
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -394,6 +399,7 @@ def token_stats(
     gather_ids: torch.Tensor | None = None,
     kept_ids: torch.Tensor | None = None,
     sampling: dict | None = None,
+    process_group=None,
     backend: str | None = None,
 ) -> TokenStats:
     """Every per-token vocabulary statistic asked for, from one read of the logits (SPEC 1, 7).
@@ -429,6 +435,28 @@ def token_stats(
             reaches p, the crossing token included (masses in float64); min-p keeps p_j >= min_p *
             max p. Ids of zero probability are never kept. vLLM's V1 sampler applies min-p before
             top-k/top-p: with both top_p and min_p set its set may differ.
+        process_group: vocabulary (tensor) parallelism, as in ``token_logprobs_entropy``: ``logits``
+            is this rank's shard of the vocabulary (shards in rank order along V, sizes free),
+            ``ids``, ``gather_ids`` and ``kept_ids`` hold global ids (the same on every rank), V
+            (for ``top_k`` and the id checks) is the global vocabulary, and every output equals
+            the full vocabulary's on every rank: the dense statistics from merged per-shard states
+            (``sum_p2`` merges ``logsumexp(2z)`` like the lse, ``argmax`` is the lowest global id
+            among the maxima), ``topk`` from each rank's local top-k merged (ties to the lower
+            global id across shards), gathered/kept logits from the rank owning each id. Each
+            rank's ``logits`` gets its shard's gradient; the backward needs no communication.
+            ``sampling`` needs ``top_k`` (``0 < top_k < V``; top-p / min-p then apply to the
+            merged top-k survivors) or no truncation at all: top-p or min-p without top-k raise
+            NotImplementedError. Outputs of only logprob/entropy run ``token_logprobs_entropy``'s
+            vocabulary-parallel op; with any other output the forward runs the backend's dense
+            kernels on the shard (two reads of it with ``sum_p2``/``argmax``/``mean_logit``: the
+            softmax-state kernel and the extended one) and the gradient is computed with torch operations on it (one
+            gradient tensor, float32, float64 on the reference backend; not a custom op: under
+            ``torch.compile`` a graph break). Collectives per call: one all-gather of the shard
+            sizes (a host sync for V), two all-reduces of the softmax states, one of the logits at
+            the target / gathered / kept ids (``[..., 1 + K]``), two more (SUM, MIN) for
+            ``sum_p2``/``argmax``/``mean_logit``, two all-gathers of ``[..., top_k]`` candidates
+            for ``topk`` (``sampling``: of the top-k candidates, ties included, after one
+            all-reduce of their width, a host sync). Default None: the whole vocabulary is here.
 
     Returns:
         ``TokenStats``: the fields asked for, None elsewhere. Every float field is differentiable in
@@ -448,9 +476,9 @@ def token_stats(
 
     ``outputs`` of only logprob/entropy run exactly ``token_logprobs_entropy``'s kernels (same bits).
     ``sum_p2``/``argmax``/``mean_logit`` run the extended kernels (which also compute logprob and
-    entropy, with the same per-chunk arithmetic); backend ``"cuda"`` implements only the two-output
-    kernels, so ``backend=None`` runs those with Triton on CUDA tensors and ``backend="cuda"`` raises
-    ``BackendUnavailableError`` for them. The sparse outputs run on any backend's kernels.
+    entropy, with the same per-chunk arithmetic, and on the cuda backend the same bits); on CUDA
+    tensors ``backend=None`` runs them with the CUDA C++ kernels, as the two-output path. The sparse
+    outputs run on any backend's kernels.
 
     Example (on-policy distillation: the student's logprobs at the teacher's top-20 ids)::
 
@@ -475,14 +503,29 @@ def token_stats(
     extra = bool(wanted & set(DENSE_EXTRA))
     name = _backend.resolve(backend, family_of(wanted), logits.device)
     temp = _check_token_args(logits, ids, temperature, ignore_index, name)
-    top_k, gather_ids, kept_ids, sampling = sparse.check_args(
-        wanted, ids, logits.shape[-1], top_k, gather_ids, kept_ids, sampling
-    )
-    if wanted & set(sparse.SPARSE_OUTPUTS):
+    shard = None
+    if process_group is not None:
+        from lenkernels.distributed import group_name
+
+        group_name(process_group)  # type check
+        if not (extra or wanted & set(sparse.SPARSE_OUTPUTS)):  # the two-output vocab-parallel op
+            # no sparse output asked for: the checks only reject sparse arguments, whatever V is
+            sparse.check_args(wanted, ids, logits.shape[-1], top_k, gather_ids, kept_ids, sampling)
+            lp, ent = token_logprobs_entropy(
+                logits, ids, temperature=temperature, ignore_index=ignore_index, process_group=process_group,
+                backend=name,
+            )  # fmt: skip
+            return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
+        if not torch.compiler.is_compiling() and extra:
+            _extra_kernels(name)
+        shard = sparse.vocab_shard(logits, process_group)
+    vocab = logits.shape[-1] if shard is None else shard.vocab
+    top_k, gather_ids, kept_ids, sampling = sparse.check_args(wanted, ids, vocab, top_k, gather_ids, kept_ids, sampling)
+    if shard is not None or wanted & set(sparse.SPARSE_OUTPUTS):
         if _checks.value_checks(ids.device):
-            _checks.ids_in_range(ids, logits.shape[-1], ignore_index)
+            _checks.ids_in_range(ids, vocab, ignore_index)
         fields = sparse.sparse_token_stats(
-            logits, ids, temp, ignore_index, wanted, top_k, gather_ids, kept_ids, sampling, extra, name
+            logits, ids, temp, ignore_index, wanted, top_k, gather_ids, kept_ids, sampling, extra, name, shard
         )
         return TokenStats(**fields)
     if not extra:
