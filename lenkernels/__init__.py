@@ -24,6 +24,7 @@ from lenkernels.ops.phase_stats import (
 )
 from lenkernels.ops.sequence_stats import SequenceStats, sequence_stats
 from lenkernels.ops.rollout_correction import RolloutCorrection, rollout_correction
+from lenkernels.ops.cov_select import cov_select
 
 __version__ = "0.1.0"
 
@@ -55,4 +56,5 @@ __all__ = [
     "token_stats_with_phases",
     "RolloutCorrection",
     "rollout_correction",
+    "cov_select",
 ]

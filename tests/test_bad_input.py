@@ -289,6 +289,16 @@ def _length_cases():
     ]
 
 
+def _cov(device):
+    """A cov_select call (clip_cov, its own generator) where the band holds candidates."""
+    g = _gen()
+    lp = -torch.rand(4, 9, generator=g) * 3
+    return dict(logprobs=lp.to(device), advantages=torch.randn(4, 9, generator=g).to(device),
+                mask=(torch.rand(4, 9, generator=g) > 0.3).float().to(device), method="clip_cov", ratio=0.2, lb=-1.0,
+                ub=5.0, old_logprobs=(lp + 0.1 * torch.randn(4, 9, generator=g)).to(device), clip_low=0.2,
+                clip_high=0.28, generator=_gen(1))  # fmt: skip
+
+
 def _rollout_corr(device):
     g = _gen()
     old = -torch.rand(3, 6, generator=g) * 2
@@ -315,6 +325,38 @@ _TOKEN_CASES = [
     case("temperature_zero", ValueError, "temperature", temperature=0.0),
 ]
 
+def _sparse_ids(kw, width=3, fill=0, dtype=torch.long):
+    """``[*ids.shape, width]`` ids for gather_ids / kept_ids (the ids themselves, so kept sets hold them)."""
+    ids = kw["ids"]
+    out = ids.unsqueeze(-1).expand(*ids.shape, width).clone() if fill is None else torch.full_like(ids, fill).unsqueeze(-1).expand(*ids.shape, width).clone()
+    return out.to(dtype)
+
+
+# the sparse parameters of token_stats / linear_token_stats (SPEC 7: top-k, gathered, kept set)
+_SPARSE_CASES = [
+    case("top_k_negative", ValueError, "top_k", outputs=("topk",), top_k=-1),
+    case("top_k_past_vocab", ValueError, "top_k", outputs=("topk",), top_k=12),
+    case("top_k_float", TypeError, "top_k", outputs=("topk",), top_k=2.0),
+    case("topk_without_top_k", ValueError, "top_k", outputs=("topk",)),
+    case("top_k_without_topk", ValueError, "topk", top_k=2),
+    case("gathered_without_gather_ids", ValueError, "gather_ids", outputs=("gathered",)),
+    case("gather_ids_float", TypeError, "gather_ids", outputs=("gathered",), gather_ids=d(lambda kw: _sparse_ids(kw, dtype=torch.float32))),
+    case("gather_ids_shape", ValueError, "gather_ids", outputs=("gathered",), gather_ids=d(lambda kw: _sparse_ids(kw)[0])),
+    case("gather_ids_too_large", ValueError, "gather_ids", outputs=("gathered",), gather_ids=d(lambda kw: _sparse_ids(kw, fill=11))),
+    case("gather_ids_negative", ValueError, "gather_ids", outputs=("gathered",), gather_ids=d(lambda kw: _sparse_ids(kw, fill=-2))),
+    case("gather_ids_on_meta", ValueError, "gather_ids", outputs=("gathered",), gather_ids=d(lambda kw: _sparse_ids(kw).to("meta"))),
+    case("kept_ids_and_sampling", ValueError, "sampling", outputs=("kept",), kept_ids=d(lambda kw: _sparse_ids(kw, fill=None)),
+         sampling={"top_k": 2}),
+    case("kept_ids_empty", ValueError, "kept_ids", outputs=("kept",), kept_ids=d(lambda kw: _sparse_ids(kw, width=0))),
+    case("kept_without_set", ValueError, "kept", outputs=("kept",)),
+    case("sampling_not_dict", TypeError, "sampling", outputs=("kept",), sampling=[("top_k", 2)]),
+    case("sampling_unknown_key", ValueError, "sampling", outputs=("kept",), sampling={"top_n": 2}),
+    case("sampling_top_p_zero", ValueError, "top_p", outputs=("kept",), sampling={"top_p": 0.0}),
+    case("sampling_top_p_nan", ValueError, "top_p", outputs=("kept",), sampling={"top_p": NAN}),
+    case("sampling_min_p_negative", ValueError, "min_p", outputs=("kept",), sampling={"min_p": -0.5}),
+    case("sampling_top_k_negative", ValueError, "top_k", outputs=("kept",), sampling={"top_k": -3}),
+]
+
 APIS = [
     Api("token_logprobs_entropy", lk.token_logprobs_entropy, _token, "token_stats",
         numbers=(("temperature", {}, False),), cases=[
@@ -335,9 +377,11 @@ APIS = [
         seq_ok=("outputs",), cases=[
             *_TOKEN_CASES,
             case("ignore_index_float", TypeError, "ignore_index", ignore_index=-100.0),
-            case("outputs_unknown", ValueError, "output", outputs=("logprob", "topk")),
+            case("outputs_unknown", ValueError, "output", outputs=("logprob", "nope")),
             case("outputs_empty", ValueError, "outputs", outputs=()),
             case("outputs_str", TypeError, "outputs", outputs="sum_p2"),
+            case("process_group_object", TypeError, "process_group", process_group=object()),
+            *_SPARSE_CASES,
         ]),
     Api("token_logprobs", lk.token_logprobs, _token, "token_stats", cases=[
         case("ids_too_large", ValueError, "ids", ids=d(lambda kw: kw["ids"].clone().fill_(11))),
@@ -356,8 +400,9 @@ APIS = [
             *_linear_cases(),
             case("softcap_zero", ValueError, "softcap", softcap=0.0),
             case("outputs_str", TypeError, "outputs", outputs="logprob"),
-            case("outputs_unknown", ValueError, "outputs", outputs=("logprob", "topk")),
+            case("outputs_unknown", ValueError, "outputs", outputs=("logprob", "nope")),
             case("compute_dtype", TypeError, "compute_dtype", compute_dtype=torch.int32),
+            *_SPARSE_CASES,
         ]),
     Api("policy_loss", lk.policy_loss, _policy, "policy_loss",
         numbers=(("clip_low", {}, False), ("clip_high", {}, False), ("clip_dual", {}, False), ("tau_pos", {}, False),
@@ -553,6 +598,21 @@ APIS = [
                  **_packed_corr(cu_seqlens=d(lambda kw: torch.tensor([0, 9, 6, 18], device=_device(kw))))),
             case("cu_seqlens_past_end", ValueError, "cu_seqlens",
                  **_packed_corr(cu_seqlens=d(lambda kw: torch.tensor([0, 9, 19], device=_device(kw))))),
+        ]),
+    Api("cov_select", lk.cov_select, _cov,
+        numbers=(("ratio", {}, False), ("lb", {}, True), ("ub", {}, True), ("clip_low", {}, False),
+                 ("clip_high", {}, False)), cases=[
+            case("logprobs_int", TypeError, "logprobs", logprobs=d(lambda kw: kw["logprobs"].long())),
+            case("advantages_shape", ValueError, "advantages", advantages=d(lambda kw: kw["advantages"][:, :3])),
+            case("mask_shape", ValueError, "mask", mask=d(lambda kw: kw["mask"][:2])),
+            case("mask_not_binary", ValueError, "mask", mask=d(lambda kw: kw["mask"] * 0.5)),
+            case("method", ValueError, "method", method="top_cov"),
+            case("ratio_zero", ValueError, "ratio", ratio=0.0),
+            case("kl_cov_ratio_above_one", ValueError, "ratio", method="kl_cov", ratio=1.5),
+            case("old_logprobs_missing", ValueError, "old_logprobs", old_logprobs=None),
+            case("old_logprobs_shape", ValueError, "old_logprobs", old_logprobs=d(lambda kw: kw["old_logprobs"][:3])),
+            case("clip_low_above_one", ValueError, "clip_low", clip_low=1.5),
+            case("generator_seed", TypeError, "generator", generator=7),
         ]),
     Api("explain_backend", lk.explain_backend, lambda dev: dict(family="token_stats", device=dev), cases=[
         case("device_unknown", (ValueError, TypeError, RuntimeError), "tpu", device="tpu"),
@@ -866,6 +926,7 @@ def _empty_calls(device):
         "token_stats_with_phases": dict(logits=torch.randn(0, 5, 4, device=device), ids=torch.zeros(0, 5, dtype=torch.long, device=device),
                                         delimiter=[1]),
         "sequence_stats": dict(entropy=torch.rand(0, 5, device=device), top_entropy_quantile=0.2),
+        "cov_select": dict(logprobs=e.reshape(0, 4), advantages=e.reshape(0, 4), old_logprobs=e.reshape(0, 4)),
         "laser": dict(**rollouts, target_length=3),
         "laser_d": dict(**rollouts, groups=long0, target_lengths=(1, 2, 3)),
         "laser_d_targets": dict(**rollouts, groups=long0, grid=[1, 2], rollouts=4),

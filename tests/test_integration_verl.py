@@ -450,7 +450,7 @@ def test_patch_and_unpatch_swap_every_reference(monkeypatch):
             assert core.get_policy_loss_fn(name) is fn
         for name, fn in lk_verl.ADVANTAGE_ESTIMATORS.items():
             assert core.get_adv_estimator_fn(name) is fn
-        assert core.get_policy_loss_fn("clip_cov") is registries[0]["clip_cov"]  # not covered: verl's
+        assert core.get_policy_loss_fn("bypass_mode") is registries[0]["bypass_mode"]  # not covered: verl's
         # a verl module imported while patched binds the drop-in; unpatch() must reach it too
         late = types.ModuleType("verl._lenkernels_probe")
         late.logprobs_from_logits = verl_F.logprobs_from_logits
@@ -478,7 +478,7 @@ def test_patch_nests_excludes_and_restores_on_error():
         raise RuntimeError("boom")
     assert _originals() == before and not lk_verl.is_patched()
     with pytest.raises(ValueError, match="does not replace"):
-        lk_verl.patch(exclude=("compute_policy_loss_clip_cov",))
+        lk_verl.patch(exclude=("compute_policy_loss_bypass_mode",))
     assert not lk_verl.is_patched()
 
 

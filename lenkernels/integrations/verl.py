@@ -24,12 +24,19 @@ that imported them with ``from ... import``, and in ``POLICY_LOSS_REGISTRY`` /
 
 What is covered (``PATCHED_NAMES``): ``logprobs_from_logits``, ``entropy_from_logits``,
 ``entropy_from_logits_with_chunking``, ``kl_penalty``, ``agg_loss``; the policy losses
-``vanilla``, ``gspo``, ``sapo``, ``gpg``, ``geo_mean``, ``cispo`` (plus
-``compute_policy_loss_reinforce``, which ``bypass_mode`` calls); the outcome advantages ``grpo``,
+``vanilla``, ``gspo``, ``sapo``, ``gpg``, ``geo_mean``, ``cispo`` (``POLICY_LOSSES``) and
+``dppo_tv``, ``dppo_kl``, ``dro``, ``clip_cov``, ``kl_cov`` (``EXTRA_POLICY_LOSSES``), plus
+``compute_policy_loss_reinforce``, which ``bypass_mode`` calls; the outcome advantages ``grpo``,
 ``grpo_vectorized``, ``rloo``, ``rloo_vectorized``, ``reinforce_plus_plus_baseline``, ``opo``,
-``grpo_passk`` and ``gpg``. verl's other registry entries (``dppo_tv``, ``dppo_kl``, ``clip_cov``,
-``kl_cov``, ``dro``, ``bypass_mode``'s own wrapper, ``gae``, ``remax``, ``reinforce_plus_plus``,
-``gdpo``, the optimal-token baselines) stay verl's.
+``grpo_passk`` and ``gpg``. Each policy loss is one fused ``lenkernels.policy_loss`` call (DPPO
+and DRO are modes of it); ``clip_cov`` / ``kl_cov`` first select their tokens with
+``lenkernels.cov_select`` (verl's selection, torch's RNG drawn exactly as verl draws it, so the
+same tokens under the same seed) and then make one fused call: Clip-Cov's 0/1 keep mask is the
+op's importance weights, KL-Cov's ``|log_ratio|`` term on the selected tokens is the op's ``abs``
+KL term against ``where(selected, old_log_prob, log_prob)`` (see ``_verl_losses._kl_cov``).
+verl's other registry entries (``bypass_mode``'s own wrapper, ``gae``, ``remax``,
+``reinforce_plus_plus``, ``gdpo``, the optimal-token baselines) and its rollout correction
+(``rollout_corr_helper``) stay verl's.
 
 The path verl's trainer runs (``PATCHED_ENGINE_NAMES``): where verl's FSDP engine module imports
 (it needs ``peft``), ``patch()`` also replaces ``FSDPEngineWithLMHead.prepare_model_outputs``, the
@@ -63,8 +70,19 @@ Differences, all deliberate:
 - ``agg_loss`` over an all-masked (or empty) batch gives 0 where verl divides 0 by 0 (NaN:
   ``token-mean``, and the seq-mean modes without ``global_batch_size``); the mask must hold 0/1
   (a weighting belongs in ``rollout_is_weights``). The policy losses aggregate the same way.
-- The ``ppo_kl`` metric of ``vanilla``/``sapo``/``cispo`` is the unclamped mean of
-  ``old - new`` (verl clamps the log-ratio to +-20 first; they differ only beyond that).
+- The ``ppo_kl`` metric of ``vanilla``/``sapo``/``cispo``/``dppo_tv``/``dppo_kl`` is the
+  unclamped mean of ``old - new`` (verl clamps the log-ratio to +-20 first; they differ only
+  beyond that). Conversely ``clip_cov``/``kl_cov`` take the ratio ``exp(clamp(l, +-20))`` where
+  verl takes ``exp(l)``: they differ only for a token more than 20 nats off (verl's ratio is then
+  past 4.8e8, or inf).
+- ``kl_cov``'s covariances are computed where the inputs are; verl copies them to the CPU first.
+  On the CPU the selection is verl's bit for bit; on a GPU a rounding difference of a mean can
+  swap two tokens whose covariances tie to within an ulp. In half precision DPPO's trust-region
+  test runs in float32 on the half values (verl's in the half dtype), so a token on the region's
+  edge can fall on the other side.
+- Where verl ``assert``s (no ``config.policy_loss``, ``clip_cov_ratio``/``kl_cov_ratio`` <= 0) the
+  drop-ins raise ValueError; ``kl_cov_ratio`` > 1 (verl's ``topk`` fails) and a DPPO
+  ``clip_ratio_c`` <= 0 (meaningless) are ValueErrors too.
 - A GRPO group whose scores are all equal gets exactly 0 (verl divides a rounding residue by eps).
 - float64 inputs get the exact float64 value where verl mixes float32 numbers into its float64
   arithmetic (``grpo``'s std 1 of a group of one, plus eps; ``grpo_vectorized``'s group means
@@ -99,12 +117,18 @@ from lenkernels.integrations._verl_engine import (
     prepare_model_outputs,
 )
 from lenkernels.integrations._verl_losses import (
+    EXTRA_POLICY_LOSSES,
     POLICY_LOSSES,
     agg_loss,
     compute_policy_loss_cispo,
+    compute_policy_loss_clip_cov,
+    compute_policy_loss_dppo_kl,
+    compute_policy_loss_dppo_tv,
+    compute_policy_loss_dro,
     compute_policy_loss_geo_mean,
     compute_policy_loss_gpg,
     compute_policy_loss_gspo,
+    compute_policy_loss_kl_cov,
     compute_policy_loss_reinforce,
     compute_policy_loss_sapo,
     compute_policy_loss_vanilla,
@@ -128,6 +152,11 @@ __all__ = [
     "compute_policy_loss_gpg",
     "compute_policy_loss_geo_mean",
     "compute_policy_loss_cispo",
+    "compute_policy_loss_dppo_tv",
+    "compute_policy_loss_dppo_kl",
+    "compute_policy_loss_clip_cov",
+    "compute_policy_loss_kl_cov",
+    "compute_policy_loss_dro",
     "compute_policy_loss_reinforce",
     "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
@@ -142,6 +171,7 @@ __all__ = [
     "forward_with_torch_backend",
     "forward_with_triton_backend",
     "POLICY_LOSSES",
+    "EXTRA_POLICY_LOSSES",
     "ADVANTAGE_ESTIMATORS",
     "PATCHED_NAMES",
     "PATCHED_ENGINE_NAMES",
@@ -162,7 +192,7 @@ def _replacements() -> list[Replacement]:
     reps = [Replacement(_TF, name, globals()[name])
             for name in ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking")]  # fmt: skip
     reps += [Replacement(_CORE, name, globals()[name]) for name in ("kl_penalty", "agg_loss")]
-    reps += [Replacement(_CORE, f.__name__, f) for f in POLICY_LOSSES.values()]
+    reps += [Replacement(_CORE, f.__name__, f) for f in (*POLICY_LOSSES.values(), *EXTRA_POLICY_LOSSES.values())]
     reps.append(Replacement(_CORE, "compute_policy_loss_reinforce", compute_policy_loss_reinforce))
     reps += [Replacement(_CORE, f.__name__, f) for f in ADVANTAGE_ESTIMATORS.values()]
     reps += _engine_replacements()
@@ -199,7 +229,7 @@ def _registries() -> list[dict]:
 
 PATCHED_NAMES = tuple(
     ["logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking", "kl_penalty", "agg_loss"]
-    + [f.__name__ for f in POLICY_LOSSES.values()]
+    + [f.__name__ for f in (*POLICY_LOSSES.values(), *EXTRA_POLICY_LOSSES.values())]
     + ["compute_policy_loss_reinforce"]
     + [f.__name__ for f in ADVANTAGE_ESTIMATORS.values()]
 )

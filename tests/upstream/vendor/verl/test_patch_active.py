@@ -34,7 +34,7 @@ IMPORTED_BY_NAME = {
     ),
     test_loss_aggregation_on_cpu: ("agg_loss",),
     test_rollout_corr_integration: ("compute_policy_loss_vanilla",),
-    test_dynamic_policy_losses_on_cpu: (),
+    test_dynamic_policy_losses_on_cpu: ("compute_policy_loss_dro",),
     test_value_loss_normalization_on_cpu: (),
     test_torch_functional: (),
 }
