@@ -518,7 +518,7 @@ def token_stats(
             return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
         if not torch.compiler.is_compiling() and extra:
             _extra_kernels(name)
-        shard = sparse.vocab_shard(logits, process_group)
+        shard = sparse.vp.vocab_shard(logits, process_group)
     vocab = logits.shape[-1] if shard is None else shard.vocab
     top_k, gather_ids, kept_ids, sampling = sparse.check_args(wanted, ids, vocab, top_k, gather_ids, kept_ids, sampling)
     if shard is not None or wanted & set(sparse.SPARSE_OUTPUTS):
