@@ -69,6 +69,13 @@ def run(fn, old, lp, adv, mask, mode, cfg, w, *, seed=1234):
     return loss, metrics, x.grad, after
 
 
+def both(name, old, lp, adv, mask, mode, cfg, w, **kw):
+    """:func:`run` of the drop-in ``name`` and of verl's registry entry on the same inputs."""
+    ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, cfg, w, **kw)
+    theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, mode, cfg, w, **kw)
+    return ours, theirs
+
+
 def same_metrics(ours: dict, theirs: dict, name: str):
     assert list(ours) == list(theirs), (name, list(ours), list(theirs))
     for key, value in theirs.items():
@@ -85,25 +92,38 @@ def check(name, ours, theirs, mask, *, scale):
     assert torch.equal(ours[3], theirs[3]), f"{name}: the RNG was advanced differently from verl"
 
 
+def config_for(name):
+    """The test configuration of any loss of ``EXTRA_POLICY_LOSSES`` (``fused_config`` below)."""
+    return actor_config(**CONFIGS[name]) if name in COV else fused_config(name)
+
+
+def dtype_runs(name, dtype, mask_dtype, *, half_rtol):
+    """Both losses on ``batch``'s inputs in ``dtype`` (mask in ``mask_dtype``), unweighted token-mean
+    and weighted seq-mean-token-mean: the result dtypes compared, and the loss, gradient and metrics
+    to float64/float32 precision; in half precision the loss only, within ``half_rtol``. Returns
+    ``(label, ours, theirs)`` per mode for the loss's own checks."""
+    lp, old, adv, mask, w = (x.to(dtype) for x in batch(5, 48, "cpu"))
+    mask = mask.to(mask_dtype)
+    cfg = config_for(name)
+    runs = []
+    for mode, weights in (("token-mean", None), ("seq-mean-token-mean", w)):
+        ours, theirs = both(name, old, lp, adv, mask, mode, cfg, weights)
+        label = f"{name} {dtype} {mask_dtype} {mode}"
+        assert ours[0].dtype == theirs[0].dtype, (label, ours[0].dtype, theirs[0].dtype)
+        assert ours[2].dtype == theirs[2].dtype
+        if dtype in (torch.float64, torch.float32):
+            rtol = 1e-12 if dtype == torch.float64 else 2e-5
+            trainer_close(ours[0], theirs[0], f"{label} loss", rtol=rtol, scale=float(adv.abs().max()))
+            trainer_close(ours[2], theirs[2], f"{label} d log_prob", rtol=rtol)
+            same_metrics(ours[1], theirs[1], label)
+        else:
+            trainer_close(ours[0].float(), theirs[0].float(), f"{label} loss", rtol=half_rtol,
+                          scale=float(adv.abs().max()))  # fmt: skip
+        runs.append((label, ours, theirs))
+    return runs
+
+
 # --- the covariance losses -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", COV)
-@pytest.mark.parametrize("mode", AGGS)
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "rollout_is"])
-def test_cov_losses_match_verl(device, name, mode, weighted):
-    lp, old, adv, mask, w = batch(8, 64, device)
-    cfg = actor_config(**CONFIGS[name])
-    weights = w if weighted else None
-    ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, cfg, weights)
-    theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, mode, cfg, weights)
-    check(f"{name} {mode}", ours, theirs, mask, scale=float(adv.abs().max()))
-    # the selection acted: selected tokens lose (clip_cov) or gain (kl_cov) a term, so the loss
-    # differs from the same loss with nothing selected
-    nothing = actor_config(**{**CONFIGS[name], **NOTHING[name]})
-    plain = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, nothing, weights)
-    assert not torch.equal(plain[2], ours[2]), f"{name}: no token was selected in the test batch"
 
 
 @pytest.mark.parametrize("name", COV)
@@ -114,23 +134,10 @@ def test_cov_losses_default_config_and_seeds(name):
     adv = adv * 3  # covariances inside clip_cov's default band [1, 5]
     cfg = actor_config(loss_mode=name)
     for seed in range(4):
-        ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, "token-mean", cfg, w, seed=seed)
-        theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, "token-mean", cfg, w, seed=seed)
+        ours, theirs = both(name, old, lp, adv, mask, "token-mean", cfg, w, seed=seed)
         check(f"{name} seed {seed}", ours, theirs, mask, scale=float(adv.abs().max()))
         if name == "clip_cov":  # the default band held candidates: the draw happened
             assert ours[1]["actor/pg_clipfrac"] > 0
-
-
-@pytest.mark.parametrize("name", COV)
-def test_cov_losses_with_global_batch_info(name):
-    """verl's global normalisers (config.global_batch_info) and dp_size."""
-    lp, old, adv, mask, w = batch(4, 40, "cpu")
-    cfg = actor_config(**CONFIGS[name])
-    cfg.global_batch_info.update(dp_size=3, batch_num_tokens=97, global_batch_size=11, loss_scale_factor=64)
-    for mode in ("token-mean", "seq-mean-token-sum-norm"):
-        ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, cfg, w)
-        theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, mode, cfg, w)
-        check(f"{name} {mode}", ours, theirs, mask, scale=float(adv.abs().max()))
 
 
 @pytest.mark.parametrize("name", COV)
@@ -141,25 +148,11 @@ def test_cov_losses_dtypes(name, dtype, mask_dtype):
     verl's ratio is rounded to the half dtype and the fused op's is not, which moves tokens across
     the PPO band (a kink of the loss): there the loss and dtype are compared, the selection too
     (through the metric), the gradient only by its dtype."""
-    lp, old, adv, mask, w = (x.to(dtype) for x in batch(5, 48, "cpu"))
-    mask = mask.to(mask_dtype)
-    cfg = actor_config(**CONFIGS[name])
-    for mode, weights in (("token-mean", None), ("seq-mean-token-mean", w)):
-        ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, cfg, weights)
-        theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, mode, cfg, weights)
-        label = f"{name} {dtype} {mask_dtype} {mode}"
-        assert ours[0].dtype == theirs[0].dtype, (label, ours[0].dtype, theirs[0].dtype)
-        assert ours[2].dtype == theirs[2].dtype
+    for label, ours, theirs in dtype_runs(name, dtype, mask_dtype, half_rtol=3e-2):
         assert torch.equal(ours[3], theirs[3]), label
-        if dtype in (torch.float64, torch.float32):
-            rtol = 1e-12 if dtype == torch.float64 else 2e-5
-            trainer_close(ours[0], theirs[0], f"{label} loss", rtol=rtol, scale=float(adv.abs().max()))
-            trainer_close(ours[2], theirs[2], f"{label} d log_prob", rtol=rtol)
-            same_metrics(ours[1], theirs[1], label)
-        else:
-            trainer_close(ours[0].float(), theirs[0].float(), f"{label} loss", rtol=3e-2, scale=float(adv.abs().max()))
-            if name == "clip_cov":  # the fraction of selected tokens: the same selection
-                assert ours[1]["actor/pg_clipfrac"] == pytest.approx(theirs[1]["actor/pg_clipfrac"], rel=1e-6)
+        if name == "clip_cov" and dtype not in (torch.float64, torch.float32):
+            # the fraction of selected tokens: the same selection
+            assert ours[1]["actor/pg_clipfrac"] == pytest.approx(theirs[1]["actor/pg_clipfrac"], rel=1e-6)
 
 
 def test_kl_cov_selects_verls_tokens_per_gradient():
@@ -184,8 +177,7 @@ def test_cov_losses_no_valid_token():
     mask = torch.zeros_like(lp)
     for name in COV:
         cfg = actor_config(**CONFIGS[name])
-        ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, "token-sum", cfg, w)
-        theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, "token-sum", cfg, w)
+        ours, theirs = both(name, old, lp, adv, mask, "token-sum", cfg, w)
         check(f"{name} empty", ours, theirs, mask, scale=1.0)
         loss, _ = lk_verl.EXTRA_POLICY_LOSSES[name](old, lp, adv, mask, "token-mean", cfg, w)
         assert float(loss) == 0.0
@@ -225,32 +217,6 @@ def fused_config(name, **kw):
                                   clip_ratio_high=high, clip_ratio_c=1.3, **kw)  # fmt: skip
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", FUSED)
-@pytest.mark.parametrize("mode", AGGS)
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "rollout_is"])
-def test_dppo_and_dro_match_verl(device, name, mode, weighted):
-    lp, old, adv, mask, w = batch(8, 64, device)
-    cfg = fused_config(name)
-    weights = w if weighted else None
-    ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, cfg, weights)
-    theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, mode, cfg, weights)
-    check(f"{name} {mode}", ours, theirs, mask, scale=float(adv.abs().max()))
-    if name != "dro":  # both sides of the trust region and of the truncation are in the batch
-        assert 0.0 < ours[1]["actor/pg_clipfrac"] < 0.9 and ours[1]["actor/pg_clipfrac_lower"] > 0.0, ours[1]
-
-
-@pytest.mark.parametrize("name", FUSED)
-def test_dppo_and_dro_with_global_batch_info(name):
-    lp, old, adv, mask, w = batch(4, 40, "cpu")
-    cfg = fused_config(name)
-    cfg.global_batch_info.update(dp_size=3, batch_num_tokens=97, global_batch_size=11, loss_scale_factor=64)
-    for mode in ("token-mean", "seq-mean-token-sum-norm"):
-        ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, cfg, w)
-        theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, mode, cfg, w)
-        check(f"{name} {mode}", ours, theirs, mask, scale=float(adv.abs().max()))
-
-
 @pytest.mark.parametrize("name", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
@@ -260,22 +226,7 @@ def test_dppo_and_dro_dtypes(name, dtype, mask_dtype):
     probabilities, their difference and the binary KL in the half dtype, the fused op in float32
     from the same values: a token at the region's edge may fall on the other side, so the loss
     is compared loosely and the gradient by its dtype."""
-    lp, old, adv, mask, w = (x.to(dtype) for x in batch(5, 48, "cpu"))
-    mask = mask.to(mask_dtype)
-    cfg = fused_config(name)
-    for mode, weights in (("token-mean", None), ("seq-mean-token-mean", w)):
-        ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, cfg, weights)
-        theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, mode, cfg, weights)
-        label = f"{name} {dtype} {mask_dtype} {mode}"
-        assert ours[0].dtype == theirs[0].dtype, (label, ours[0].dtype, theirs[0].dtype)
-        assert ours[2].dtype == theirs[2].dtype
-        if dtype in (torch.float64, torch.float32):
-            rtol = 1e-12 if dtype == torch.float64 else 2e-5
-            trainer_close(ours[0], theirs[0], f"{label} loss", rtol=rtol, scale=float(adv.abs().max()))
-            trainer_close(ours[2], theirs[2], f"{label} d log_prob", rtol=rtol)
-            same_metrics(ours[1], theirs[1], label)
-        else:
-            trainer_close(ours[0].float(), theirs[0].float(), f"{label} loss", rtol=5e-2, scale=float(adv.abs().max()))
+    dtype_runs(name, dtype, mask_dtype, half_rtol=5e-2)
 
 
 def test_dppo_truncation_default_and_dict_config():
@@ -287,8 +238,7 @@ def test_dppo_truncation_default_and_dict_config():
     cfg = omegaconf.OmegaConf.create(dict(clip_ratio=0.5, clip_ratio_low=None, clip_ratio_high=None,
                                           global_batch_info={}))  # fmt: skip
     for name in ("dppo_tv", "dppo_kl"):
-        ours = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, "token-mean", cfg, w)
-        theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, "token-mean", cfg, w)
+        ours, theirs = both(name, old, lp, adv, mask, "token-mean", cfg, w)
         check(f"{name} dict config", ours, theirs, mask, scale=float(adv.abs().max()))
         assert ours[1]["actor/pg_clipfrac_lower"] > 0.0
 
@@ -312,11 +262,45 @@ def test_empty_micro_batches_give_verls_results(shape):
     empty-batch error."""
     x, mask = torch.zeros(shape), torch.ones(shape, dtype=torch.bool)
     for name, fn in lk_verl.EXTRA_POLICY_LOSSES.items():
-        cfg = actor_config(**CONFIGS[name]) if name in COV else fused_config(name)
+        cfg = config_for(name)
         ours = fn(x, x, x, mask, "token-sum", cfg)
         theirs = core.get_policy_loss_fn(name)(x, x, x, mask, "token-sum", cfg)
         assert torch.equal(ours[0], theirs[0]) and ours[0].dtype == theirs[0].dtype, (name, ours[0], theirs[0])
         assert ours[1] == theirs[1], (name, ours[1], theirs[1])
+
+
+# --- every loss ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", COV + FUSED)
+@pytest.mark.parametrize("mode", AGGS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "rollout_is"])
+def test_losses_match_verl(device, name, mode, weighted):
+    lp, old, adv, mask, w = batch(8, 64, device)
+    cfg = config_for(name)
+    weights = w if weighted else None
+    ours, theirs = both(name, old, lp, adv, mask, mode, cfg, weights)
+    check(f"{name} {mode}", ours, theirs, mask, scale=float(adv.abs().max()))
+    if name in COV:
+        # the selection acted: selected tokens lose (clip_cov) or gain (kl_cov) a term, so the loss
+        # differs from the same loss with nothing selected
+        nothing = actor_config(**{**CONFIGS[name], **NOTHING[name]})
+        plain = run(lk_verl.EXTRA_POLICY_LOSSES[name], old, lp, adv, mask, mode, nothing, weights)
+        assert not torch.equal(plain[2], ours[2]), f"{name}: no token was selected in the test batch"
+    elif name != "dro":  # both sides of the trust region and of the truncation are in the batch
+        assert 0.0 < ours[1]["actor/pg_clipfrac"] < 0.9 and ours[1]["actor/pg_clipfrac_lower"] > 0.0, ours[1]
+
+
+@pytest.mark.parametrize("name", COV + FUSED)
+def test_losses_with_global_batch_info(name):
+    """verl's global normalisers (config.global_batch_info) and dp_size."""
+    lp, old, adv, mask, w = batch(4, 40, "cpu")
+    cfg = config_for(name)
+    cfg.global_batch_info.update(dp_size=3, batch_num_tokens=97, global_batch_size=11, loss_scale_factor=64)
+    for mode in ("token-mean", "seq-mean-token-sum-norm"):
+        ours, theirs = both(name, old, lp, adv, mask, mode, cfg, w)
+        check(f"{name} {mode}", ours, theirs, mask, scale=float(adv.abs().max()))
 
 
 # --- the kl_cov composition on every backend of the fused op ---------------------------------------
@@ -422,7 +406,7 @@ def test_patched_verl_calls_through_the_registry():
     and it returns what verl's own function returns (same seed)."""
     lp, old, adv, mask, w = batch(6, 40, "cpu")
     for name in lk_verl.EXTRA_POLICY_LOSSES:
-        cfg = actor_config(**CONFIGS[name]) if name in COV else fused_config(name)
+        cfg = config_for(name)
         theirs = run(core.get_policy_loss_fn(name), old, lp, adv, mask, "token-mean", cfg, w)
         with lk_verl.patched():
             ours = run(core.get_policy_loss_fn(name), old, lp, adv, mask, "token-mean", cfg, w)

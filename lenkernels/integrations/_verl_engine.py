@@ -343,22 +343,24 @@ def _forward_doc(fn):
     return fn
 
 
-@_forward_doc
-def forward_with_torch_backend(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                               inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
-                               output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep=0,
-                               temperature=1.0, shift_labels=None, **loss_kwargs):  # fmt: skip
-    kwargs = {k: v for k, v in locals().items() if k not in ("self", "loss_kwargs")}
-    return _fused_forward(self, "forward_with_torch_backend", None, {**kwargs, **loss_kwargs})
+def _backend_forward(name: str, entropy_dtype: torch.dtype | None):
+    """verl's forward ``name`` (both of verl's fused forwards have this signature), the entropy in
+    ``entropy_dtype`` (None: the hidden dtype)."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, cache_position=None, logits_to_keep=0, temperature=1.0, shift_labels=None,
+                **loss_kwargs):  # fmt: skip
+        # locals() holds the arguments and this closure's two variables
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "loss_kwargs", "name", "entropy_dtype")}
+        return _fused_forward(self, name, entropy_dtype, {**kwargs, **loss_kwargs})
+
+    forward.__name__ = forward.__qualname__ = name
+    return _forward_doc(forward)
 
 
-@_forward_doc
-def forward_with_triton_backend(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
-                                output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep=0,
-                                temperature=1.0, shift_labels=None, **loss_kwargs):  # fmt: skip
-    kwargs = {k: v for k, v in locals().items() if k not in ("self", "loss_kwargs")}
-    return _fused_forward(self, "forward_with_triton_backend", torch.float32, {**kwargs, **loss_kwargs})
+forward_with_torch_backend = _backend_forward("forward_with_torch_backend", None)
+forward_with_triton_backend = _backend_forward("forward_with_triton_backend", torch.float32)
 
 
 def _runs_lenkernels_forward(module) -> bool:

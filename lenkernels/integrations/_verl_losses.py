@@ -240,12 +240,18 @@ def _clip(config) -> dict:
     return {"clip_low": low, "clip_high": high}
 
 
-def _dual_clip(config) -> dict:
+def _clip_and_c(config, default: float, floor: float, what: str) -> dict:
+    """The clip ratios and ``clip_dual`` from ``config.clip_ratio_c`` (``default`` when absent),
+    which must exceed ``floor`` (ValueError naming ``what`` the bound is)."""
     options = _clip(config)
-    dual = float(_cfg(config, "clip_ratio_c", 3.0))
-    if not dual > 1.0:
-        raise ValueError(f"clip_ratio_c (the dual-clip bound) must be > 1.0, got {dual}")
-    return {**options, "clip_dual": dual}
+    c = float(_cfg(config, "clip_ratio_c", default))
+    if not c > floor:
+        raise ValueError(f"clip_ratio_c ({what}) must be > {floor}, got {c}")
+    return {**options, "clip_dual": c}
+
+
+def _dual_clip(config) -> dict:
+    return _clip_and_c(config, 3.0, 1.0, "the dual-clip bound")
 
 
 def _sapo_temperatures(config) -> dict:
@@ -548,11 +554,7 @@ def _dppo(config) -> dict:
     """DPPO's divergence thresholds (verl's clip_ratio_low/high, default clip_ratio) and the
     truncation C of the detached ratio: ``config.get("clip_ratio_c", 20.0)`` as verl reads it (a
     verl ActorConfig carries clip_ratio_c = 3.0)."""
-    options = _clip(config)
-    c = float(_cfg(config, "clip_ratio_c", 20.0))
-    if not c > 0:
-        raise ValueError(f"clip_ratio_c (DPPO's ratio truncation) must be > 0, got {c}")
-    return {**options, "clip_dual": c}
+    return _clip_and_c(config, 20.0, 0, "DPPO's ratio truncation")
 
 
 def _dro(config) -> dict:

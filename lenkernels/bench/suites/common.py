@@ -10,6 +10,15 @@ from lenkernels.bench.core import Provider
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def vocab_cases(options, *, full: list[int], default: list[int]) -> list[dict]:
+    """The ``{"tokens", "vocab", "dtype"}`` cases of a suite over ``[N, V]`` logits: the sizes of
+    ``--tokens``, else ``full`` under ``--full``, else ``default``; bf16 and a 151,936-word
+    vocabulary unless ``--dtype`` / ``--vocab`` say otherwise."""
+    dtype, vocab = options.dtype or "bf16", options.vocab or 151_936
+    sizes = options.tokens or (full if options.full else default)
+    return [{"tokens": n, "vocab": vocab, "dtype": dtype} for n in sizes]
+
+
 def backend_available(family: str, backend: str):
     def check(device: torch.device) -> tuple[bool, str]:
         return _backend.backend_status(family, device)[backend]

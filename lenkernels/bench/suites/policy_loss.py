@@ -8,7 +8,7 @@ import torch
 import lenkernels as lk
 from lenkernels.bench import eager
 from lenkernels.bench.core import Provider, Suite, register
-from lenkernels.bench.suites.common import DTYPES, lenkernels_providers
+from lenkernels.bench.suites.common import DTYPES, lenkernels_providers, vocab_cases
 from lenkernels.reference import policy_loss as ref
 from lenkernels.reference import token_stats as ref_tokens
 
@@ -117,14 +117,8 @@ register(
 
 
 def logits_cases(options):
-    dtype, vocab = options.dtype or "bf16", options.vocab or 151_936
-    if options.tokens:
-        sizes = options.tokens
-    elif options.full:
-        sizes = [1024, 4096, 8192] if options.device_type == "cuda" else [256, 1024]
-    else:
-        sizes = [8192] if options.device_type == "cuda" else [32]
-    return [{"tokens": n, "vocab": vocab, "dtype": dtype} for n in sizes]
+    cuda = options.device_type == "cuda"
+    return vocab_cases(options, full=[1024, 4096, 8192] if cuda else [256, 1024], default=[8192] if cuda else [32])
 
 
 def logits_inputs(case, device):

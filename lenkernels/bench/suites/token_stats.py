@@ -7,22 +7,16 @@ import torch
 import lenkernels as lk
 from lenkernels.bench import eager
 from lenkernels.bench.core import Provider, Suite, register
-from lenkernels.bench.suites.common import DTYPES, grads, lenkernels_providers, model_output
+from lenkernels.bench.suites.common import DTYPES, grads, lenkernels_providers, model_output, vocab_cases
 from lenkernels.reference import token_stats as ref
 
 TEMPERATURE = 0.9
 
 
 def cases(options):
-    dtype = options.dtype or "bf16"
-    vocab = options.vocab or 151_936
-    if options.tokens:
-        sizes = options.tokens
-    elif options.full:
-        sizes = [1024, 4096, 8192, 16384] if options.device_type == "cuda" else [256, 512, 1024, 2048]
-    else:
-        sizes = [8192] if options.device_type == "cuda" else [32]
-    return [{"tokens": n, "vocab": vocab, "dtype": dtype} for n in sizes]
+    cuda = options.device_type == "cuda"
+    return vocab_cases(options, full=[1024, 4096, 8192, 16384] if cuda else [256, 512, 1024, 2048],
+                       default=[8192] if cuda else [32])  # fmt: skip
 
 
 def make_inputs(case, device):

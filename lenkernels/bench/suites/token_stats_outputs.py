@@ -36,7 +36,7 @@ import torch
 
 import lenkernels as lk
 from lenkernels.bench.core import Provider, Suite, _sync, max_error, register
-from lenkernels.bench.suites.common import DTYPES
+from lenkernels.bench.suites.common import DTYPES, vocab_cases
 from lenkernels.reference import token_stats as ref
 
 NAME = "token_stats_outputs"
@@ -70,15 +70,7 @@ def cases(options):
     named = bool(options.suite) and NAME in options.suite
     if not (named or options.full):
         return []  # opt-in: keeps the default run of every suite short
-    dtype = options.dtype or "bf16"
-    vocab = options.vocab or 151_936
-    if options.tokens:
-        sizes = options.tokens
-    elif options.full:
-        sizes = [64, 128, 256, 512]
-    else:
-        sizes = [16] if options.device_type == "cpu" else [512]
-    return [{"tokens": n, "vocab": vocab, "dtype": dtype} for n in sizes]
+    return vocab_cases(options, full=[64, 128, 256, 512], default=[16] if options.device_type == "cpu" else [512])
 
 
 def make_inputs(case, device):
