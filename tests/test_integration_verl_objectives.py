@@ -18,7 +18,7 @@ verl_actor = trainer_module("verl.workers.config.actor")
 
 import lenkernels
 from lenkernels.integrations import verl as lk_verl
-from lenkernels.integrations._verl_losses import _NO_CLIP
+from lenkernels.integrations._verl_objectives import _NO_CLIP
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")

@@ -33,7 +33,7 @@ and DRO are modes of it); ``clip_cov`` / ``kl_cov`` first select their tokens wi
 ``lenkernels.cov_select`` (verl's selection, torch's RNG drawn exactly as verl draws it, so the
 same tokens under the same seed) and then make one fused call: Clip-Cov's 0/1 keep mask is the
 op's importance weights, KL-Cov's ``|log_ratio|`` term on the selected tokens is the op's ``abs``
-KL term against ``where(selected, old_log_prob, log_prob)`` (see ``_verl_losses._kl_cov``).
+KL term against ``where(selected, old_log_prob, log_prob)`` (see ``_verl_objectives._kl_cov``).
 verl's other registry entries (``bypass_mode``'s own wrapper, ``gae``, ``remax``,
 ``reinforce_plus_plus``, ``gdpo``, the optimal-token baselines) and its rollout correction
 (``rollout_corr_helper``) stay verl's.
@@ -96,8 +96,9 @@ from __future__ import annotations
 from lenkernels.integrations import ModulePatch, Replacement, _check_exclude, _export
 
 # The drop-ins live in private modules by what they compute: _verl_token_stats (verl.utils.
-# torch_functional), _verl_losses (KL, agg_loss, the policy losses) and _verl_advantages (the
-# outcome advantages). This module re-exports them (as their home: ``__module__``, see the end)
+# torch_functional), _verl_losses (KL, agg_loss, the PPO-family policy losses), _verl_objectives
+# (dppo_tv, dppo_kl, dro, clip_cov, kl_cov), _verl_advantages (the outcome advantages) and
+# _verl_engine (the FSDP engine's output path). This module re-exports them (as their home: ``__module__``, see the end)
 # and patches them into verl.
 from lenkernels.integrations._verl_advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -117,22 +118,24 @@ from lenkernels.integrations._verl_engine import (
     prepare_model_outputs,
 )
 from lenkernels.integrations._verl_losses import (
-    EXTRA_POLICY_LOSSES,
     POLICY_LOSSES,
     agg_loss,
     compute_policy_loss_cispo,
-    compute_policy_loss_clip_cov,
-    compute_policy_loss_dppo_kl,
-    compute_policy_loss_dppo_tv,
-    compute_policy_loss_dro,
     compute_policy_loss_geo_mean,
     compute_policy_loss_gpg,
     compute_policy_loss_gspo,
-    compute_policy_loss_kl_cov,
     compute_policy_loss_reinforce,
     compute_policy_loss_sapo,
     compute_policy_loss_vanilla,
     kl_penalty,
+)
+from lenkernels.integrations._verl_objectives import (
+    EXTRA_POLICY_LOSSES,
+    compute_policy_loss_clip_cov,
+    compute_policy_loss_dppo_kl,
+    compute_policy_loss_dppo_tv,
+    compute_policy_loss_dro,
+    compute_policy_loss_kl_cov,
 )
 from lenkernels.integrations._verl_token_stats import (
     entropy_from_logits,
