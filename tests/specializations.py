@@ -45,12 +45,8 @@ def token_stats_launches():
     """50 sequence lengths, vocabularies within a bucket, temperatures, ignore indices, dtypes."""
     import torch
 
-    from lenkernels.ops.token_stats import (
-        _token_stats_extra_backward,
-        token_stats_bwd,
-        token_stats_extra_fwd,
-        token_stats_fwd,
-    )
+    from lenkernels.ops.token_stats import token_stats_bwd, token_stats_fwd
+    from lenkernels.ops.token_stats_extra import _token_stats_extra_backward, token_stats_extra_fwd
 
     for i in range(50):
         n = 1 + 37 * i  # 1 .. 1814 rows: split and unsplit plans

@@ -29,11 +29,11 @@ same statistics from every rank's shard, merged across the group.
 
 from __future__ import annotations
 
-
 import torch
 
 from lenkernels import _checks
 from lenkernels.ops import token_stats as ts
+from lenkernels.ops import token_stats_extra as tse
 from lenkernels.ops import token_stats_vocab_parallel as vp
 
 SPARSE_OUTPUTS = ("topk", "gathered", "kept")
@@ -317,7 +317,7 @@ def _token_stats_sparse(
     unless ``extra``) and fp32 ``z`` at ``sparse_ids`` ``[..., M]``. Differentiable in ``logits``
     through every float output, ``lse`` included."""
     if extra:
-        dense = ts.token_stats_extra_fwd(logits, ids, temperature, NO_IGNORE, backend)
+        dense = tse.token_stats_extra_fwd(logits, ids, temperature, NO_IGNORE, backend)
     else:
         empty = [torch.empty(0, dtype=torch.int64 if i == 2 else torch.float32, device=logits.device)
                  for i in range(_N_EXTRA)]  # fmt: skip
@@ -363,7 +363,7 @@ def _token_stats_sparse_backward(
     """d(loss)/d(logits): the dense backward kernel (``g_logprobs`` already holds ``-g_lse``), then
     ``(g_lse at ids, g_z at sparse_ids) / T`` added in place."""
     if extra:
-        dlogits = ts._token_stats_extra_backward(
+        dlogits = tse._token_stats_extra_backward(
             logits, ids, temperature, lse, mean_z, log_sum_p2, argmax, g_logprobs, g_entropy, g_sum_p2, g_log_sum_p2,
             g_max_logprob, g_mean_logit, NO_IGNORE, backend,
         )  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from lenkernels.ops import token_stats as ts
+from lenkernels.ops import token_stats_extra as tse
 from lenkernels.ops import token_stats_sparse as sp
 
 # --- vocabulary parallelism: token_stats(process_group=...) ---------------------------------------
@@ -127,7 +128,7 @@ def _vp_forward(x, ids, temp, sparse_ids, extra: bool, backend: str, shard: Voca
     sp2, lsp2, amax, mlp, mean = empty
     log_w2, amax_local = empty[0], empty[2]
     if extra:
-        dense = ts.token_stats_extra_fwd(x, fwd_ids, temp, lkdist.IGNORED, backend)
+        dense = tse.token_stats_extra_fwd(x, fwd_ids, temp, lkdist.IGNORED, backend)
         masked = torch.isneginf(max_z)  # a fully masked shard adds nothing (its own stats are NaN)
         zero = torch.zeros_like(max_z)
         # log sum exp(2 (z - max_r)) of the shard, then against the merged max: small terms only
