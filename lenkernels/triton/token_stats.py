@@ -142,6 +142,25 @@ def chunk_state(row_ptr, tile_offs, start, stop, inv_t, BLOCK_V: tl.constexpr, C
     return reduce_columns(m, s, u)
 
 
+@triton.jit
+def chunk_plan(logits_ptr, temp_ptr, vocab, stride_row, temp_stride, n_chunks, chunks_per_program,
+               BLOCK_V: tl.constexpr, COLS: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """What a forward program of the chunked plan folds: its row, 1/T, the row's pointer, the tile
+    offsets, the chunks [first, last) it owns and whether the last of them is the row's partial
+    (TAIL) chunk. The chunk with the row's partial tile (if any) is always the last, and always takes
+    the TAIL path: which path folds a chunk is a function of V, whichever program folds it."""
+    VEC: tl.constexpr = vector_width(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, COLS)
+    row = tl.program_id(0).to(tl.int64)
+    program = tl.program_id(1).to(tl.int64)
+    inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
+    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
+    tile_offs = tile_offsets(BLOCK_V, COLS, VEC, ALIGNED)
+    first = program * chunks_per_program
+    last = tl.minimum(first + chunks_per_program, n_chunks)
+    tail = (vocab % BLOCK_V != 0) & (last == n_chunks)
+    return row, inv_t, row_ptr, tile_offs, first, last, tail
+
+
 @triton.jit(do_not_specialize=["vocab", "stride_row", "temp_stride", "n_chunks", "chunks_per_program"])
 def token_stats_fwd_kernel(
     logits_ptr,  # [N, V] rows with stride_row, unit stride along V
@@ -158,18 +177,10 @@ def token_stats_fwd_kernel(
     ALIGNED: tl.constexpr,  # rows start on 16 bytes (rows_aligned): 16-byte loads
 ):
     CHUNK: tl.constexpr = CHUNK_TILES * BLOCK_V
-    VEC: tl.constexpr = vector_width(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, COLS)
-    row = tl.program_id(0).to(tl.int64)
-    program = tl.program_id(1).to(tl.int64)
-    inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
-    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
+    row, inv_t, row_ptr, tile_offs, first, last, tail = chunk_plan(
+        logits_ptr, temp_ptr, vocab, stride_row, temp_stride, n_chunks, chunks_per_program, BLOCK_V, COLS, ALIGNED
+    )
     out = state_ptr + row * n_chunks * 3
-    tile_offs = tile_offsets(BLOCK_V, COLS, VEC, ALIGNED)
-    first = program * chunks_per_program
-    last = tl.minimum(first + chunks_per_program, n_chunks)
-    # the chunk with the row's partial tile (if any) is always the last, and always takes the TAIL
-    # path: which path folds a chunk is a function of V, whichever program folds it
-    tail = (vocab % BLOCK_V != 0) & (last == n_chunks)
     for chunk in range(first, last - tail.to(tl.int32)):
         # every chunk starts from the empty state: its (m, S, U) never depends on which program,
         # or after which other chunk, it was folded
@@ -341,40 +352,17 @@ def token_stats_fwd(logits, ids, temperature, ignore_index, logprobs, entropy, l
     # the plan depends on N (few rows: several programs per row) but only picks who folds which chunk
     n_programs, chunks_per_program = split_plan(n_rows, n_chunks, logits.device)
     state = torch.empty((n_rows, n_chunks, 3), dtype=torch.float32, device=logits.device)
-    temp_stride = 0 if temperature.numel() == 1 else 1
+    # the row geometry both kernels read
+    rows = {"logits_ptr": logits, "temp_ptr": temperature, "state_ptr": state, "vocab": vocab,
+            "stride_row": logits.stride(0), "temp_stride": 0 if temperature.numel() == 1 else 1, "n_chunks": n_chunks}
     token_stats_fwd_kernel[(n_rows, n_programs)](
-        logits_ptr=logits,
-        temp_ptr=temperature,
-        state_ptr=state,
-        vocab=vocab,
-        stride_row=logits.stride(0),
-        temp_stride=temp_stride,
-        n_chunks=n_chunks,
-        chunks_per_program=chunks_per_program,
-        BLOCK_V=block,
-        COLS=min(block, 32 * warps),
-        CHUNK_TILES=CHUNK_TILES,
-        ALIGNED=rows_aligned(logits),  # two variants at most, whatever the sizes
-        num_warps=warps,
-    )
+        **rows, chunks_per_program=chunks_per_program, BLOCK_V=block, COLS=min(block, 32 * warps),
+        CHUNK_TILES=CHUNK_TILES, ALIGNED=rows_aligned(logits), num_warps=warps,  # ALIGNED: two variants at most
+    )  # fmt: skip
     token_stats_finalize_kernel[(n_rows,)](
-        logits_ptr=logits,
-        ids_ptr=ids,
-        temp_ptr=temperature,
-        state_ptr=state,
-        logprobs_ptr=logprobs,
-        entropy_ptr=entropy,
-        lse_ptr=lse,
-        mean_z_ptr=mean_z,
-        max_z_ptr=max_z,
-        log_s_ptr=log_s,
-        vocab=vocab,
-        stride_row=logits.stride(0),
-        temp_stride=temp_stride,
-        n_chunks=n_chunks,
-        ignore_index=ignore_index,
-        num_warps=1,
-    )
+        **rows, ids_ptr=ids, logprobs_ptr=logprobs, entropy_ptr=entropy, lse_ptr=lse, mean_z_ptr=mean_z,
+        max_z_ptr=max_z, log_s_ptr=log_s, ignore_index=ignore_index, num_warps=1,
+    )  # fmt: skip
 
 
 def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, dlogits):

@@ -9,11 +9,12 @@ import triton
 import triton.language as tl
 
 from lenkernels.triton.token_stats import (
+    _MAX_BLOCK_V,
     CHUNK_TILES,
     FLT_MAX,
     LOG2E,
-    _MAX_BLOCK_V,
     _block,
+    chunk_plan,
     column_bcast,
     column_max,
     column_sum,
@@ -21,8 +22,6 @@ from lenkernels.triton.token_stats import (
     reduce_columns,
     store_row_stats,
     tile_column,
-    tile_offsets,
-    vector_width,
 )
 from lenkernels.triton.utils import aligned_offset, inverse_temperature, merge_state, rows_aligned, split_plan
 
@@ -114,17 +113,11 @@ def token_stats_extra_fwd_kernel(
     """token_stats_fwd_kernel's plan (fixed chunks, any program folds any chunk from the empty
     state) and tile layout, with the extra per-column state."""
     CHUNK: tl.constexpr = CHUNK_TILES * BLOCK_V
-    VEC: tl.constexpr = vector_width(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, COLS)
-    row = tl.program_id(0).to(tl.int64)
-    program = tl.program_id(1).to(tl.int64)
-    inv_t = inverse_temperature(tl.load(temp_ptr + row * temp_stride))
-    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
+    row, inv_t, row_ptr, tile_offs, first, last, tail = chunk_plan(
+        logits_ptr, temp_ptr, vocab, stride_row, temp_stride, n_chunks, chunks_per_program, BLOCK_V, COLS, ALIGNED
+    )
     out = state_ptr + row * n_chunks * 6
     ids_out = argmax_ptr + row * n_chunks
-    tile_offs = tile_offsets(BLOCK_V, COLS, VEC, ALIGNED)
-    first = program * chunks_per_program
-    last = tl.minimum(first + chunks_per_program, n_chunks)
-    tail = (vocab % BLOCK_V != 0) & (last == n_chunks)
     for chunk in range(first, last - tail.to(tl.int32)):
         start = chunk * CHUNK
         stop = tl.minimum(start + CHUNK, vocab)
