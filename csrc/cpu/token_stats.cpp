@@ -121,10 +121,18 @@ LK_ALWAYS_INLINE float raw_max(const T* x, int64_t n) {
 // w is clamped at -127, where e is exactly 0 (terms below 2^-126 are dropped).
 // NaN logits are not looked for in the max sweep (a plain max ignores them): they reach S and U
 // as NaN through the exp sweep, and the state's m is made NaN too, as merge() expects.
-template <typename T>
-LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t) {
+// kExtra (the extended forward) adds two sums to the same sweep, from the same w and e, leaving the
+// state's operations (and bits) as they are: S2 = sum e^2 (terms with w <= -62, e^2 < 2^-124, dropped:
+// never a denormal product, and below an ulp of S2 >= 1) and D = sum (x - x_max) (-inf once a logit is).
+struct SweepExtra {
+  float x_max, s2, d;
+};
+
+template <typename T, bool kExtra = false>
+LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t, SweepExtra* ex = nullptr) {
   const float x_max = raw_max(x, n);
   const float m = x_max * inv_t;  // z = x / T is monotonic in x (T > 0): the max of z, exactly
+  if constexpr (kExtra) *ex = SweepExtra{x_max, 0.0f, 0.0f};
   if (m == kNegInf) {
     // fully masked, or only -inf and NaN: a NaN must still poison the row
     for (int64_t j = 0; j < n; ++j) {
@@ -136,8 +144,11 @@ LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t) {
 
   const float lo = opaque_clamp_floor();
   const float scale = inv_t * kLog2e;
-  float s[kExpLanes], u[kExpLanes];
+  constexpr int kXLanes = kExtra ? kExpLanes : 1;
+  constexpr float kS2Floor = -62.0f;
+  float s[kExpLanes], u[kExpLanes], s2[kXLanes], sd[kXLanes];
   for (int k = 0; k < kExpLanes; ++k) s[k] = u[k] = 0.0f;
+  for (int k = 0; k < kXLanes; ++k) s2[k] = sd[k] = 0.0f;
   int64_t i = 0;
   for (; i + kExpLanes <= n; i += kExpLanes) {
     // the same lines of the next chunk (or row): the memory system streams it in while this
@@ -150,29 +161,46 @@ LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t) {
       for (int k = 0; k < kExpLanes / 2; ++k) {
         uint32_t pair;
         std::memcpy(&pair, x + i + 2 * k, 4);
-        const float w0 = log2_offset(bits_to_float(pair << 16), x_max, scale, lo);
-        const float w1 = log2_offset(bits_to_float(pair & 0xffff0000u), x_max, scale, lo);
+        const float x0 = bits_to_float(pair << 16), x1 = bits_to_float(pair & 0xffff0000u);
+        const float w0 = log2_offset(x0, x_max, scale, lo);
+        const float w1 = log2_offset(x1, x_max, scale, lo);
         const float e0 = exp2_clamped(w0), e1 = exp2_clamped(w1);
         s[k] += e0;
         u[k] += e0 * w0;
         s[k + kExpLanes / 2] += e1;
         u[k + kExpLanes / 2] += e1 * w1;
+        if constexpr (kExtra) {
+          s2[k] = w0 > kS2Floor ? s2[k] + e0 * e0 : s2[k];
+          sd[k] += x0 - x_max;
+          s2[k + kExpLanes / 2] = w1 > kS2Floor ? s2[k + kExpLanes / 2] + e1 * e1 : s2[k + kExpLanes / 2];
+          sd[k + kExpLanes / 2] += x1 - x_max;
+        }
       }
     } else {
 #pragma omp simd
       for (int k = 0; k < kExpLanes; ++k) {
-        const float w = log2_offset(to_float(x[i + k]), x_max, scale, lo);
+        const float v = to_float(x[i + k]);
+        const float w = log2_offset(v, x_max, scale, lo);
         const float e = exp2_clamped(w);
         s[k] += e;
         u[k] += e * w;  // a masked logit: 0 * -127, not 0 * -inf
+        if constexpr (kExtra) {
+          s2[k] = w > kS2Floor ? s2[k] + e * e : s2[k];
+          sd[k] += v - x_max;
+        }
       }
     }
   }
   for (int k = 0; i + k < n; ++k) {
-    const float w = log2_offset(to_float(x[i + k]), x_max, scale, lo);
+    const float v = to_float(x[i + k]);
+    const float w = log2_offset(v, x_max, scale, lo);
     const float e = exp2_clamped(w);
     s[k] += e;
     u[k] += e * w;
+    if constexpr (kExtra) {
+      s2[k] = w > kS2Floor ? s2[k] + e * e : s2[k];
+      sd[k] += v - x_max;
+    }
   }
   // pairwise lane reduction in a fixed order
   for (int w = kExpLanes / 2; w > 0; w /= 2) {
@@ -180,6 +208,16 @@ LK_ALWAYS_INLINE SoftmaxState chunk_state(const T* x, int64_t n, float inv_t) {
       s[k] += s[k + w];
       u[k] += u[k + w];
     }
+  }
+  if constexpr (kExtra) {
+    for (int w = kExpLanes / 2; w > 0; w /= 2) {
+      for (int k = 0; k < w; ++k) {
+        s2[k] += s2[k + w];
+        sd[k] += sd[k + w];
+      }
+    }
+    ex->s2 = s2[0];
+    ex->d = sd[0];
   }
   // a NaN logit makes the state's m NaN as well (a +inf one leaves m = +inf, S = NaN), as before
   const float s_all = s[0];
@@ -315,9 +353,25 @@ LK_ALWAYS_INLINE fp16 store_value<fp16>(float f) {
   return fp16{uint16_t(out | (sign >> 16))};
 }
 
+// x * y rounded to float before anything else uses it: never contracted into an FMA with a
+// following subtraction, so x / T - lse is the difference of the forward's own rounded z and lse
+// (at the row's maximum with S = 1 it is exactly 0, p exactly 1 and the gradient exactly 0).
+LK_ALWAYS_INLINE float rounded_product(float x, float y) {
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+  return __builtin_assoc_barrier(x * y);
+#endif
+#endif
+  float p = x * y;
+#if defined(__x86_64__)
+  asm("" : "+x"(p));
+#endif
+  return p;
+}
+
 // One chunk of one row: d logits for n entries (SPEC 1). out may alias x (in-place backward).
 // Off the target, grad = -p (g_lp + g_h (z - mean_z)) / T with z - mean_z = d + (lse - mean_z) and
-// d = x / T - lse (one FMA where the ISA has it, as before) clamped at -127 ln 2, where
+// d = x / T - lse (the product rounded first: rounded_product) clamped at -127 ln 2, where
 // p = 2^(d log2 e) is exactly 0: a masked logit gets 0, never 0 * -inf.  The target is redone after.
 template <typename T>
 LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, float inv_t, float lse,
@@ -329,7 +383,7 @@ LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id
   const float k0 = g_lp + g_h * (lse - mean_z);  // lse - mean_z = H >= 0: no cancellation
   const float neg_inv_t = -inv_t;
   const auto grad = [&](int64_t j) {
-    const float d = to_float(x[j]) * inv_t - lse;
+    const float d = rounded_product(to_float(x[j]), inv_t) - lse;
     const float dc = d < lo ? lo : d;
     const float p = exp2_clamped(dc * kLog2e);
     out[j] = store_value<T>(p * (g_h * dc + k0) * neg_inv_t);
@@ -345,7 +399,7 @@ LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id
   }
   for (int64_t j = j0; j < n; ++j) grad(j);
   if (has_target) {
-    const float d = x_target * inv_t - lse;
+    const float d = rounded_product(x_target, inv_t) - lse;
     const float p = exp2_clamped((d < lo ? lo : d) * kLog2e);
     out[local_id] = from_float<T>(token_stats_grad(x_target * inv_t, true, mean_z, g_lp, g_h, inv_t, p));
   }
@@ -379,9 +433,10 @@ void backward(const BwdArgs& a) {
 
 // --- extra vocabulary statistics (SPEC 7), run only when lenkernels.token_stats asks for them ------
 // A separate entry point: the two-output kernels above keep their code and bits. Each chunk is
-// reduced by the same chunk_state (so logprob and entropy are the same fp32 operations), then its
-// L1-resident fp32 copy is swept again for S2 = sum exp(2 (z - m)) (log_sum_p2 = log S2 - 2 log S:
-// no cancellation), the lowest index of the largest logit and the sum of the finite logits.
+// reduced by the same chunk_state sweep (so logprob and entropy are the same fp32 operations), which
+// also sums S2 = sum exp(2 (z - m)) = sum e^2 (log_sum_p2 = log S2 - 2 log S: no cancellation) and
+// D = sum (x - x_max) from the same exponentials and offsets; the lowest index of the largest logit is
+// found once per row, by comparing the first chunk that holds the row's max with it.
 
 struct ExtraState {
   SoftmaxState st;
@@ -389,31 +444,79 @@ struct ExtraState {
   float best;       // the largest raw logit
   int64_t best_id;  // its lowest index, -1 while only -inf was seen
   double sum_x;     // sum of the finite raw logits
+  bool pending;     // best_id is the start of the chunk holding best, searched once the row is merged
 };
 
+// The lowest index j < n with x[j] == x_max (a finite logit of the chunk; +0 and -0 both match 0),
+// found 256 logits at a time (run once per row, on the chunk that holds the row's max).
 template <typename T>
-LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, float inv_t) {
-  ExtraState e{chunk_state(x, n, inv_t), 0.0f, kNegInf, -1, 0.0};
-  if (e.st.s != 0.0f) {
-    float s2[kLanes];
-    for (int k = 0; k < kLanes; ++k) s2[k] = 0.0f;
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-      for (int k = 0; k < kLanes; ++k) {
-        const float p = fast_exp(to_float(x[i + k]) * inv_t - e.st.m);
-        s2[k] += p * p;
-      }
-    }
-    for (int k = 0; i + k < n; ++k) {
-      const float p = fast_exp(to_float(x[i + k]) * inv_t - e.st.m);
-      s2[k] += p * p;
-    }
-    for (int w = kLanes / 2; w > 0; w /= 2) {
-      for (int k = 0; k < w; ++k) s2[k] += s2[k + w];
-    }
-    e.s2 = s2[0];
+LK_ALWAYS_INLINE int64_t first_index_of(const T* x, int64_t n, float x_max) {
+  constexpr int64_t kBlock = 256;  // one horizontal test per 256 compares
+  uint16_t target = 0, mask = 0;
+  if constexpr (!std::is_same<T, float>::value) {
+    target = from_float<T>(x_max).bits;  // exact: x_max is one of the chunk's logits
+    mask = x_max == 0.0f ? 0x7fffu : 0xffffu;
+    target &= mask;
   }
+  const auto hit = [&](int64_t j) {
+    if constexpr (std::is_same<T, float>::value) {
+      return x[j] == x_max;
+    } else {
+      return (x[j].bits & mask) == target;
+    }
+  };
+  int64_t j0 = 0;
+  for (; j0 + kBlock <= n; j0 += kBlock) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = j0; j < j0 + kBlock; ++j) any |= hit(j) ? 1 : 0;
+    if (any) break;
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    if (hit(j)) return j;
+  }
+  return n;  // not reached for a logit of the chunk
+}
+
+// sum (x - x_max) over the finite logits and their count, in fixed lanes: a chunk with masked (-inf)
+// logits besides a finite max. An fp32 x - x_max that overflows makes the sum -inf (then scan_extra).
+template <typename T>
+LK_ALWAYS_INLINE float finite_offsets(const T* x, int64_t n, float x_max, int64_t* count) {
+  float sd[kExpLanes];
+  int32_t cnt[kExpLanes];
+  for (int k = 0; k < kExpLanes; ++k) {
+    sd[k] = 0.0f;
+    cnt[k] = 0;
+  }
+  int64_t i = 0;
+  for (; i + kExpLanes <= n; i += kExpLanes) {
+#pragma omp simd
+    for (int k = 0; k < kExpLanes; ++k) {
+      const float v = to_float(x[i + k]);
+      const bool finite = v > kNegInf;  // no NaN or +inf here (the sweep's S is finite)
+      sd[k] += finite ? v - x_max : 0.0f;
+      cnt[k] += finite ? 1 : 0;
+    }
+  }
+  for (int k = 0; i + k < n; ++k) {
+    const float v = to_float(x[i + k]);
+    sd[k] += v > kNegInf ? v - x_max : 0.0f;
+    cnt[k] += v > kNegInf ? 1 : 0;
+  }
+  for (int w = kExpLanes / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) {
+      sd[k] += sd[k + w];
+      cnt[k] += cnt[k + w];
+    }
+  }
+  *count = cnt[0];
+  return sd[0];
+}
+
+// Argmax and the sum of the finite logits, one logit at a time in double: the general case
+// (NaN or +inf logits, an all -inf chunk, or an fp32 x - x_max that overflows).
+template <typename T>
+LK_ALWAYS_INLINE void scan_extra(const T* x, int64_t n, int64_t base, ExtraState& e) {
   for (int64_t j = 0; j < n; ++j) {
     const float v = to_float(x[j]);
     if (v > e.best || (e.best_id < 0 && v == kNegInf)) {
@@ -422,6 +525,37 @@ LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, flo
     }
     if (std::isfinite(v)) e.sum_x += v;
   }
+}
+
+// One chunk: chunk_state's sweep (the same state bits) with S2 and D carried along; sum_x = D + n x_max
+// when every logit is finite, and the argmax is left pending: only the first chunk holding the row's
+// max is searched for it (extra_forward_impl), not every chunk.
+template <typename T>
+LK_ALWAYS_INLINE ExtraState chunk_extra(const T* x, int64_t n, int64_t base, float inv_t) {
+  SweepExtra sw;
+  ExtraState e{chunk_state<T, true>(x, n, inv_t, &sw), 0.0f, kNegInf, -1, 0.0, false};
+  if (e.st.s != 0.0f) e.s2 = sw.s2;
+  // a finite max and S (no NaN, no +inf) and a finite D (no -inf): the common case
+  if (e.st.s >= 1.0f && e.st.s <= static_cast<float>(n) && std::isfinite(sw.d)) {
+    e.best = sw.x_max;
+    e.best_id = base;
+    e.pending = true;
+    e.sum_x = static_cast<double>(sw.d) + static_cast<double>(n) * static_cast<double>(sw.x_max);
+    return e;
+  }
+  if (e.st.s >= 1.0f && e.st.s <= static_cast<float>(n)) {
+    // masked logits beside a finite max: a second sweep of the L1-resident chunk for the sum
+    int64_t count = 0;
+    const float d = finite_offsets(x, n, sw.x_max, &count);
+    if (std::isfinite(d)) {
+      e.best = sw.x_max;
+      e.best_id = base;
+      e.pending = true;
+      e.sum_x = static_cast<double>(d) + static_cast<double>(count) * static_cast<double>(sw.x_max);
+      return e;
+    }
+  }
+  scan_extra(x, n, base, e);
   return e;
 }
 
@@ -444,6 +578,7 @@ LK_ALWAYS_INLINE ExtraState merge_extra(const ExtraState& a, const ExtraState& b
   const bool take = b.best > a.best || (a.best_id < 0 && b.best_id >= 0);  // b's ids are larger: ties keep a
   r.best = take ? b.best : a.best;
   r.best_id = take ? b.best_id : a.best_id;
+  r.pending = take ? b.pending : a.pending;
   r.sum_x = a.sum_x + b.sum_x;
   return r;
 }
@@ -455,32 +590,63 @@ struct ExtraFwdArgs {
   float *max_logprob, *mean_logit;
 };
 
+// Merges a row's chunk states left to right from the empty state (as forward_impl), searches the
+// chunk holding its max for the argmax, and writes the row; false when its id is out of range.
+template <typename T>
+LK_ALWAYS_INLINE bool finish_extra_row(const ExtraFwdArgs& e, int64_t r, const ExtraState* chunks, int64_t n_chunks) {
+  const FwdArgs& a = e.base;
+  ExtraState st{empty_state(), 0.0f, kNegInf, -1, 0.0, false};
+  for (int64_t c = 0; c < n_chunks; ++c) st = merge_extra(st, chunks[c]);
+  if (st.pending) {
+    const T* chunk = static_cast<const T*>(a.logits) + r * a.row_stride + st.best_id;
+    st.best_id += first_index_of(chunk, std::min(kChunk, a.vocab - st.best_id), st.best);
+  }
+  const bool ok = finish_row<T>(a, r, st.st);
+  const float log_s = logf(st.st.s);
+  const float log_sum_p2 = logf(st.s2) - 2.0f * log_s;  // all -inf row: -inf - -inf = NaN
+  const bool has_mass = st.st.s > 0.0f;                  // false for an all -inf row and for NaN
+  const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+  e.sum_p2[r] = expf(log_sum_p2);
+  e.log_sum_p2[r] = log_sum_p2;
+  e.argmax[r] = st.best_id < 0 ? 0 : st.best_id;
+  e.max_logprob[r] = has_mass ? -log_s : __builtin_nanf("");  // m is the exact max: max z - lse = -log S
+  e.mean_logit[r] = has_mass ? static_cast<float>(st.sum_x * inv_t / a.vocab) : __builtin_nanf("");
+  return ok;
+}
+
+// One parallel region, as forward_impl: a row per iteration when there are enough rows, else the
+// chunks of every row in parallel and the rows finished after.
 template <typename T>
 int64_t extra_forward_impl(const ExtraFwdArgs& e) {
   const FwdArgs& a = e.base;
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
-  ExtraState* states = new ExtraState[a.n_rows * n_chunks];
-  tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t c, float inv_t) {
-    return chunk_extra_any(a.dtype, x, n, c, inv_t);
-  });
   int64_t first_bad = std::numeric_limits<int64_t>::max();
-#pragma omp parallel for schedule(static) num_threads(a.threads) reduction(min : first_bad)
-  for (int64_t r = 0; r < a.n_rows; ++r) {
-    // chunks merged left to right from the empty state, as in forward_impl
-    ExtraState st{empty_state(), 0.0f, kNegInf, -1, 0.0};
-    for (int64_t c = 0; c < n_chunks; ++c) st = merge_extra(st, states[r * n_chunks + c]);
-    if (!finish_row<T>(a, r, st.st)) first_bad = std::min(first_bad, r);
-    const float log_s = logf(st.st.s);
-    const float log_sum_p2 = logf(st.s2) - 2.0f * log_s;  // all -inf row: -inf - -inf = NaN
-    const bool has_mass = st.st.s > 0.0f;                  // false for an all -inf row and for NaN
-    const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
-    e.sum_p2[r] = expf(log_sum_p2);
-    e.log_sum_p2[r] = log_sum_p2;
-    e.argmax[r] = st.best_id < 0 ? 0 : st.best_id;
-    e.max_logprob[r] = has_mass ? -log_s : __builtin_nanf("");  // m is the exact max: max z - lse = -log S
-    e.mean_logit[r] = has_mass ? static_cast<float>(st.sum_x * inv_t / a.vocab) : __builtin_nanf("");
+  if (a.n_rows >= a.threads || n_chunks == 1) {
+#pragma omp parallel num_threads(a.threads) reduction(min : first_bad)
+    {
+      ExtraState* chunks = new ExtraState[n_chunks];
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < a.n_rows; ++r) {
+        const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
+        const float inv_t = inverse_temperature(a.temperature[r * a.temp_stride]);
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          chunks[c] = chunk_extra_any(a.dtype, row + c * kChunk, std::min(kChunk, a.vocab - c * kChunk), c * kChunk,
+                                      inv_t);
+        }
+        if (!finish_extra_row<T>(e, r, chunks, n_chunks)) first_bad = std::min(first_bad, r);
+      }
+      delete[] chunks;
+    }
+  } else {
+    ExtraState* states = new ExtraState[a.n_rows * n_chunks];
+    tile_states<T>(a, n_chunks, states, [&](const T* x, int64_t n, int64_t c, float inv_t) {
+      return chunk_extra_any(a.dtype, x, n, c, inv_t);
+    });
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+      if (!finish_extra_row<T>(e, r, states + r * n_chunks, n_chunks)) first_bad = std::min(first_bad, r);
+    }
+    delete[] states;
   }
-  delete[] states;
   return first_bad == std::numeric_limits<int64_t>::max() ? -1 : first_bad;
 }
 
@@ -491,23 +657,47 @@ int64_t extra_forward(const ExtraFwdArgs& e) {
 }
 
 // d logits of every float output (see lenkernels/triton/token_stats.py token_stats_extra_bwd_kernel);
-// elementwise given the row's scalars, so out may alias x.
+// elementwise given the row's scalars, so out may alias x. As grad_chunk: one exp2 per logit, with
+// d = z - lse clamped at -127 ln 2 (p exactly 0 there), and
+//   grad = (-p (c_p + g_h (d + lse - mean_z)) + c_q p^2 + [z finite] g_mean) / T  off the one-hots,
+// c_p = g_lp + g_mlp + 2 g_lsp2 + 2 g_sp2 S2 and c_q = 2 g_sp2 + 2 g_lsp2 / S2 (S2 = sum p^2, q = p^2 / S2);
+// p^2 is dropped below 2^-124 (p < 2^-62: never a denormal product). The target and the argmax (the
+// one-hot terms) are redone after the sweep, from logits read before it.
 template <typename T>
 LK_ALWAYS_INLINE void extra_grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, int64_t local_top,
                                        float inv_t, float lse, float mean_z, float log_sum_p2, const float* g) {
   const float g_lp = g[0], g_h = g[1], g_sp2 = g[2], g_lsp2 = g[3], g_mlp = g[4], g_mean = g[5];
-  const float p_coef = g_lp + g_mlp + 2.0f * g_lsp2 + 2.0f * g_sp2 * expf(log_sum_p2);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float z = to_float(x[j]) * inv_t;
+  const float sum_p2 = expf(log_sum_p2);
+  const float c_p = g_lp + g_mlp + 2.0f * g_lsp2 + 2.0f * g_sp2 * sum_p2;
+  const float c_q = 2.0f * g_sp2 + 2.0f * g_lsp2 * expf(-log_sum_p2);
+  const float k0 = c_p + g_h * (lse - mean_z);  // lse - mean_z = H >= 0
+  const float lo = opaque_clamp_floor() * kLn2;
+  constexpr float kQFloor = -62.0f * kLn2;
+  const bool has_id = local_id >= 0 && local_id < n, has_top = local_top >= 0 && local_top < n;
+  // read before the sweep: an in-place backward overwrites them
+  const float x_id = has_id ? to_float(x[local_id]) : 0.0f, x_top = has_top ? to_float(x[local_top]) : 0.0f;
+  const auto value = [&](float v) {
+    const float z = rounded_product(v, inv_t);  // as grad_chunk: d = 0 exactly at a max with S = 1
     const float d = z - lse;
-    const float p = fast_exp(d);
-    const float q = fast_exp(2.0f * d - log_sum_p2);
-    const float ent = p > 0.0f ? p * (z - mean_z) : 0.0f;
-    const float grad = (j == local_id ? g_lp : 0.0f) + (j == local_top ? g_mlp : 0.0f) - p_coef * p - g_h * ent +
-                       2.0f * g_sp2 * p * p + 2.0f * g_lsp2 * q + (std::fabs(z) < -kNegInf ? g_mean : 0.0f);
-    out[j] = store_value<T>(grad * inv_t);
+    const float dc = d < lo ? lo : d;
+    const float p = exp2_clamped(dc * kLog2e);
+    const float pp = dc > kQFloor ? p * p : 0.0f;
+    return -p * (g_h * dc + k0) + c_q * pp + (std::fabs(z) < -kNegInf ? g_mean : 0.0f);
+  };
+  constexpr int64_t kBlock = 64 / sizeof(T);  // one cache line of logits
+  int64_t j0 = 0;
+  for (; j0 + kBlock <= n; j0 += kBlock) {
+    prefetch_ahead<true>(x + j0, 0);
+    if (static_cast<const void*>(out) != static_cast<const void*>(x)) prefetch_ahead<true>(out + j0, 0);
+#pragma omp simd
+    for (int64_t j = j0; j < j0 + kBlock; ++j) out[j] = store_value<T>(value(to_float(x[j])) * inv_t);
   }
+  for (int64_t j = j0; j < n; ++j) out[j] = store_value<T>(value(to_float(x[j])) * inv_t);
+  if (has_id) {
+    const float hot = g_lp + (local_id == local_top ? g_mlp : 0.0f);
+    out[local_id] = from_float<T>((hot + value(x_id)) * inv_t);
+  }
+  if (has_top && local_top != local_id) out[local_top] = from_float<T>((g_mlp + value(x_top)) * inv_t);
 }
 
 LK_TARGET_CLONES void extra_grad_chunk_any(int dtype, const void* x, void* out, int64_t n, int64_t local_id,
