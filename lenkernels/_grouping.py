@@ -180,3 +180,20 @@ def group_stats(stages: Stages, values, where, groups, group_size, mask, stats, 
     mask = _rows_unit_stride(_weights_for_kernel(mask))
     seg = segments(groups, group_size, n, values.device)
     stages.group_stats_step(values, where, mask, seg, stats, lengths if mask is not None else None)
+
+
+def launchers(stages: Stages) -> tuple[Callable, Callable]:
+    """The family launchers of a compiled backend over its ``stages``: ``group_advantages_fwd``
+    (:func:`group_advantages`) and ``group_stats_fwd`` (:func:`group_stats`), same signatures as
+    ``lenkernels/reference/advantages.py``'s."""
+
+    def group_advantages_fwd(rewards, groups, group_size, mask, lengths, task_ids, cfg, out) -> None:
+        """Writes ``out`` (fp32, ``[B]`` or ``mask.shape``; B > 0): segmentation (on the tensors'
+        device), then the backend's stages (no host sync but the CPU backend's)."""
+        group_advantages(stages, rewards, groups, group_size, mask, lengths, task_ids, cfg, out)
+
+    def group_stats_fwd(values, where, groups, group_size, mask, stats, lengths) -> None:
+        """Writes stats ``[B, C', 6]`` and, with a mask, lengths ``[B]`` (B > 0)."""
+        group_stats(stages, values, where, groups, group_size, mask, stats, lengths)
+
+    return group_advantages_fwd, group_stats_fwd

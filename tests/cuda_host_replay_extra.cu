@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "token_stats_extra.h"
+#include "cuda_host_replay.h"
 
 using namespace lk;
 using namespace lk::cuda;
@@ -46,62 +47,41 @@ ExtraState chunk_reduce_extra_replay(const std::vector<ExtraState>& states) {
 template <typename T>
 void forward(const ExtraFwdParams& p) {
   std::vector<ExtraState> states(kThreads);
-  std::vector<std::array<Vec16, kUnroll>> cur(kThreads);
+  replay::Tiles cur(kThreads);
   const int64_t n_chunks = chunk_count(p.vocab, sizeof(T));
   if (p.n_splits != 1 && p.n_splits != n_chunks) throw std::invalid_argument("n_splits");
-  for (int64_t block = 0; block < p.n_rows * p.n_splits; ++block) {
-    const int64_t row = block / p.n_splits;
-    const int split = int(block % p.n_splits);
-    const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
-    const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    const float inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
-    int64_t id = 0;
-    float x_target = 0.0f;
-    if (p.n_splits == 1) {
-      id = load_id(p.ids, p.id_bytes, row);
-      if (id >= 0 && id < p.vocab) x_target = load_early(x + id);
-    }
-    const int64_t first = p.n_splits == 1 ? 0 : split;
-    const int64_t last = p.n_splits == 1 ? n_chunks : split + 1;
-    const int64_t end = chunk_at<T>(p.vocab, last - 1).end;
-    for (int tid = 0; tid < kThreads; ++tid) {
-      Vec16(&tile)[kUnroll] = *reinterpret_cast<Vec16(*)[kUnroll]>(cur[tid].data());
-      const int64_t i = chunk_at<T>(p.vocab, first).begin + tid;
-      if (aligned) {
-        load_tile<T, true>(tile, x, i, end);
-      } else {
-        load_tile<T, false>(tile, x, i, end);
-      }
-    }
+  replay::forward_blocks<T>(p, [&](int64_t row, int split, const FwdBlock<T>& b, int64_t end) {
+    replay::load_first_tiles(cur, b, p.vocab, end);
     ExtraState total = empty_extra();
     std::vector<float> best(kThreads, kNegInf);
     std::vector<int32_t> best_id(kThreads, kNoId);
-    for (int64_t c = first; c < last; ++c) {
+    for (int64_t c = b.first; c < b.last; ++c) {
       const Chunk ch = chunk_at<T>(p.vocab, c);
       for (int tid = 0; tid < kThreads; ++tid) {
-        const float tail = last == n_chunks ? tail_scalar(x, p.vocab, tid) : kNegInf;
-        Vec16(&tile)[kUnroll] = *reinterpret_cast<Vec16(*)[kUnroll]>(cur[tid].data());
-        states[tid] = aligned ? fold_chunk_extra<T, true>(x, ch, tail, end, tid, inv_t, tile, best[tid], best_id[tid])
-                              : fold_chunk_extra<T, false>(x, ch, tail, end, tid, inv_t, tile, best[tid], best_id[tid]);
+        const float tail = b.last == n_chunks ? tail_scalar(b.x, p.vocab, tid) : kNegInf;
+        Vec16(&tile)[kUnroll] = replay::tile_of(cur, tid);
+        states[tid] = b.aligned
+                          ? fold_chunk_extra<T, true>(b.x, ch, tail, end, tid, b.inv_t, tile, best[tid], best_id[tid])
+                          : fold_chunk_extra<T, false>(b.x, ch, tail, end, tid, b.inv_t, tile, best[tid], best_id[tid]);
         best[tid] = states[tid].best;
         best_id[tid] = states[tid].best_id;
       }
-      total = chain_extra(total, chunk_reduce_extra_replay(states), c == first);
+      total = chain_extra(total, chunk_reduce_extra_replay(states), c == b.first);
     }
     // block_argmax(): any order gives the same pair (take_best is a total order)
     total.best = kNegInf;
     total.best_id = kNoId;
     for (int tid = 0; tid < kThreads; ++tid) {
-      const float tail = last == n_chunks ? tail_scalar(x, p.vocab, tid) : kNegInf;
-      if (aligned) {
-        resolve_argmax<T, true>(x, p.vocab, end, tid, tail, &best[tid], &best_id[tid]);
+      const float tail = b.last == n_chunks ? tail_scalar(b.x, p.vocab, tid) : kNegInf;
+      if (b.aligned) {
+        resolve_argmax<T, true>(b.x, p.vocab, end, tid, tail, &best[tid], &best_id[tid]);
       } else {
-        resolve_argmax<T, false>(x, p.vocab, end, tid, tail, &best[tid], &best_id[tid]);
+        resolve_argmax<T, false>(b.x, p.vocab, end, tid, tail, &best[tid], &best_id[tid]);
       }
       take_best(&total.best, &total.best_id, best[tid], best_id[tid]);
     }
-    write_block_result_extra(p, row, split, total, id, x_target * inv_t, inv_t);
-  }
+    write_block_result_extra(p, row, split, total, b.id, b.x_target * b.inv_t, b.inv_t);
+  });
   if (p.n_splits > 1) {
     for (int64_t row = 0; row < p.n_rows; ++row) finalize_row_extra<T>(p, row);
   }
@@ -109,17 +89,11 @@ void forward(const ExtraFwdParams& p) {
 
 template <typename T>
 void backward(const ExtraBwdParams& p) {
-  for (int64_t block = 0; block < p.n_rows * p.n_splits; ++block) {
-    const int64_t row = block / p.n_splits;
-    const int split = int(block % p.n_splits);
-    const int64_t id = load_id(p.ids, p.id_bytes, row);
-    const ExtraGradRow g = load_extra_grad_row(p, row, id);
-    for (int tid = 0; tid < kThreads; ++tid) {
-      bwd_extra_thread<T>(static_cast<const T*>(p.logits) + row * p.row_stride,
-                          static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride, p.vocab, split, p.n_splits, tid,
-                          id, p.argmax[row], g);
-    }
-  }
+  replay::backward_blocks<T>(
+      p, load_extra_grad_row, [&](const T* x, T* out, int64_t row, int split, int tid, int64_t id,
+                                  const ExtraGradRow& g) {
+        bwd_extra_thread<T>(x, out, p.vocab, split, p.n_splits, tid, id, p.argmax[row], g);
+      });
 }
 
 }  // namespace
@@ -141,12 +115,7 @@ int lk_replay_extra_fwd(const void* logits, int dtype, int64_t n_rows, int64_t v
   const ExtraFwdParams p{logits,   n_rows,     vocab,      row_stride, ids,         id_bytes,      temperature,
                          temp_stride, ignore_index, logprobs, entropy, lse,         mean_z,        sum_p2,
                          log_sum_p2, argmax,    max_logprob, mean_logit, partial.data(), n_splits};
-  try {
-    LK_CUDA_DISPATCH_DTYPE(dtype, T, forward<T>(p));
-  } catch (...) {
-    return 1;
-  }
-  return 0;
+  return replay::status_of([&] { LK_CUDA_DISPATCH_DTYPE(dtype, T, forward<T>(p)); });
 }
 
 int lk_replay_extra_bwd(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
@@ -157,12 +126,7 @@ int lk_replay_extra_bwd(const void* logits, int dtype, int64_t n_rows, int64_t v
   const ExtraBwdParams p{logits,       n_rows, vocab,  row_stride, ids,        id_bytes, temperature,
                          temp_stride, ignore_index, lse, mean_z, log_sum_p2, argmax,  grads,
                          dlogits,      dlogits_row_stride, n_splits};
-  try {
-    LK_CUDA_DISPATCH_DTYPE(dtype, T, backward<T>(p));
-  } catch (...) {
-    return 1;
-  }
-  return 0;
+  return replay::status_of([&] { LK_CUDA_DISPATCH_DTYPE(dtype, T, backward<T>(p)); });
 }
 
 }  // extern "C"

@@ -273,6 +273,7 @@ def _binding_params(doc: str, name: str) -> list[str]:
 def test_launchers_pass_what_the_bindings_take(monkeypatch):
     """Every pointer lands in the parameter of its name, the sizes and strides too, for both launchers
     (the compiled module's own signatures; built by tests/test_cuda_compile.py or here)."""
+    import lenkernels.cuda
     from lenkernels import _extensions
     from lenkernels.cuda import token_stats_extra as launch
 
@@ -292,8 +293,10 @@ def test_launchers_pass_what_the_bindings_take(monkeypatch):
             return record
 
     monkeypatch.setattr(launch, "load", lambda family: Recorder())
-    monkeypatch.setattr(launch, "_launch_context", lambda x: (0, H100_SMS, 1234))
-    monkeypatch.setattr(launch, "_check_rows", lambda x, name: None)
+    # the launch context and the row checks live in lenkernels.cuda (shared with the two-output launchers)
+    monkeypatch.setattr(lenkernels.cuda, "_launch_context", lambda x: (0, H100_SMS, 1234))
+    for where in (launch, lenkernels.cuda):
+        monkeypatch.setattr(where, "_check_rows", lambda x, name: None)
     n, vocab = 3, 151_936
     x = torch.empty(n, vocab + 8, dtype=torch.bfloat16)[:, :vocab]
     ids = torch.zeros(n, dtype=torch.int32)

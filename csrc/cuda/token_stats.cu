@@ -9,6 +9,7 @@
 // the CPU backend. Raw device pointers, sizes and the stream come from Python (lenkernels/cuda.py):
 // no torch headers.
 #include <climits>
+#include <type_traits>
 
 #include "cuda_utils.h"
 #include "lenkernels/binding.h"
@@ -20,44 +21,54 @@ namespace cuda {
 namespace token_stats {
 namespace {
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_fwd_kernel(const FwdParams p) {
+// The kernel bodies, one for both families (FwdParams / BwdParams: token_stats.h; ExtraFwdParams /
+// ExtraBwdParams: token_stats_extra.h): grid (N * n_splits) for the forward and the backward (under
+// 2^31 blocks: 32-bit division), (N / kFinalizeThreads) for the finalize.
+template <class Params>
+constexpr bool kExtra = std::is_same<Params, ExtraFwdParams>::value || std::is_same<Params, ExtraBwdParams>::value;
+
+template <typename T, class Params>
+__device__ __forceinline__ void forward_block(const Params& p) {
   const int64_t row = blockIdx.x / unsigned(p.n_splits);
   const int split = int(blockIdx.x % unsigned(p.n_splits));
-  const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const float inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
-  // the target logit is fetched before the sweep, so its latency hides behind it
-  int64_t id = 0;
-  float x_target = 0.0f;
-  if (p.n_splits == 1 && threadIdx.x == 0) {
-    id = load_id(p.ids, p.id_bytes, row);
-    if (id >= 0 && id < p.vocab) x_target = load_early(x + id);
+  const FwdBlock<T> b = fwd_block<T>(p, row, split, threadIdx.x == 0);
+  const float tail = b.last == b.n_chunks ? tail_scalar(b.x, p.vocab, threadIdx.x) : kNegInf;
+  if constexpr (kExtra<Params>) {
+    const ExtraState total = b.aligned ? fold_chunks_extra<T, true>(b.x, p.vocab, b.first, b.last, tail, b.inv_t)
+                                       : fold_chunks_extra<T, false>(b.x, p.vocab, b.first, b.last, tail, b.inv_t);
+    if (threadIdx.x == 0) write_block_result_extra(p, row, split, total, b.id, b.x_target * b.inv_t, b.inv_t);
+  } else {
+    const SoftmaxState total = b.aligned ? fold_chunks<T, true>(b.x, p.vocab, b.first, b.last, tail, b.inv_t)
+                                         : fold_chunks<T, false>(b.x, p.vocab, b.first, b.last, tail, b.inv_t);
+    if (threadIdx.x == 0) write_block_result(p, row, split, total, b.id, b.x_target * b.inv_t);
   }
-  const int64_t n_chunks = chunk_count(p.vocab, sizeof(T));
-  const int64_t first = p.n_splits == 1 ? 0 : split;
-  const int64_t last = p.n_splits == 1 ? n_chunks : split + 1;
-  const float tail = last == n_chunks ? tail_scalar(x, p.vocab, threadIdx.x) : kNegInf;
-  const SoftmaxState total = aligned ? fold_chunks<T, true>(x, p.vocab, first, last, tail, inv_t)
-                                     : fold_chunks<T, false>(x, p.vocab, first, last, tail, inv_t);
-  if (threadIdx.x == 0) write_block_result(p, row, split, total, id, x_target * inv_t);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kFinalizeThreads) token_stats_finalize_kernel(const FwdParams p) {
+template <typename T, class Params>
+__device__ __forceinline__ void finalize_block(const Params& p) {
   const int64_t row = int64_t(blockIdx.x) * kFinalizeThreads + threadIdx.x;
-  if (row < p.n_rows) finalize_row<T>(p, row);
+  if (row >= p.n_rows) return;
+  if constexpr (kExtra<Params>) {
+    finalize_row_extra<T>(p, row);
+  } else {
+    finalize_row<T>(p, row);
+  }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_bwd_kernel(const BwdParams p) {
+// The elements of block (row, split) this thread owns, each read and then written by it.
+template <typename T, class Params>
+__device__ __forceinline__ void backward_block(const Params& p) {
   const int64_t row = blockIdx.x / unsigned(p.n_splits);
   const int split = int(blockIdx.x % unsigned(p.n_splits));
   const int64_t id = load_id(p.ids, p.id_bytes, row);
-  const GradRow g = load_grad_row(p, row, id);
-  bwd_thread<T>(static_cast<const T*>(p.logits) + row * p.row_stride,
-                static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride, p.vocab, split, p.n_splits, threadIdx.x, id,
-                g);
+  const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
+  T* out = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
+  if constexpr (kExtra<Params>) {
+    const ExtraGradRow g = load_extra_grad_row(p, row, id);
+    bwd_extra_thread<T>(x, out, p.vocab, split, p.n_splits, threadIdx.x, id, p.argmax[row], g);
+  } else {
+    bwd_thread<T>(x, out, p.vocab, split, p.n_splits, threadIdx.x, id, load_grad_row(p, row, id));
+  }
 }
 
 // Launch bounds of the extra forward: 2 blocks an SM (at most 128 registers a thread): the
@@ -66,45 +77,53 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_bwd_ker
 // backward fits the two-output kernels' 64.
 constexpr int kExtraFwdMinBlocksPerSm = 2;
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kExtraFwdMinBlocksPerSm)
-    token_stats_extra_fwd_kernel(const ExtraFwdParams p) {
-  const int64_t row = blockIdx.x / unsigned(p.n_splits);
-  const int split = int(blockIdx.x % unsigned(p.n_splits));
-  const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const float inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
-  int64_t id = 0;
-  float x_target = 0.0f;
-  if (p.n_splits == 1 && threadIdx.x == 0) {
-    id = load_id(p.ids, p.id_bytes, row);
-    if (id >= 0 && id < p.vocab) x_target = load_early(x + id);
+// One kernel launch and the name its launch errors carry.
+template <class Params>
+struct Launch {
+  void (*kernel)(Params);
+  const char* what;  // "launching <kernel>"
+  void operator()(unsigned blocks, int threads, cudaStream_t stream, const Params& p) const {
+    kernel<<<blocks, threads, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), what);
   }
-  const int64_t n_chunks = chunk_count(p.vocab, sizeof(T));
-  const int64_t first = p.n_splits == 1 ? 0 : split;
-  const int64_t last = p.n_splits == 1 ? n_chunks : split + 1;
-  const float tail = last == n_chunks ? tail_scalar(x, p.vocab, threadIdx.x) : kNegInf;
-  const ExtraState total = aligned ? fold_chunks_extra<T, true>(x, p.vocab, first, last, tail, inv_t)
-                                   : fold_chunks_extra<T, false>(x, p.vocab, first, last, tail, inv_t);
-  if (threadIdx.x == 0) write_block_result_extra(p, row, split, total, id, x_target * inv_t, inv_t);
-}
+};
 
-template <typename T>
-__global__ void __launch_bounds__(kFinalizeThreads) token_stats_extra_finalize_kernel(const ExtraFwdParams p) {
-  const int64_t row = int64_t(blockIdx.x) * kFinalizeThreads + threadIdx.x;
-  if (row < p.n_rows) finalize_row_extra<T>(p, row);
-}
+// The kernels of a pass, picked by its parameters: the pass kernel (grid N * n_splits) and, for a
+// forward, the kernel that merges each row's chunk states when n_splits > 1.
+template <class Params>
+struct Kernels {
+  Launch<Params> pass, finalize;
+};
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) token_stats_extra_bwd_kernel(const ExtraBwdParams p) {
-  const int64_t row = blockIdx.x / unsigned(p.n_splits);
-  const int split = int(blockIdx.x % unsigned(p.n_splits));
-  const int64_t id = load_id(p.ids, p.id_bytes, row);
-  const ExtraGradRow g = load_extra_grad_row(p, row, id);
-  bwd_extra_thread<T>(static_cast<const T*>(p.logits) + row * p.row_stride,
-                      static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride, p.vocab, split, p.n_splits, threadIdx.x,
-                      id, p.argmax[row], g);
-}
+// The three kernels of a family, <name>_fwd_kernel, <name>_finalize_kernel and <name>_bwd_kernel
+// (their names are what the SASS report and the tests look up), over the bodies above, and
+// kernels<T>(params), which picks them for the launchers below.
+#define LK_TOKEN_STATS_KERNELS(name, FwdP, BwdP, fwd_min_blocks)                                  \
+  template <typename T>                                                                           \
+  __global__ void __launch_bounds__(kThreads, fwd_min_blocks) name##_fwd_kernel(const FwdP p) {   \
+    forward_block<T>(p);                                                                          \
+  }                                                                                               \
+  template <typename T>                                                                           \
+  __global__ void __launch_bounds__(kFinalizeThreads) name##_finalize_kernel(const FwdP p) {      \
+    finalize_block<T>(p);                                                                         \
+  }                                                                                               \
+  template <typename T>                                                                           \
+  __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) name##_bwd_kernel(const BwdP p) {  \
+    backward_block<T>(p);                                                                         \
+  }                                                                                               \
+  template <typename T>                                                                           \
+  Kernels<FwdP> kernels(const FwdP&) {                                                            \
+    return {{name##_fwd_kernel<T>, "launching " #name "_fwd_kernel"},                             \
+            {name##_finalize_kernel<T>, "launching " #name "_finalize_kernel"}};                  \
+  }                                                                                               \
+  template <typename T>                                                                           \
+  Kernels<BwdP> kernels(const BwdP&) {                                                            \
+    return {{name##_bwd_kernel<T>, "launching " #name "_bwd_kernel"}, {}};                        \
+  }
+
+LK_TOKEN_STATS_KERNELS(token_stats, FwdParams, BwdParams, kMinBlocksPerSm)
+LK_TOKEN_STATS_KERNELS(token_stats_extra, ExtraFwdParams, ExtraBwdParams, kExtraFwdMinBlocksPerSm)
+#undef LK_TOKEN_STATS_KERNELS
 
 unsigned grid_size(int64_t n_rows, int n_splits) {
   if (n_splits < 1) throw std::invalid_argument("n_splits must be at least 1");
@@ -120,7 +139,9 @@ unsigned checked_grid(const Params& p) {
   return grid_size(p.n_rows, p.n_splits);
 }
 
-void forward(const FwdParams& p, int dtype, int device, cudaStream_t stream) {
+// The forward (FwdParams or ExtraFwdParams): the pass, then the finalize kernel when n_splits > 1.
+template <class Params>
+void forward(const Params& p, int dtype, int device, cudaStream_t stream) {
   const unsigned blocks = checked_grid(p);
   if (p.n_splits > 1 && p.partial == nullptr) throw std::invalid_argument("n_splits > 1 needs a partial buffer");
   if (blocks == 0) return;
@@ -129,53 +150,19 @@ void forward(const FwdParams& p, int dtype, int device, cudaStream_t stream) {
     if (p.n_splits != 1 && p.n_splits != chunk_count(p.vocab, sizeof(T))) {
       throw std::invalid_argument("n_splits must be 1 or the row's chunk count (token_stats_splits)");
     }
-    token_stats_fwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "launching token_stats_fwd_kernel");
-    if (p.n_splits > 1) {
-      const unsigned fin_blocks = unsigned(ceil_div(p.n_rows, kFinalizeThreads));
-      token_stats_finalize_kernel<T><<<fin_blocks, kFinalizeThreads, 0, stream>>>(p);
-      check_cuda(cudaGetLastError(), "launching token_stats_finalize_kernel");
-    }
+    const Kernels<Params> k = kernels<T>(p);
+    k.pass(blocks, kThreads, stream, p);
+    if (p.n_splits > 1) k.finalize(unsigned(ceil_div(p.n_rows, kFinalizeThreads)), kFinalizeThreads, stream, p);
   });
 }
 
-void backward(const BwdParams& p, int dtype, int device, cudaStream_t stream) {
+// The backward (BwdParams or ExtraBwdParams): one pass.
+template <class Params>
+void backward(const Params& p, int dtype, int device, cudaStream_t stream) {
   const unsigned blocks = checked_grid(p);
   if (blocks == 0) return;
   DeviceGuard guard(device);
-  LK_DISPATCH_FLOAT(dtype, T, {
-    token_stats_bwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "launching token_stats_bwd_kernel");
-  });
-}
-
-void extra_forward(const ExtraFwdParams& p, int dtype, int device, cudaStream_t stream) {
-  const unsigned blocks = checked_grid(p);
-  if (p.n_splits > 1 && p.partial == nullptr) throw std::invalid_argument("n_splits > 1 needs a partial buffer");
-  if (blocks == 0) return;
-  DeviceGuard guard(device);
-  LK_DISPATCH_FLOAT(dtype, T, {
-    if (p.n_splits != 1 && p.n_splits != chunk_count(p.vocab, sizeof(T))) {
-      throw std::invalid_argument("n_splits must be 1 or the row's chunk count (token_stats_splits)");
-    }
-    token_stats_extra_fwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "launching token_stats_extra_fwd_kernel");
-    if (p.n_splits > 1) {
-      const unsigned fin_blocks = unsigned(ceil_div(p.n_rows, kFinalizeThreads));
-      token_stats_extra_finalize_kernel<T><<<fin_blocks, kFinalizeThreads, 0, stream>>>(p);
-      check_cuda(cudaGetLastError(), "launching token_stats_extra_finalize_kernel");
-    }
-  });
-}
-
-void extra_backward(const ExtraBwdParams& p, int dtype, int device, cudaStream_t stream) {
-  const unsigned blocks = checked_grid(p);
-  if (blocks == 0) return;
-  DeviceGuard guard(device);
-  LK_DISPATCH_FLOAT(dtype, T, {
-    token_stats_extra_bwd_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "launching token_stats_extra_bwd_kernel");
-  });
+  LK_DISPATCH_FLOAT(dtype, T, kernels<T>(p).pass(blocks, kThreads, stream, p));
 }
 
 int64_t elem_bytes(int dtype) {
@@ -223,10 +210,10 @@ void define(py::module_& m) {
          Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr logprobs, Addr entropy, Addr lse,
          Addr mean_z, Addr sum_p2, Addr log_sum_p2, Addr argmax, Addr max_logprob, Addr mean_logit, Addr partial,
          int n_splits, int device, Addr stream) {
-        extra_forward(ExtraFwdParams{logits, n_rows, vocab, row_stride, ids, id_bytes, temperature, temp_stride,
-                                     ignore_index, logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2, argmax,
-                                     max_logprob, mean_logit, partial, n_splits},
-                      dtype, device, stream);
+        forward(ExtraFwdParams{logits, n_rows, vocab, row_stride, ids, id_bytes, temperature, temp_stride,
+                               ignore_index, logprobs, entropy, lse, mean_z, sum_p2, log_sum_p2, argmax, max_logprob,
+                               mean_logit, partial, n_splits},
+                dtype, device, stream);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"), py::arg("ids"),
       py::arg("id_bytes"), py::arg("temperature"), py::arg("temp_stride"), py::arg("ignore_index"),
@@ -241,10 +228,10 @@ void define(py::module_& m) {
       [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids, int id_bytes,
          Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr lse, Addr mean_z, Addr log_sum_p2,
          Addr argmax, Addr grads, Addr dlogits, int64_t dlogits_row_stride, int n_splits, int device, Addr stream) {
-        extra_backward(ExtraBwdParams{logits, n_rows, vocab, row_stride, ids, id_bytes, temperature, temp_stride,
-                                      ignore_index, lse, mean_z, log_sum_p2, argmax, grads, dlogits,
-                                      dlogits_row_stride, n_splits},
-                       dtype, device, stream);
+        backward(ExtraBwdParams{logits, n_rows, vocab, row_stride, ids, id_bytes, temperature, temp_stride,
+                                ignore_index, lse, mean_z, log_sum_p2, argmax, grads, dlogits, dlogits_row_stride,
+                                n_splits},
+                 dtype, device, stream);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"), py::arg("ids"),
       py::arg("id_bytes"), py::arg("temperature"), py::arg("temp_stride"), py::arg("ignore_index"), py::arg("lse"),

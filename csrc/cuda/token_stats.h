@@ -115,6 +115,38 @@ LK_HOST_DEVICE void load_tile(Vec16 (&tile)[kUnroll], const T* row, int64_t i, i
   }
 }
 
+// What block (row, split) of a forward (FwdParams or ExtraFwdParams) knows before its sweep: its
+// row, 1 / T, and chunks [first, last) of the row's n_chunks; in the block's `leader` with
+// n_splits == 1, the target id and its raw logit, fetched first so their latency hides behind the
+// sweep (id 0 and 0 elsewhere).
+template <typename T>
+struct FwdBlock {
+  const T* x;
+  bool aligned;  // the row starts on a 16-byte boundary
+  float inv_t;
+  int64_t id;
+  float x_target;
+  int64_t n_chunks, first, last;
+};
+
+template <typename T, class P>
+LK_HOST_DEVICE FwdBlock<T> fwd_block(const P& p, int64_t row, int split, bool leader) {
+  FwdBlock<T> b;
+  b.x = static_cast<const T*>(p.logits) + row * p.row_stride;
+  b.aligned = reinterpret_cast<uintptr_t>(b.x) % 16 == 0;
+  b.inv_t = inverse_temperature(p.temperature[row * p.temp_stride]);
+  b.id = 0;
+  b.x_target = 0.0f;
+  if (p.n_splits == 1 && leader) {
+    b.id = load_id(p.ids, p.id_bytes, row);
+    if (b.id >= 0 && b.id < p.vocab) b.x_target = load_early(b.x + b.id);
+  }
+  b.n_chunks = chunk_count(p.vocab, sizeof(T));
+  b.first = p.n_splits == 1 ? 0 : split;
+  b.last = p.n_splits == 1 ? b.n_chunks : split + 1;
+  return b;
+}
+
 // Where chunk c lies: vectors [begin, end) of the row, and whether it holds the scalar tail.
 struct Chunk {
   int64_t begin, end;
@@ -289,10 +321,14 @@ LK_HOST_DEVICE GradRow load_grad_row(const BwdParams& p, int64_t row, int64_t id
 }
 
 // dlogits of the elements thread `tid` of block (row, split) owns: each element is read and then
-// written by the same thread, so dlogits may alias the logits.
-template <typename T>
-LK_HOST_DEVICE void bwd_thread(const T* x, T* out, int64_t vocab, int split, int n_splits, int tid, int64_t id,
-                               const GradRow& g) {
+// written by the same thread, so dlogits may alias the logits. `grad` gives an element's gradient
+// before conversion to the logits dtype: grad(x, j) for element j; grad.from(head), the same with the
+// marked ids counted from element `head`; grad.marks<kVec>(first), where they fall in the vector that
+// starts at element `first`, and grad(x, e, marks) for its element e (TokenGrad; ExtraTokenGrad in
+// token_stats_extra.h).
+template <typename T, class Grad>
+LK_HOST_DEVICE void bwd_elements(const T* x, T* out, int64_t vocab, int split, int n_splits, int tid,
+                                 const Grad& grad) {
   using E = Elem<T>;
   constexpr int kVec = E::kPerVec;
   const RowSpan span = row_span(x, vocab);
@@ -300,21 +336,21 @@ LK_HOST_DEVICE void bwd_thread(const T* x, T* out, int64_t vocab, int split, int
     // input and output rows sit differently against 16-byte boundaries: scalar accesses
     const Range range = split_range(vocab, split, n_splits, kThreads);
     for (int64_t j = range.begin + tid; j < range.end; j += kThreads) {
-      out[j] = E::from_float(token_stats_grad_raw(E::to_float(x[j]), j == id, g));
+      out[j] = E::from_float(grad(E::to_float(x[j]), j));
     }
     return;
   }
   if (split == 0 && tid < span.head) {
     const int64_t j = tid;
-    out[j] = E::from_float(token_stats_grad_raw(E::to_float(x[j]), j == id, g));
+    out[j] = E::from_float(grad(E::to_float(x[j]), j));
   }
   if (split == n_splits - 1 && tid < span.tail) {
     const int64_t j = span.head + span.n_vec * kVec + tid;
-    out[j] = E::from_float(token_stats_grad_raw(E::to_float(x[j]), j == id, g));
+    out[j] = E::from_float(grad(E::to_float(x[j]), j));
   }
   const Vec16* vx = reinterpret_cast<const Vec16*>(x + span.head);
   Vec16* vo = reinterpret_cast<Vec16*>(out + span.head);
-  const int64_t id_rel = id - span.head;  // the target's index counted from the first vector
+  const Grad rel = grad.from(span.head);  // the marked ids counted from the first vector
   const Range range = split_range(span.n_vec, split, n_splits, kThreads);
   for (int64_t i = range.begin + tid; i < range.end; i += int64_t(kUnroll) * kThreads) {
     Vec16 v[kUnroll];
@@ -327,17 +363,35 @@ LK_HOST_DEVICE void bwd_thread(const T* x, T* out, int64_t vocab, int split, int
     for (int k = 0; k < kUnroll; ++k) {
       const int64_t idx = i + int64_t(k) * kThreads;
       if (idx >= range.end) break;
-      const int64_t rel = id_rel - idx * kVec;
-      const int target = (rel >= 0 && rel < kVec) ? int(rel) : -1;
+      const auto marks = rel.template marks<kVec>(idx * kVec);
       Vec16 o;
       LK_UNROLL
       for (int e = 0; e < kVec; e += 2) {
-        E::put(o, e, token_stats_grad_raw(E::get(v[k], e), e == target, g),
-               token_stats_grad_raw(E::get(v[k], e + 1), e + 1 == target, g));
+        E::put(o, e, rel(E::get(v[k], e), e, marks), rel(E::get(v[k], e + 1), e + 1, marks));
       }
       store_stream(vo + idx, o);
     }
   }
+}
+
+// The two-output gradient of an element: the row's constants and its token id.
+struct TokenGrad {
+  int64_t id;
+  const GradRow& g;
+  LK_HOST_DEVICE float operator()(float x, int64_t j) const { return token_stats_grad_raw(x, j == id, g); }
+  LK_HOST_DEVICE TokenGrad from(int64_t head) const { return TokenGrad{id - head, g}; }
+  template <int kVec>
+  LK_HOST_DEVICE int marks(int64_t first) const {  // the target's place in the vector (-1: not in it)
+    const int64_t rel = id - first;
+    return (rel >= 0 && rel < kVec) ? int(rel) : -1;
+  }
+  LK_HOST_DEVICE float operator()(float x, int e, int target) const { return token_stats_grad_raw(x, e == target, g); }
+};
+
+template <typename T>
+LK_HOST_DEVICE void bwd_thread(const T* x, T* out, int64_t vocab, int split, int n_splits, int tid, int64_t id,
+                               const GradRow& g) {
+  bwd_elements(x, out, vocab, split, n_splits, tid, TokenGrad{id, g});
 }
 
 }  // namespace token_stats

@@ -399,57 +399,31 @@ LK_HOST_DEVICE float extra_grad_raw(float x, bool is_target, bool is_top, const 
   return g;
 }
 
-// bwd_thread with two marked ids (the row's token y and its argmax): each element is read and then
-// written by the same thread, so dlogits may alias the logits.
+// TokenGrad with two marked ids (the row's token y and its argmax `top`).
+struct ExtraTokenGrad {
+  int64_t id, top;
+  const ExtraGradRow& g;
+  struct Marks {
+    int target, top;  // their places in the vector (-1: not in it)
+  };
+  LK_HOST_DEVICE float operator()(float x, int64_t j) const { return extra_grad_raw(x, j == id, j == top, g); }
+  LK_HOST_DEVICE ExtraTokenGrad from(int64_t head) const { return ExtraTokenGrad{id - head, top - head, g}; }
+  template <int kVec>
+  LK_HOST_DEVICE Marks marks(int64_t first) const {
+    const int64_t rel = id - first, rel_top = top - first;
+    return Marks{(rel >= 0 && rel < kVec) ? int(rel) : -1, (rel_top >= 0 && rel_top < kVec) ? int(rel_top) : -1};
+  }
+  LK_HOST_DEVICE float operator()(float x, int e, const Marks& m) const {
+    return extra_grad_raw(x, e == m.target, e == m.top, g);
+  }
+};
+
+// bwd_thread with the extra statistics' gradient: each element is read and then written by the same
+// thread, so dlogits may alias the logits.
 template <typename T>
 LK_HOST_DEVICE void bwd_extra_thread(const T* x, T* out, int64_t vocab, int split, int n_splits, int tid, int64_t id,
                                      int64_t top, const ExtraGradRow& g) {
-  using E = Elem<T>;
-  constexpr int kVec = E::kPerVec;
-  const RowSpan span = row_span(x, vocab);
-  if (span.head != row_span(out, vocab).head) {
-    // input and output rows sit differently against 16-byte boundaries: scalar accesses
-    const Range range = split_range(vocab, split, n_splits, kThreads);
-    for (int64_t j = range.begin + tid; j < range.end; j += kThreads) {
-      out[j] = E::from_float(extra_grad_raw(E::to_float(x[j]), j == id, j == top, g));
-    }
-    return;
-  }
-  if (split == 0 && tid < span.head) {
-    const int64_t j = tid;
-    out[j] = E::from_float(extra_grad_raw(E::to_float(x[j]), j == id, j == top, g));
-  }
-  if (split == n_splits - 1 && tid < span.tail) {
-    const int64_t j = span.head + span.n_vec * kVec + tid;
-    out[j] = E::from_float(extra_grad_raw(E::to_float(x[j]), j == id, j == top, g));
-  }
-  const Vec16* vx = reinterpret_cast<const Vec16*>(x + span.head);
-  Vec16* vo = reinterpret_cast<Vec16*>(out + span.head);
-  const int64_t id_rel = id - span.head, top_rel = top - span.head;  // counted from the first vector
-  const Range range = split_range(span.n_vec, split, n_splits, kThreads);
-  for (int64_t i = range.begin + tid; i < range.end; i += int64_t(kUnroll) * kThreads) {
-    Vec16 v[kUnroll];
-    LK_UNROLL
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t idx = i + int64_t(k) * kThreads;
-      if (idx < range.end) v[k] = load_stream(vx + idx);
-    }
-    LK_UNROLL
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t idx = i + int64_t(k) * kThreads;
-      if (idx >= range.end) break;
-      const int64_t rel = id_rel - idx * kVec, rel_top = top_rel - idx * kVec;
-      const int target = (rel >= 0 && rel < kVec) ? int(rel) : -1;
-      const int target_top = (rel_top >= 0 && rel_top < kVec) ? int(rel_top) : -1;
-      Vec16 o;
-      LK_UNROLL
-      for (int e = 0; e < kVec; e += 2) {
-        E::put(o, e, extra_grad_raw(E::get(v[k], e), e == target, e == target_top, g),
-               extra_grad_raw(E::get(v[k], e + 1), e + 1 == target, e + 1 == target_top, g));
-      }
-      store_stream(vo + idx, o);
-    }
-  }
+  bwd_elements(x, out, vocab, split, n_splits, tid, ExtraTokenGrad{id, top, g});
 }
 
 }  // namespace token_stats

@@ -84,6 +84,26 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a CUDA tensor for backend='cuda', got {x.device}")
 
 
+def _check_grad_rows(x: torch.Tensor, dlogits: torch.Tensor) -> tuple[int, int]:
+    """The backward launchers' checks of the logits and dlogits (same shape and dtype, checked when
+    there are rows); returns (N, V)."""
+    _check_rows(x, "logits")
+    _check_rows(dlogits, "dlogits")
+    n_rows, vocab = x.shape
+    if n_rows and (dlogits.shape != x.shape or dlogits.dtype != x.dtype):
+        raise ValueError(
+            f"dlogits must match logits {tuple(x.shape)} {x.dtype}, got {tuple(dlogits.shape)} {dlogits.dtype}"
+        )
+    return n_rows, vocab
+
+
+def _token_stats_launch(x: torch.Tensor, ids: torch.Tensor) -> tuple:
+    """What every token-statistics launcher over logits ``x`` starts from: (device, sm_count, stream,
+    x's dtype code, ids as a contiguous int32/int64 tensor)."""
+    device, sm_count, stream = _launch_context(x)
+    return device, sm_count, stream, _checks.DTYPE_CODES[x.dtype], _ids(ids)
+
+
 def _ids(ids: torch.Tensor) -> torch.Tensor:
     if ids.dtype not in (torch.int32, torch.int64):
         ids = ids.to(torch.int64)

@@ -27,17 +27,6 @@ def _segment_ptrs(seg: _grouping.Segments) -> dict:
     }  # fmt: skip
 
 
-def group_advantages_fwd(rewards, groups, group_size, mask, lengths, task_ids, cfg, out) -> None:
-    """Writes ``out`` (fp32, ``[B]`` or ``mask.shape``; B > 0): segmentation on the device, then the
-    stages of lenkernels/_grouping.py over the kernels below. No host sync."""
-    _grouping.group_advantages(_STAGES, rewards, groups, group_size, mask, lengths, task_ids, cfg, out)
-
-
-def group_stats_fwd(values, where, groups, group_size, mask, stats, lengths) -> None:
-    """Writes stats ``[B, C', 6]`` and, with a mask, lengths ``[B]`` (B > 0). No host sync."""
-    _grouping.group_stats(_STAGES, values, where, groups, group_size, mask, stats, lengths)
-
-
 # --- stage launchers (lenkernels/_grouping.py Stages) ----------------------------------------------
 
 
@@ -109,3 +98,4 @@ def group_stats_step(values, where, mask, seg, stats, lengths) -> None:
 
 
 _STAGES = _grouping.Stages(group_step, gaussian_rank, batch_shift_scale, broadcast, group_stats_step)
+group_advantages_fwd, group_stats_fwd = _grouping.launchers(_STAGES)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lenkernels import _checks
-from lenkernels.cuda import _check_rows, _ids, _launch_context, load
+from lenkernels.cuda import _check_grad_rows, _check_rows, _token_stats_launch, load
 
 FAMILY = "token_stats"
 
@@ -30,9 +29,7 @@ def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, m
     if n_rows == 0:
         return
     module = load("token_stats")
-    device, sm_count, stream = _launch_context(x)
-    dtype = _checks.DTYPE_CODES[x.dtype]
-    ids = _ids(ids)
+    device, sm_count, stream, dtype, ids = _token_stats_launch(x, ids)
     temperature = temperature.to(torch.float32).contiguous()
     n_splits = module.token_stats_splits(n_rows, vocab, dtype, sm_count)
     # partial (m, S, U) states of each (row, split) when a row spans several blocks
@@ -58,19 +55,11 @@ def token_stats_bwd(x, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ign
     any stride (0 = broadcast); writes dlogits ([N, V], x's dtype, unit stride along V, any row
     stride; may be x itself for the in-place backward).
     """
-    _check_rows(x, "logits")
-    _check_rows(dlogits, "dlogits")
-    n_rows, vocab = x.shape
+    n_rows, vocab = _check_grad_rows(x, dlogits)
     if n_rows == 0:
         return
-    if dlogits.shape != x.shape or dlogits.dtype != x.dtype:
-        raise ValueError(
-            f"dlogits must match logits {tuple(x.shape)} {x.dtype}, got {tuple(dlogits.shape)} {dlogits.dtype}"
-        )
     module = load("token_stats")
-    device, sm_count, stream = _launch_context(x)
-    dtype = _checks.DTYPE_CODES[x.dtype]
-    ids = _ids(ids)
+    device, sm_count, stream, dtype, ids = _token_stats_launch(x, ids)
     temperature = temperature.to(torch.float32).contiguous()
     lse = lse.to(torch.float32).contiguous()
     mean_z = mean_z.to(torch.float32).contiguous()

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lenkernels import _checks
-from lenkernels.cuda import _check_rows, _ids, _launch_context, load
+from lenkernels.cuda import _check_grad_rows, _check_rows, _token_stats_launch, load
 
 FAMILY = "token_stats"
 EXTRA_STATE = 7  # floats per (row, chunk) partial state: m, S, U, S2, best, sum_x, best id (int32 bits)
@@ -49,9 +48,7 @@ def token_stats_extra_fwd(x, ids, temperature, ignore_index, logprobs, entropy, 
         _check_out(name, out, n_rows, torch.float32)
     _check_out("argmax", argmax, n_rows, torch.int64)
     module = load(FAMILY)
-    device, sm_count, stream = _launch_context(x)
-    dtype = _checks.DTYPE_CODES[x.dtype]
-    ids = _ids(ids)
+    device, sm_count, stream, dtype, ids = _token_stats_launch(x, ids)
     temperature = temperature.to(device=x.device, dtype=torch.float32).contiguous()
     n_splits = module.token_stats_splits(n_rows, vocab, dtype, sm_count)
     partial = (
@@ -73,21 +70,13 @@ def token_stats_extra_bwd(x, ids, temperature, lse, mean_z, log_sum_p2, argmax, 
     grads: the six cotangents (g_logprobs, g_entropy, g_sum_p2, g_log_sum_p2, g_max_logprob,
     g_mean_logit), [N] each; writes dlogits ([N, V], x's dtype, unit stride along V; may be x).
     """
-    _check_rows(x, "logits")
-    _check_rows(dlogits, "dlogits")
-    n_rows, vocab = x.shape
+    n_rows, vocab = _check_grad_rows(x, dlogits)
     if n_rows == 0:
         return
-    if dlogits.shape != x.shape or dlogits.dtype != x.dtype:
-        raise ValueError(
-            f"dlogits must match logits {tuple(x.shape)} {x.dtype}, got {tuple(dlogits.shape)} {dlogits.dtype}"
-        )
     if len(grads) != 6:
         raise ValueError(f"grads must hold the six cotangents, got {len(grads)}")
     module = load(FAMILY)
-    device, sm_count, stream = _launch_context(x)
-    dtype = _checks.DTYPE_CODES[x.dtype]
-    ids = _ids(ids)
+    device, sm_count, stream, dtype, ids = _token_stats_launch(x, ids)
     temperature = temperature.to(device=x.device, dtype=torch.float32).contiguous()
     rows = [t.reshape(-1).to(torch.float32).contiguous() for t in (lse, mean_z, log_sum_p2)]
     top = argmax.reshape(-1).to(torch.int64).contiguous()

@@ -369,20 +369,6 @@ def advantages_broadcast_kernel(
         tl.store(out_ptr + offs, a, mask=valid)
 
 
-# --- the family's launchers ------------------------------------------------------------------------
-
-
-def group_advantages_fwd(rewards, groups, group_size, mask, lengths, task_ids, cfg, out) -> None:
-    """Writes ``out`` (fp32, ``[B]`` or ``mask.shape``; B > 0): segmentation on the device, then the
-    stages of lenkernels/_grouping.py over the kernels below. No host sync."""
-    _grouping.group_advantages(_STAGES, rewards, groups, group_size, mask, lengths, task_ids, cfg, out)
-
-
-def group_stats_fwd(values, where, groups, group_size, mask, stats, lengths) -> None:
-    """Writes stats ``[B, C', 6]`` and, with a mask, lengths ``[B]`` (B > 0; triton/group_stats.py)."""
-    _grouping.group_stats(_STAGES, values, where, groups, group_size, mask, stats, lengths)
-
-
 # --- stage launchers (lenkernels/_grouping.py Stages) ----------------------------------------------
 
 
@@ -511,6 +497,8 @@ def broadcast(adv, stats, mask, out) -> None:
 group_stats_step = _group_stats.group_stats_step
 
 _STAGES = _grouping.Stages(group_step, gaussian_rank, batch_shift_scale, broadcast, group_stats_step)
+# the family's launchers (group_advantages_fwd, group_stats_fwd) over the stages above
+group_advantages_fwd, group_stats_fwd = _grouping.launchers(_STAGES)
 
 
 # --- ahead-of-time compilation cases (lenkernels/triton/aot.py) -----------------------------------
