@@ -369,6 +369,21 @@ LK_ALWAYS_INLINE float rounded_product(float x, float y) {
   return p;
 }
 
+// f(j) for j in [0, n), a cache line of logits at a time (vectorised within the line), the next
+// line (read, and written in place) prefetched while this one is computed: the gradient sweeps.
+template <typename T, typename F>
+LK_ALWAYS_INLINE void stream_lines(const T* x, T* out, int64_t n, F&& f) {
+  constexpr int64_t kBlock = 64 / sizeof(T);
+  int64_t j0 = 0;
+  for (; j0 + kBlock <= n; j0 += kBlock) {
+    prefetch_ahead<true>(x + j0, 0);
+    if (static_cast<const void*>(out) != static_cast<const void*>(x)) prefetch_ahead<true>(out + j0, 0);
+#pragma omp simd
+    for (int64_t j = j0; j < j0 + kBlock; ++j) f(j);
+  }
+  for (int64_t j = j0; j < n; ++j) f(j);
+}
+
 // One chunk of one row: d logits for n entries (SPEC 1). out may alias x (in-place backward).
 // Off the target, grad = -p (g_lp + g_h (z - mean_z)) / T with z - mean_z = d + (lse - mean_z) and
 // d = x / T - lse (the product rounded first: rounded_product) clamped at -127 ln 2, where
@@ -388,16 +403,7 @@ LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id
     const float p = exp2_clamped(dc * kLog2e);
     out[j] = store_value<T>(p * (g_h * dc + k0) * neg_inv_t);
   };
-  constexpr int64_t kBlock = 64 / sizeof(T);  // one cache line of logits
-  int64_t j0 = 0;
-  for (; j0 + kBlock <= n; j0 += kBlock) {
-    // the next chunk's line (read, and written in place): streamed in while this one is computed
-    prefetch_ahead<true>(x + j0, 0);
-    if (static_cast<const void*>(out) != static_cast<const void*>(x)) prefetch_ahead<true>(out + j0, 0);
-#pragma omp simd
-    for (int64_t j = j0; j < j0 + kBlock; ++j) grad(j);
-  }
-  for (int64_t j = j0; j < n; ++j) grad(j);
+  stream_lines(x, out, n, grad);
   if (has_target) {
     const float d = rounded_product(x_target, inv_t) - lse;
     const float p = exp2_clamped((d < lo ? lo : d) * kLog2e);
@@ -684,15 +690,7 @@ LK_ALWAYS_INLINE void extra_grad_chunk(const T* x, T* out, int64_t n, int64_t lo
     const float pp = dc > kQFloor ? p * p : 0.0f;
     return -p * (g_h * dc + k0) + c_q * pp + (std::fabs(z) < -kNegInf ? g_mean : 0.0f);
   };
-  constexpr int64_t kBlock = 64 / sizeof(T);  // one cache line of logits
-  int64_t j0 = 0;
-  for (; j0 + kBlock <= n; j0 += kBlock) {
-    prefetch_ahead<true>(x + j0, 0);
-    if (static_cast<const void*>(out) != static_cast<const void*>(x)) prefetch_ahead<true>(out + j0, 0);
-#pragma omp simd
-    for (int64_t j = j0; j < j0 + kBlock; ++j) out[j] = store_value<T>(value(to_float(x[j])) * inv_t);
-  }
-  for (int64_t j = j0; j < n; ++j) out[j] = store_value<T>(value(to_float(x[j])) * inv_t);
+  stream_lines(x, out, n, [&](int64_t j) { out[j] = store_value<T>(value(to_float(x[j])) * inv_t); });
   if (has_id) {
     const float hot = g_lp + (local_id == local_top ? g_mlp : 0.0f);
     out[local_id] = from_float<T>((hot + value(x_id)) * inv_t);

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from lenkernels import _backend
 from lenkernels import distributed as lkdist
-from lenkernels.triton.utils import inverse_temperature, max_nan, merge_state, rescale_state, split_plan
+from lenkernels.triton.utils import grad_args, inverse_temperature, max_nan, merge_state, rescale_state, split_plan
 
 NUM_WARPS = 8
 # (BLOCK_N, BLOCK_V, BLOCK_K) per dtype: the largest tiles without register spills on sm_80 and
@@ -371,21 +371,13 @@ def linear_stats_bwd_tile(
     (r0, r1), (v0, v1) = rows, cols
     block_n, block_v, _ = TILES[hidden.dtype]
     linear_stats_bwd_kernel[(triton.cdiv(r1 - r0, block_n), triton.cdiv(v1 - v0, block_v))](
-        ids_ptr=ids,
-        temp_ptr=temperature,
-        lse_ptr=lse,
-        mean_z_ptr=mean_z,
-        g_lp_ptr=g_logprobs,
-        g_h_ptr=g_entropy,
+        **grad_args(ids, temperature, lse, mean_z, g_logprobs, g_entropy),
         dlogits_ptr=dlogits,
         row_start=r0,
         row_stop=r1,
         col_start=v0,
         col_stop=v1,
         stride_d=dlogits.stride(0),
-        temp_stride=0 if temperature.numel() == 1 else 1,
-        g_lp_stride=g_logprobs.stride(0),
-        g_h_stride=g_entropy.stride(0),
         num_warps=NUM_WARPS,
         **_common(hidden, weight, bias),
     )

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from lenkernels.triton.utils import (
     aligned_offset,
+    grad_args,
     inverse_temperature,
     max_nan,
     merge_state,
@@ -273,6 +274,20 @@ def grad_tile(x, hit, inv_t, lse, mean_z, a, b):
     return (tl.where(hit, a, 0.0) - p * a) - b * ent
 
 
+@triton.jit
+def tile_split(logits_ptr, dlogits_ptr, row, split, vocab, stride_row, stride_drow, tiles_per_split,
+               BLOCK_V: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """A backward program's share of its row: the row's logits and gradient pointers and its tiles
+    [first, last), of which [first, full) are whole (they load without a mask) and a partial last
+    one, if any, is the row's last tile."""
+    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
+    out_ptr = dlogits_ptr + aligned_offset(row, stride_drow, dlogits_ptr, ALIGNED)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(vocab, BLOCK_V))
+    full = tl.minimum(last, vocab // BLOCK_V)
+    return row_ptr, out_ptr, first, last, full
+
+
 @triton.jit(
     do_not_specialize=[
         "vocab",
@@ -314,13 +329,9 @@ def token_stats_bwd_kernel(
     g_lp = tl.where(y == ignore_index, 0.0, tl.load(g_lp_ptr + row * g_lp_stride))
     a = g_lp * inv_t
     b = tl.load(g_h_ptr + row * g_h_stride) * inv_t
-    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
-    out_ptr = dlogits_ptr + aligned_offset(row, stride_drow, dlogits_ptr, ALIGNED)
+    row_ptr, out_ptr, first, last, full = tile_split(logits_ptr, dlogits_ptr, row, split, vocab, stride_row,
+                                                     stride_drow, tiles_per_split, BLOCK_V, ALIGNED)  # fmt: skip
     cols = tl.arange(0, BLOCK_V)
-    # tiles [first, last) of the row; the whole ones load without a mask, a partial last one with
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(vocab, BLOCK_V))
-    full = tl.minimum(last, vocab // BLOCK_V)
     for tile in range(first, full):
         start = tile * BLOCK_V
         x = tl.load(row_ptr + start + cols).to(tl.float32)
@@ -374,18 +385,10 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
     token_stats_bwd_kernel[(n_rows, n_splits)](
         logits_ptr=logits,
         dlogits_ptr=dlogits,
-        ids_ptr=ids,
-        temp_ptr=temperature,
-        lse_ptr=lse,
-        mean_z_ptr=mean_z,
-        g_lp_ptr=g_logprobs,
-        g_h_ptr=g_entropy,
+        **grad_args(ids, temperature, lse, mean_z, g_logprobs, g_entropy),
         vocab=vocab,
         stride_row=logits.stride(0),
         stride_drow=dlogits.stride(0),
-        temp_stride=0 if temperature.numel() == 1 else 1,
-        g_lp_stride=g_logprobs.stride(0),
-        g_h_stride=g_entropy.stride(0),
         tiles_per_split=tiles_per_split,
         ignore_index=ignore_index,
         BLOCK_V=block,

@@ -22,8 +22,9 @@ from lenkernels.triton.token_stats import (
     reduce_columns,
     store_row_stats,
     tile_column,
+    tile_split,
 )
-from lenkernels.triton.utils import aligned_offset, inverse_temperature, merge_state, rows_aligned, split_plan
+from lenkernels.triton.utils import inverse_temperature, merge_state, rows_aligned, split_plan
 
 # --- extra vocabulary statistics (SPEC 7), launched only by lenkernels.token_stats when asked for ----
 # Separate kernels, so the two-output kernels above keep their code, bits and instruction count.
@@ -233,13 +234,9 @@ def token_stats_extra_bwd_kernel(
     g_mlp = tl.load(grads_ptr + 4 * n_rows + row)
     g_mean = tl.load(grads_ptr + 5 * n_rows + row) / vocab.to(tl.float32)
     p_coef = g_lp + g_mlp + 2.0 * g_lsp2 + 2.0 * g_sp2 * sum_p2  # every -p_j term together
-    row_ptr = logits_ptr + aligned_offset(row, stride_row, logits_ptr, ALIGNED)
-    out_ptr = dlogits_ptr + aligned_offset(row, stride_drow, dlogits_ptr, ALIGNED)
+    row_ptr, out_ptr, first, last, full = tile_split(logits_ptr, dlogits_ptr, row, split, vocab, stride_row,
+                                                     stride_drow, tiles_per_split, BLOCK_V, ALIGNED)  # fmt: skip
     cols = tl.arange(0, BLOCK_V)
-    # tiles [first, last) of the row; the whole ones load without a mask, a partial last one with
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(vocab, BLOCK_V))
-    full = tl.minimum(last, vocab // BLOCK_V)
     for tile in range(first, full):
         start = tile * BLOCK_V
         x = tl.load(row_ptr + start + cols).to(tl.float32)

@@ -168,3 +168,11 @@ def sequence_tile(valid_ptr, first, end, BLOCK: tl.constexpr):
     pos = first + tl.arange(0, BLOCK)
     in_seq = pos < end
     return pos, in_seq, tl.load(valid_ptr + pos, mask=in_seq, other=0) != 0
+
+
+def grad_args(ids, temperature, lse, mean_z, g_logprobs, g_entropy) -> dict:
+    """The per-row inputs of a token-statistics backward kernel (token_stats, linear_stats), by the
+    kernels' argument names: ids, 1/T source, the forward's lse and mean_z, the two cotangents."""
+    return {"ids_ptr": ids, "temp_ptr": temperature, "lse_ptr": lse, "mean_z_ptr": mean_z, "g_lp_ptr": g_logprobs,
+            "g_h_ptr": g_entropy, "temp_stride": 0 if temperature.numel() == 1 else 1,
+            "g_lp_stride": g_logprobs.stride(0), "g_h_stride": g_entropy.stride(0)}  # fmt: skip
