@@ -38,26 +38,25 @@ constexpr int64_t kTileVecs = int64_t(kThreads) * kUnroll;
 // lenkernels.bench.sass). Larger chunks cost less but give rows of few-row batches fewer blocks.
 constexpr int64_t kChunkVecs = 4 * kTileVecs;
 
-struct FwdParams {
+// What every token-statistics kernel reads of its rows (the first members of each family's
+// parameters, initialised in this order): the logits, the ids and the temperatures.
+struct RowParams {
   const void* logits;  // [n_rows, vocab], row_stride elements apart, unit stride along vocab
   int64_t n_rows, vocab, row_stride;
   const void* ids;  // [n_rows] int32 (id_bytes 4) or int64 (id_bytes 8)
   int id_bytes;
   const float* temperature;  // [n_rows] (temp_stride 1) or [1] (temp_stride 0)
   int64_t temp_stride, ignore_index;
+};
+
+struct FwdParams : RowParams {
   float *logprobs, *entropy, *lse, *mean_z;  // [n_rows] each; entropy may be null
   float *max_z, *log_s;                      // null, or [n_rows] each: the row's state (m, log S)
   float* partial;                            // [n_rows, n_splits, 3] (m, S, U) when n_splits > 1
   int n_splits;
 };
 
-struct BwdParams {
-  const void* logits;
-  int64_t n_rows, vocab, row_stride;
-  const void* ids;
-  int id_bytes;
-  const float* temperature;
-  int64_t temp_stride, ignore_index;
+struct BwdParams : RowParams {
   const float *lse, *mean_z;            // [n_rows] from the forward
   const float *g_logprobs, *g_entropy;  // [n_rows] with any stride (0 = broadcast); null = zero
   int64_t g_logprobs_stride, g_entropy_stride;
@@ -226,22 +225,31 @@ LK_HOST_DEVICE SoftmaxState chain(const SoftmaxState& total, const SoftmaxState&
 // a butterfly of merge()s (no exponential per step). Two __syncthreads; the shared arrays are safe
 // to reuse by the next call without a third (every read of one call precedes a barrier every
 // write of the next one follows).
+// The block's max of the threads' m, in every thread: a lane butterfly, then warp by warp in
+// index order (NaN wins, as nan_max). One __syncthreads; the caller's next barrier must come before
+// the next call writes the shared array again (chunk_reduce and chunk_reduce_extra have one).
 template <int kBlock>
-__device__ __forceinline__ SoftmaxState chunk_reduce(const SoftmaxState& st) {
-  static_assert(kBlock % 32 == 0 && kBlock <= 1024, "whole warps");
+__device__ __forceinline__ float block_max(float m) {
   constexpr int kWarps = kBlock / 32;
   __shared__ float warp_max[kWarps];
-  __shared__ float warp_s[kWarps];
-  __shared__ float warp_u[kWarps];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float m = st.m;
 #pragma unroll
   for (int mask = 16; mask > 0; mask >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, mask));
-  if (lane == 0) warp_max[warp] = m;
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
   __syncthreads();
   m = warp_max[0];
 #pragma unroll
   for (int w = 1; w < kWarps; ++w) m = nan_max(m, warp_max[w]);
+  return m;
+}
+
+template <int kBlock>
+__device__ __forceinline__ SoftmaxState chunk_reduce(const SoftmaxState& st) {
+  static_assert(kBlock % 32 == 0 && kBlock <= 1024, "whole warps");
+  constexpr int kWarps = kBlock / 32;
+  __shared__ float warp_s[kWarps];
+  __shared__ float warp_u[kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float m = block_max<kBlock>(st.m);
   const SoftmaxState r = rebase(st, m);
   float s = r.s, u = r.u;
 #pragma unroll

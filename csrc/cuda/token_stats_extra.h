@@ -42,13 +42,7 @@ struct ExtraState {
 
 LK_HOST_DEVICE ExtraState empty_extra() { return ExtraState{empty_state(), 0.0f, kNegInf, 0.0f, kNoId}; }
 
-struct ExtraFwdParams {
-  const void* logits;  // [n_rows, vocab], row_stride elements apart, unit stride along vocab
-  int64_t n_rows, vocab, row_stride;
-  const void* ids;  // [n_rows] int32 / int64
-  int id_bytes;
-  const float* temperature;  // [n_rows] (temp_stride 1) or [1] (0)
-  int64_t temp_stride, ignore_index;
+struct ExtraFwdParams : RowParams {
   // [n_rows] each, fp32 (argmax int64)
   float *logprobs, *entropy, *lse, *mean_z, *sum_p2, *log_sum_p2;
   int64_t* argmax;
@@ -57,13 +51,7 @@ struct ExtraFwdParams {
   int n_splits;
 };
 
-struct ExtraBwdParams {
-  const void* logits;
-  int64_t n_rows, vocab, row_stride;
-  const void* ids;
-  int id_bytes;
-  const float* temperature;
-  int64_t temp_stride, ignore_index;
+struct ExtraBwdParams : RowParams {
   const float *lse, *mean_z, *log_sum_p2;  // [n_rows] from the forward
   const int64_t* argmax;                   // [n_rows]
   // [6, n_rows] contiguous: g_logprobs, g_entropy, g_sum_p2, g_log_sum_p2, g_max_logprob, g_mean_logit
@@ -279,17 +267,9 @@ LK_HOST_DEVICE void finalize_row_extra(const ExtraFwdParams& p, int64_t row) {
 template <int kBlock>
 __device__ __forceinline__ ExtraState chunk_reduce_extra(const ExtraState& st) {
   constexpr int kWarps = kBlock / 32;
-  __shared__ float warp_max[kWarps];
   __shared__ ExtraSums warp_sums[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float m = st.sm.m;
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, mask));
-  if (lane == 0) warp_max[warp] = m;
-  __syncthreads();
-  m = warp_max[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) m = nan_max(m, warp_max[w]);
+  const float m = block_max<kBlock>(st.sm.m);
   ExtraSums s = sums_of(rebase_extra(st, m));
 #pragma unroll
   for (int mask = 16; mask > 0; mask >>= 1) {
