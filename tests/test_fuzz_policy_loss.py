@@ -259,6 +259,11 @@ test_fuzz_policy_loss_compiled_and_reference, test_fuzz_policy_loss_gpu_backends
 # --- kl_penalty ------------------------------------------------------------------------------------
 
 
+def _run(draw) -> dict:
+    """A case's input seed and its (backend, device)."""
+    return {"seed": draw(st.integers(0, 2**31 - 1)), "backend": draw(st.sampled_from(BACKENDS))}
+
+
 @st.composite
 def kl_cases(draw):
     return {
@@ -270,8 +275,7 @@ def kl_cases(draw):
         # delta = ref - logprob: tiny (the k3 series), moderate, past verl's clamps
         "spread": draw(st.sampled_from([1e-4, 0.5, 3.0, 30.0])),
         "transposed": draw(st.booleans()),
-        "seed": draw(st.integers(0, 2**31 - 1)),
-        "backend": draw(st.sampled_from(BACKENDS)),
+        **_run(draw),
     }
 
 
@@ -318,8 +322,7 @@ def logits_cases(draw):
         "entropy_coef": draw(st.sampled_from([0.0, 0.03])),
         "quantile": draw(st.sampled_from([1.0, 0.5])),
         "ignored": draw(st.booleans()),
-        "seed": draw(st.integers(0, 2**31 - 1)),
-        "backend": draw(st.sampled_from(BACKENDS)),
+        **_run(draw),
     }
 
 
