@@ -29,31 +29,46 @@ TRANSFORM_FREE = frozenset(("logprob", "entropy"))
 
 
 class _LowPrecisionLinear(torch.autograd.Function):
-    """``F.linear`` with the GEMM in ``dtype`` (autocast's) and the gradients' GEMMs in fp32 from
-    the ``dtype`` logits gradient, returned in the inputs' dtypes: the weights' gradient is not
-    rounded to ``dtype`` on the way back, as it would be through ``F.linear(h.to(dtype), ...)``."""
+    """``F.linear`` with the GEMM in a lower compute dtype (autocast's): the hidden chunk is rounded
+    to it here, ``weight_c`` / ``bias_c`` are the parameters rounded to it once a call (not once a
+    chunk). The gradients' GEMMs accumulate in fp32 from the compute-dtype logits gradient
+    (``linear_stats._accumulate_mm``: tensor cores with an fp32 result on CUDA) and return in the
+    parameters' dtypes, not rounded to the compute dtype on the way back as they would be through
+    ``F.linear(h.to(dtype), w.to(dtype))``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, dtype):
-        ctx.save_for_backward(hidden, weight, bias)
-        return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    def forward(ctx, hidden, weight, bias, weight_c, bias_c):
+        hidden_c = hidden.to(weight_c.dtype)
+        ctx.save_for_backward(hidden_c, weight_c)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return F.linear(hidden_c, weight_c, bias_c)
 
     @staticmethod
     def backward(ctx, g):
-        hidden, weight, bias = ctx.saved_tensors
-        g32 = g.float()
-        dh = (g32 @ weight.to(g.dtype).float()).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        dw = (g32.T @ hidden.to(g.dtype).float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = g32.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dh, dw, db, None
+        hidden_c, weight_c = ctx.saved_tensors
+        (h_dtype, w_dtype, b_dtype), need = ctx.dtypes, ctx.needs_input_grad
+        dh = dw = db = None
+        if need[0]:
+            dh = g.new_zeros((g.shape[0], weight_c.shape[1]), dtype=torch.float32)
+            linear_stats._accumulate_mm(dh, g, weight_c)
+            dh = dh.to(h_dtype)
+        if need[1]:
+            dw = g.new_zeros(weight_c.shape, dtype=torch.float32)
+            linear_stats._accumulate_mm(dw, g.T, hidden_c)
+            dw = dw.to(w_dtype)
+        if b_dtype is not None and need[2]:
+            db = g.sum(0, dtype=torch.float32).to(b_dtype)
+        return dh, dw, db, None, None
 
 
 def _chunk_stats(hidden, weight, bias, ids, temperature, ignore_index, outputs, logit_scale, softcap, backend,
-                 compute_dtype, top_k=0, gather_ids=None, kept_ids=None, sampling=None):  # fmt: skip
-    if compute_dtype == hidden.dtype:
+                 rounded=None, top_k=0, gather_ids=None, kept_ids=None, sampling=None):  # fmt: skip
+    """One row chunk's statistics; ``rounded``: None (the GEMM in the hidden dtype), or the
+    parameters rounded to a lower compute dtype, ``(weight_c, bias_c)``."""
+    if rounded is None:
         logits = F.linear(hidden, weight, bias)
     else:
-        logits = _LowPrecisionLinear.apply(hidden, weight, bias, compute_dtype)
+        logits = _LowPrecisionLinear.apply(hidden, weight, bias, *rounded)
     if logit_scale != 1.0 or softcap is not None:
         logits = logits.float() * logit_scale
         if softcap is not None:
@@ -154,11 +169,14 @@ def linear_token_stats(
     order = tuple(n for n in ts.OUTPUTS if n in wanted)
     per_row = [None if t is None else t.reshape(n_rows, t.shape[-1]) for t in (gather_ids, kept_ids)]
     differentiable = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    rounded = None
+    if compute_dtype != hidden.dtype:  # rounded once for all chunks (a [V, D] cast each would cost a GEMM's read)
+        rounded = (weight.detach().to(compute_dtype), None if bias is None else bias.detach().to(compute_dtype))
     parts = []
     for start in range(0, max(n_rows, 1), rows):
         args = (h2[start : start + rows], weight, bias, y[start : start + rows],
                 temp if temp.numel() == 1 else temp[start : start + rows], ignore_index, order, logit_scale,
-                softcap, name, compute_dtype, top_k,
+                softcap, name, rounded, top_k,
                 *(None if t is None else t[start : start + rows] for t in per_row), sampling)  # fmt: skip
         if differentiable:
             parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
