@@ -34,9 +34,13 @@ and DRO are modes of it); ``clip_cov`` / ``kl_cov`` first select their tokens wi
 same tokens under the same seed) and then make one fused call: Clip-Cov's 0/1 keep mask is the
 op's importance weights, KL-Cov's ``|log_ratio|`` term on the selected tokens is the op's ``abs``
 KL term against ``where(selected, old_log_prob, log_prob)`` (see ``_verl_objectives._kl_cov``).
-verl's other registry entries (``bypass_mode``'s own wrapper, ``gae``, ``remax``,
-``reinforce_plus_plus``, ``gdpo``, the optimal-token baselines) and its rollout correction
-(``rollout_corr_helper``) stay verl's.
+verl's rollout correction (``rollout_corr_helper``: ``compute_rollout_correction_and_rejection_mask``,
+which ``compute_rollout_correction_and_add_to_batch`` and ``bypass_mode``'s loss call, and
+``compute_offpolicy_metrics``; ``ROLLOUT_CORRECTION_NAMES``) takes its importance weights and KL
+estimates from one ``lenkernels.rollout_correction`` pass and brings its ~40 metrics to the host in
+one transfer (verl: one ``.item()`` each, per micro-batch in bypass mode); see
+``_verl_rollout_correction``. verl's other registry entries (``bypass_mode``'s own wrapper, ``gae``,
+``remax``, ``reinforce_plus_plus``, ``gdpo``, the optimal-token baselines) stay verl's.
 
 The path verl's trainer runs (``PATCHED_ENGINE_NAMES``): where verl's FSDP engine module imports
 (it needs ``peft``), ``patch()`` also replaces ``FSDPEngineWithLMHead.prepare_model_outputs``, the
@@ -89,6 +93,10 @@ Differences, all deliberate:
   and stds; the whitening's Bessel factor of an integer or float32 mask's count) or adds 1e-8 to
   counts (``seq-mean-token-mean``, ``geo_mean``, whitening means): a relative 1e-8 to 1e-7 apart.
 - An empty vocabulary (``V = 0``) is a ValueError (verl's entropy of no logits is -inf).
+- Rollout correction: ``k3_kl`` is ``mean(expm1(δ) − δ)``, where verl's ``exp(δ) − δ − 1`` cancels
+  for small ``δ`` (a few percent off at ``δ ~ 1e-3`` in float32); ``rollout_is_eff_sample_size`` is
+  ``inf`` when every applied weight is 0 (verl raises ZeroDivisionError); the inputs must be
+  ``[batch, length]`` (verl's sequence sums assume it).
 """
 
 from __future__ import annotations
@@ -97,9 +105,9 @@ from lenkernels.integrations import ModulePatch, Replacement, _check_exclude, _e
 
 # The drop-ins live in private modules by what they compute: _verl_token_stats (verl.utils.
 # torch_functional), _verl_losses (KL, agg_loss, the PPO-family policy losses), _verl_objectives
-# (dppo_tv, dppo_kl, dro, clip_cov, kl_cov), _verl_advantages (the outcome advantages) and
-# _verl_engine (the FSDP engine's output path). This module re-exports them (as their home: ``__module__``, see the end)
-# and patches them into verl.
+# (dppo_tv, dppo_kl, dro, clip_cov, kl_cov), _verl_advantages (the outcome advantages),
+# _verl_rollout_correction (rollout_corr_helper) and _verl_engine (the FSDP engine's output path).
+# This module re-exports them (as their home: ``__module__``, see the end) and patches them into verl.
 from lenkernels.integrations._verl_advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_gpg_outcome_advantage,
@@ -137,6 +145,10 @@ from lenkernels.integrations._verl_objectives import (
     compute_policy_loss_dro,
     compute_policy_loss_kl_cov,
 )
+from lenkernels.integrations._verl_rollout_correction import (
+    compute_offpolicy_metrics,
+    compute_rollout_correction_and_rejection_mask,
+)
 from lenkernels.integrations._verl_token_stats import (
     entropy_from_logits,
     entropy_from_logits_with_chunking,
@@ -169,6 +181,8 @@ __all__ = [
     "compute_opo_outcome_advantage",
     "compute_grpo_passk_outcome_advantage",
     "compute_gpg_outcome_advantage",
+    "compute_rollout_correction_and_rejection_mask",
+    "compute_offpolicy_metrics",
     "prepare_model_outputs",
     "prepare_model_inputs",
     "forward_with_torch_backend",
@@ -178,6 +192,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "PATCHED_NAMES",
     "PATCHED_ENGINE_NAMES",
+    "ROLLOUT_CORRECTION_NAMES",
     "patch",
     "unpatch",
     "patched",
@@ -189,6 +204,8 @@ __all__ = [
 
 _TF = "verl.utils.torch_functional"
 _CORE = "verl.trainer.ppo.core_algos"
+_ROLLOUT = "verl.trainer.ppo.rollout_corr_helper"
+ROLLOUT_CORRECTION_NAMES = ("compute_rollout_correction_and_rejection_mask", "compute_offpolicy_metrics")
 
 
 def _replacements() -> list[Replacement]:
@@ -198,6 +215,7 @@ def _replacements() -> list[Replacement]:
     reps += [Replacement(_CORE, f.__name__, f) for f in (*POLICY_LOSSES.values(), *EXTRA_POLICY_LOSSES.values())]
     reps.append(Replacement(_CORE, "compute_policy_loss_reinforce", compute_policy_loss_reinforce))
     reps += [Replacement(_CORE, f.__name__, f) for f in ADVANTAGE_ESTIMATORS.values()]
+    reps += [Replacement(_ROLLOUT, name, globals()[name]) for name in ROLLOUT_CORRECTION_NAMES]
     reps += _engine_replacements()
     return reps
 
@@ -235,6 +253,7 @@ PATCHED_NAMES = tuple(
     + [f.__name__ for f in (*POLICY_LOSSES.values(), *EXTRA_POLICY_LOSSES.values())]
     + ["compute_policy_loss_reinforce"]
     + [f.__name__ for f in ADVANTAGE_ESTIMATORS.values()]
+    + list(ROLLOUT_CORRECTION_NAMES)
 )
 """The verl function names ``patch()`` replaces (pass any of them in ``exclude`` to keep verl's)."""
 
@@ -247,8 +266,8 @@ PATCHED_ENGINE_NAMES = (
 """What ``patch()`` replaces on verl's FSDP actor-engine path when that engine's module imports:
 methods of ``FSDPEngineWithLMHead`` and the fused-kernel model forwards of
 ``verl.models.transformers.dense_common``; ``exclude`` takes them too. Kept apart from
-``PATCHED_NAMES``, whose names are all functions of ``verl.utils.torch_functional`` /
-``verl.trainer.ppo.core_algos``."""
+``PATCHED_NAMES``, whose names are all functions of ``verl.utils.torch_functional``,
+``verl.trainer.ppo.core_algos`` and ``verl.trainer.ppo.rollout_corr_helper``."""
 
 _PATCH = ModulePatch("verl", _replacements, _registries)
 

@@ -49,7 +49,7 @@ VENDOR = HERE / "vendor"  # the vendored trees, one folder per trainer: vendor/v
 
 # verl's / TRL's modules whose attributes patch() replaces (and the tests import from)
 OWNERS = {
-    "verl": ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos"),
+    "verl": ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos", "verl.trainer.ppo.rollout_corr_helper"),
     "trl": ("trl.trainer.utils",),
 }
 

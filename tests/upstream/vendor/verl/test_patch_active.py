@@ -10,6 +10,7 @@ from tests.utils import trainer_module
 
 core = trainer_module("verl.trainer.ppo.core_algos")
 verl_F = trainer_module("verl.utils.torch_functional")
+rollout_corr = trainer_module("verl.trainer.ppo.rollout_corr_helper")
 
 from lenkernels.integrations import verl as lk_verl
 
@@ -19,6 +20,7 @@ from . import (
     test_core_algos_on_cpu,
     test_dynamic_policy_losses_on_cpu,
     test_loss_aggregation_on_cpu,
+    test_rollout_corr,
     test_rollout_corr_integration,
     test_torch_functional,
     test_value_loss_normalization_on_cpu,
@@ -33,7 +35,12 @@ IMPORTED_BY_NAME = {
         "kl_penalty",
     ),
     test_loss_aggregation_on_cpu: ("agg_loss",),
-    test_rollout_corr_integration: ("compute_policy_loss_vanilla",),
+    test_rollout_corr: ("compute_offpolicy_metrics", "compute_rollout_correction_and_rejection_mask"),
+    test_rollout_corr_integration: (
+        "compute_offpolicy_metrics",
+        "compute_policy_loss_vanilla",
+        "compute_rollout_correction_and_rejection_mask",
+    ),
     test_dynamic_policy_losses_on_cpu: ("compute_policy_loss_dro",),
     test_value_loss_normalization_on_cpu: (),
     test_torch_functional: (),
@@ -43,7 +50,7 @@ IMPORTED_BY_NAME = {
 def test_verl_modules_and_registries_hold_lenkernels_functions():
     assert lk_verl.is_patched()
     for name in lk_verl.PATCHED_NAMES:
-        owner = verl_F if hasattr(verl_F, name) else core
+        owner = next(m for m in (verl_F, core, rollout_corr) if hasattr(m, name))
         assert getattr(owner, name) is getattr(lk_verl, name), name
     for key, fn in lk_verl.POLICY_LOSSES.items():
         assert core.get_policy_loss_fn(key) is fn, key
@@ -51,6 +58,11 @@ def test_verl_modules_and_registries_hold_lenkernels_functions():
         assert core.get_adv_estimator_fn(key) is fn, key
     # verl's own code calls the drop-ins through its module globals
     assert core.compute_value_loss.__globals__["agg_loss"] is lk_verl.agg_loss
+    # bypass_mode's loss imports the rollout correction from its module when it runs
+    assert (
+        rollout_corr.compute_rollout_correction_and_rejection_mask
+        is lk_verl.compute_rollout_correction_and_rejection_mask
+    )
 
 
 @pytest.mark.parametrize("module", list(IMPORTED_BY_NAME), ids=lambda m: m.__name__.rsplit(".", 1)[1])
