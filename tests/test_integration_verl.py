@@ -21,6 +21,7 @@ from tests.utils import assert_close, trainer_close, trainer_module
 
 verl_F = trainer_module("verl.utils.torch_functional")
 core = trainer_module("verl.trainer.ppo.core_algos")
+rollout_corr = trainer_module("verl.trainer.ppo.rollout_corr_helper")
 verl_config = trainer_module("verl.workers.config")
 from verl.trainer.config import AlgoConfig
 
@@ -422,8 +423,13 @@ def test_entropy_under_verls_compile():
 # --- patch() -------------------------------------------------------------------------------------
 
 
+def _owner(name: str):
+    """The verl module a PATCHED_NAMES function lives in."""
+    return next(m for m in (core, verl_F, rollout_corr) if hasattr(m, name))
+
+
 def _originals():
-    return {name: getattr(core, name, None) or getattr(verl_F, name) for name in lk_verl.PATCHED_NAMES}
+    return {name: getattr(_owner(name), name) for name in lk_verl.PATCHED_NAMES}
 
 
 def test_import_does_not_patch():
@@ -443,8 +449,7 @@ def test_patch_and_unpatch_swap_every_reference(monkeypatch):
         assert "verl.workers.utils.losses.agg_loss" in replaced
         assert "verl.trainer.ppo.core_algos.compute_policy_loss_vanilla" in replaced
         for name in lk_verl.PATCHED_NAMES:
-            owner = core if hasattr(core, name) else verl_F
-            assert getattr(owner, name) is getattr(lk_verl, name), name
+            assert getattr(_owner(name), name) is getattr(lk_verl, name), name
         assert losses.agg_loss is lk_verl.agg_loss and losses.kl_penalty is lk_verl.kl_penalty
         for name, fn in lk_verl.POLICY_LOSSES.items():
             assert core.get_policy_loss_fn(name) is fn
