@@ -320,6 +320,30 @@ def _policy_loss(logprobs, old_logprobs, advantages, mask=None, *, exact: bool =
     return PolicyLoss(**fields)
 
 
+def _rollout_correction(old: torch.Tensor, rollout: torch.Tensor, valid: torch.Tensor, *, level: str, mode: str,
+                        threshold=None, threshold_low=None, log_clamp: float, backend=None):  # fmt: skip
+    """``lenkernels.rollout_correction`` of padded ``[B, T]`` log-probabilities (float32 weights and
+    metrics), or for float64 inputs its float64 reference definition (float64 weights and metrics,
+    the same fields)."""
+    from lenkernels._codes import CorrectionLevel, CorrectionMode
+    from lenkernels.ops.rollout_correction import RolloutCorrection, rollout_correction
+
+    if not _exact(old, rollout):
+        return rollout_correction(old, rollout.to(old.dtype), valid, level=level, mode=mode, threshold=threshold,
+                                  threshold_low=threshold_low, log_clamp=log_clamp, backend=backend)  # fmt: skip
+    from lenkernels.reference import rollout_correction as ref
+
+    b, t = old.shape
+    out = ref.rollout_correction(
+        old, rollout, valid.reshape(-1) != 0, ref.padded_offsets(b, t, old.device),
+        level=CorrectionLevel[level.upper()], mode=CorrectionMode[mode.upper()],
+        lo=0.0 if threshold_low is None else threshold_low, hi=math.inf if threshold is None else threshold,
+        log_clamp=log_clamp, dtype=F64,
+    )  # fmt: skip
+    fields = {k: out[k] for k in RolloutCorrection._fields}
+    return RolloutCorrection(**{**fields, "weights": out["weights"].reshape(b, t), "mask": out["mask"].reshape(b, t)})
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """Trainer loss matrices are ``[B, T]``; ``[N]`` is one row, more dims fold into rows."""
     if x.dim() == 1:

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from lenkernels._codes import CorrectionLevel, CorrectionMode
+from lenkernels.integrations import _rollout_correction
 
 HELPER_MODULE = "verl.trainer.ppo.rollout_corr_helper"
 SAFETY_BOUND = 20.0  # verl's clamp of log weights (lenkernels.ops.rollout_correction.LOG_CLAMP)
@@ -81,24 +81,12 @@ def _weights_and_kl(old, rollout, response_mask, level: str):
     """``(raw, kl, k3)``: verl's raw importance weights ``exp(clamp(δ or Σδ, ±20)) * response_mask``
     (its dtype promotion), and the k1/k3 KL(π_rollout ‖ π_old) estimates over the response tokens,
     from one ``lenkernels.rollout_correction`` pass (float64 inputs: its float64 definition)."""
-    from lenkernels.ops.rollout_correction import rollout_correction
-    from lenkernels.reference import rollout_correction as ref
-
-    valid = response_mask != 0
+    rc = _rollout_correction(old, rollout, response_mask != 0, level=level, mode="truncate", log_clamp=SAFETY_BOUND)
     dtype = torch.promote_types(old.dtype, rollout.dtype)
-    if dtype == torch.float64:
-        b, t = old.shape
-        out = ref.rollout_correction(old, rollout, valid.reshape(-1), ref.padded_offsets(b, t, old.device),
-                                     level=_LEVELS[level], mode=CorrectionMode.TRUNCATE,
-                                     log_clamp=SAFETY_BOUND)  # fmt: skip
-        weights, kl, k3 = out["weights"].reshape(old.shape), out["kl_k1"], out["kl_k3"]
-    else:
-        rc = rollout_correction(old, rollout.to(old.dtype), valid, level=level, threshold=None, log_clamp=SAFETY_BOUND)
-        weights, kl, k3 = rc.weights, rc.kl_k1, rc.kl_k3
-    return weights.to(dtype) * response_mask, kl, k3
+    return rc.weights.to(dtype) * response_mask, rc.kl_k1, rc.kl_k3
 
 
-_LEVELS = {"token": CorrectionLevel.TOKEN, "sequence": CorrectionLevel.SEQUENCE}  # verl's rollout_is levels
+_LEVELS = ("token", "sequence")  # verl's rollout_is levels
 
 
 # --- importance weights (verl: compute_rollout_correction_weights + compute_is_metrics) ---------

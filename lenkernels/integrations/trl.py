@@ -24,7 +24,10 @@ loop (``multi_objective_aggregation="sum_then_normalize"``, TRL's default). TRL 
 model's fused LM head (``add_fused_lm_head``): ``patch()`` swaps the function that head calls,
 ``trl.kernels.ChunkedLogProbFunction``, for :class:`ChunkedLogProbFunction`
 (``lenkernels.linear_token_stats``: every output TRL asks for, its soft cap and logit scale); the
-patched ``trl.trainer.utils`` functions serve TRL's other trainers and user code.
+patched ``trl.trainer.utils`` functions serve TRL's other trainers and user code. TRL's vLLM
+importance-sampling correction is inline in ``_generate_and_score_completions`` too: a fork
+replaces that block with :func:`vllm_importance_sampling` (every mode, TRL's NaN rule, the five
+metrics, one ``lenkernels.rollout_correction`` pass).
 
 Dtypes are TRL's: the token statistics accept float32, bfloat16, float16 and float64 logits and
 return float32 where TRL runs its fused Triton kernel (CUDA/XPU tensors of float32/bfloat16/float16
@@ -71,6 +74,7 @@ from lenkernels.integrations._trl_token_stats import (
     selective_log_softmax,
     selective_log_softmax_and_entropy,
 )
+from lenkernels.integrations._trl_vllm_correction import VLLMImportanceSampling, vllm_importance_sampling
 
 __all__ = [
     "selective_log_softmax",
@@ -82,6 +86,8 @@ __all__ = [
     "grpo_loss",
     "grpo_compute_loss",
     "LOSS_TYPES",
+    "VLLMImportanceSampling",
+    "vllm_importance_sampling",
     "PATCHED_NAMES",
     "patch",
     "unpatch",
