@@ -39,7 +39,11 @@ which ``compute_rollout_correction_and_add_to_batch`` and ``bypass_mode``'s loss
 ``compute_offpolicy_metrics``; ``ROLLOUT_CORRECTION_NAMES``) takes its importance weights and KL
 estimates from one ``lenkernels.rollout_correction`` pass and brings its ~40 metrics to the host in
 one transfer (verl: one ``.item()`` each, per micro-batch in bypass mode); see
-``_verl_rollout_correction``. verl's other registry entries (``bypass_mode``'s own wrapper, ``gae``,
+``_verl_rollout_correction``. Top-K on-policy distillation (``loss_mode="forward_kl_topk"``):
+``compute_forward_kl_topk`` of ``verl.trainer.distillation.fsdp.losses``
+(``PATCHED_DISTILLATION_NAMES``) takes the student's top-K ids and its log-probabilities at the
+teacher's ids from one ``token_stats`` call (no ``[B, T, V]`` log-softmax; see
+``_verl_distillation``). verl's other registry entries (``bypass_mode``'s own wrapper, ``gae``,
 ``remax``, ``reinforce_plus_plus``, ``gdpo``, the optimal-token baselines) stay verl's.
 
 The path verl's trainer runs (``PATCHED_ENGINE_NAMES``): where verl's FSDP engine module imports
@@ -48,7 +52,8 @@ engine step that turns the model's logits into log-probs, entropy and Σπ². ve
 ``[N, V]`` logits by the per-sample temperature and reads them once per statistic (its compiled
 entropy, ``calculate_sum_pi_squared_from_logits``, ``logprobs_from_logits``); the drop-in computes
 all of them with one ``token_stats`` op (temperature inside the kernel): one read of the logits
-forward, one gradient written backward. Top-K distillation, tensor-parallel ``DTensor`` logits and
+forward, one gradient written backward. Top-K distillation (whose loss, run inside verl's method,
+is the patched ``compute_forward_kl_topk``), tensor-parallel ``DTensor`` logits and
 float64 logits stay verl's method (see ``prepare_model_outputs``). With ``use_fused_kernels`` the
 model's forward returns the log-probs and entropy from the hidden state: ``patch()`` replaces
 verl's two text-model forwards (``dense_common.forward_with_torch_backend`` /
@@ -119,6 +124,7 @@ from lenkernels.integrations._verl_advantages import (
     compute_rloo_outcome_advantage,
     compute_rloo_vectorized_outcome_advantage,
 )
+from lenkernels.integrations._verl_distillation import compute_forward_kl_topk
 from lenkernels.integrations._verl_engine import (
     forward_with_torch_backend,
     forward_with_triton_backend,
@@ -183,6 +189,7 @@ __all__ = [
     "compute_gpg_outcome_advantage",
     "compute_rollout_correction_and_rejection_mask",
     "compute_offpolicy_metrics",
+    "compute_forward_kl_topk",
     "prepare_model_outputs",
     "prepare_model_inputs",
     "forward_with_torch_backend",
@@ -193,6 +200,7 @@ __all__ = [
     "PATCHED_NAMES",
     "PATCHED_ENGINE_NAMES",
     "ROLLOUT_CORRECTION_NAMES",
+    "PATCHED_DISTILLATION_NAMES",
     "patch",
     "unpatch",
     "patched",
@@ -217,7 +225,22 @@ def _replacements() -> list[Replacement]:
     reps += [Replacement(_CORE, f.__name__, f) for f in ADVANTAGE_ESTIMATORS.values()]
     reps += [Replacement(_ROLLOUT, name, globals()[name]) for name in ROLLOUT_CORRECTION_NAMES]
     reps += _engine_replacements()
+    reps += _distillation_replacements()
     return reps
+
+
+_DISTILLATION = "verl.trainer.distillation.fsdp.losses"
+
+
+def _distillation_replacements() -> list[Replacement]:
+    """verl's top-K distillation loss (``PATCHED_DISTILLATION_NAMES``), where its module imports."""
+    import importlib
+
+    try:
+        importlib.import_module(_DISTILLATION)
+    except ImportError:
+        return []
+    return [Replacement(_DISTILLATION, "compute_forward_kl_topk", compute_forward_kl_topk)]
 
 
 def _engine_replacements() -> list[Replacement]:
@@ -269,6 +292,11 @@ methods of ``FSDPEngineWithLMHead`` and the fused-kernel model forwards of
 ``PATCHED_NAMES``, whose names are all functions of ``verl.utils.torch_functional``,
 ``verl.trainer.ppo.core_algos`` and ``verl.trainer.ppo.rollout_corr_helper``."""
 
+PATCHED_DISTILLATION_NAMES = ("compute_forward_kl_topk",)
+"""verl's on-policy distillation loss ``patch()`` replaces where ``verl.trainer.distillation.fsdp.losses``
+imports (``loss_mode="forward_kl_topk"`` of the FSDP strategies, which verl looks up on that module
+when it computes the loss); ``exclude`` takes it too."""
+
 _PATCH = ModulePatch("verl", _replacements, _registries)
 
 
@@ -276,7 +304,8 @@ def patch(exclude=()) -> list[str]:
     """Swaps the lenkernels drop-ins into the installed verl (this process only).
 
     Args:
-        exclude: names from ``PATCHED_NAMES`` or ``PATCHED_ENGINE_NAMES`` to leave as verl's (e.g.
+        exclude: names from ``PATCHED_NAMES``, ``PATCHED_ENGINE_NAMES`` or ``PATCHED_DISTILLATION_NAMES``
+            to leave as verl's (e.g.
             ``("logprobs_from_logits",)``).
 
     Returns:
@@ -285,7 +314,7 @@ def patch(exclude=()) -> list[str]:
     Calls nest: each ``patch()`` needs an ``unpatch()``; verl's functions come back on the last.
     Raises ImportError when verl is not installed.
     """
-    _check_exclude(exclude, PATCHED_NAMES + PATCHED_ENGINE_NAMES)
+    _check_exclude(exclude, PATCHED_NAMES + PATCHED_ENGINE_NAMES + PATCHED_DISTILLATION_NAMES)
     return _PATCH.apply(exclude)
 
 
@@ -296,7 +325,7 @@ def unpatch() -> None:
 
 def patched(exclude=()):
     """Context manager: ``with patched(): ...`` runs the block with the drop-ins swapped in."""
-    _check_exclude(exclude, PATCHED_NAMES + PATCHED_ENGINE_NAMES)
+    _check_exclude(exclude, PATCHED_NAMES + PATCHED_ENGINE_NAMES + PATCHED_DISTILLATION_NAMES)
     return _PATCH.scope(exclude)
 
 
