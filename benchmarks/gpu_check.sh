@@ -36,6 +36,7 @@ step 240 tests python -m pytest -q -x -p no:cacheprovider -k "triton or cuda or 
   tests/test_phase_stats.py tests/test_linear_stats.py tests/test_rollout_correction.py \
   tests/test_cuda_ops.py tests/test_cuda_backend.py tests/test_determinism.py \
   tests/test_linear_token_stats.py tests/test_token_stats_sparse.py tests/test_policy_loss_dppo.py \
+  tests/test_integration_trl_vllm_correction.py \
   --junitxml="$out/$gpu-tests.xml"
 
 # 2. benchmarks: token statistics and the loss paths, with the device copy in the same run
