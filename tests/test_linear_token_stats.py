@@ -133,3 +133,91 @@ def test_argument_errors():
         lk.linear_token_stats(h, w, ids[:3])
     with pytest.raises(ValueError, match="chunk_size"):
         lk.linear_token_stats(h, w, ids, chunk_size=0, outputs=ALL)
+
+
+# linear_logprobs_entropy is the two-output form of linear_token_stats: the fused op, the same bits.
+FUSED_BACKENDS = backend_params("linear_stats")
+THIN_FORM_CASES = [
+    # lead, dtype, kwargs: why each is in the grid
+    ((11,), torch.float32, {}),  # the defaults, with a bias (every fifth id ignored, as in _inputs)
+    # padded layout, per-token temperature, row tiles of 3
+    ((2, 5), torch.bfloat16, {"temperature": "per_token", "return_entropy": False, "chunk_size": 3 * 29}),
+    ((7,), torch.float32, {"bias": None, "temperature": 0.6, "chunk_size": 1}),  # one logit a tile
+]
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group (the vocabulary is whole on it), torn down after the test."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _thin_and_main(h, w, b, ids, kwargs, backend):
+    """(values, gradients) of linear_logprobs_entropy and of linear_token_stats on the same inputs."""
+    return_entropy = kwargs.pop("return_entropy", True)
+    gen = torch.Generator().manual_seed(5)
+    g_lp, g_h = torch.randn(ids.shape, generator=gen), torch.randn(ids.shape, generator=gen)
+    results = []
+    for thin in (True, False):
+        params = [x.detach().clone().requires_grad_() for x in (h, w, b) if x is not None]
+        bias = params[2] if b is not None else None
+        if thin:
+            lp, ent = lk.linear_logprobs_entropy(*params[:2], ids, bias=bias, return_entropy=return_entropy,
+                                                 backend=backend, **kwargs)  # fmt: skip
+            assert (ent is None) == (not return_entropy)
+        else:
+            st = lk.linear_token_stats(*params[:2], ids, bias=bias, backend=backend, **kwargs)
+            lp, ent = st.logprob, (st.entropy if return_entropy else None)
+        loss = (lp * g_lp.to(lp.device)).sum() + (0 if ent is None else (ent * g_h.to(ent.device)).sum())
+        results.append([lp.detach(), None if ent is None else ent.detach(), *torch.autograd.grad(loss, params)])
+    return results
+
+
+@pytest.mark.parametrize("backend,device", FUSED_BACKENDS)
+@pytest.mark.parametrize("lead,dtype,kwargs", THIN_FORM_CASES, ids=["defaults", "bf16_padded", "no_bias_tiny_tiles"])
+def test_linear_logprobs_entropy_is_linear_token_stats(backend, device, lead, dtype, kwargs):
+    kwargs = dict(kwargs)
+    h, w, b, ids, temp = (None if x is None else x.to(device) for x in _inputs(lead, 16, 29, dtype, True, seed=9))
+    if kwargs.get("temperature") == "per_token":
+        kwargs["temperature"] = temp
+    b = kwargs.pop("bias", b)
+    thin, main = _thin_and_main(h, w, b, ids, kwargs, backend)
+    for got, want in zip(thin, main):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+def test_process_group_on_the_fused_path(one_rank_group):
+    """Under a process group the thin form and the main entry run the same fused op; what the fused
+    op cannot produce raises, naming the argument, rather than running another path."""
+    h, w, b, ids, temp = _inputs((6,), 16, 29, torch.float32, True, seed=11)
+    for reduce_hidden_grad in (True, False):
+        kwargs = {"temperature": temp, "process_group": one_rank_group, "reduce_hidden_grad": reduce_hidden_grad}
+        thin, main = _thin_and_main(h, w, b, ids, kwargs, "cpu")
+        for got, want in zip(thin, main):
+            assert torch.equal(got, want)
+    plain = lk.linear_token_stats(h, w, ids, bias=b, temperature=temp, backend="cpu")
+    vp = lk.linear_token_stats(h, w, ids, bias=b, temperature=temp, process_group=one_rank_group, backend="cpu")
+    assert torch.equal(vp.logprob, plain.logprob) and torch.equal(vp.entropy, plain.entropy)
+    for bad, name in (({"outputs": ("logprob", "sum_p2")}, "sum_p2"), ({"softcap": 30.0}, "softcap"),
+                      ({"logit_scale": 0.5}, "logit_scale"), ({"compute_dtype": torch.bfloat16}, "compute_dtype"),
+                      ({"outputs": ("topk",), "top_k": 2}, "topk")):  # fmt: skip
+        with pytest.raises(NotImplementedError, match=f"process_group.*{name}"):
+            lk.linear_token_stats(h, w, ids, process_group=one_rank_group, **bad)
+
+
+def test_process_group_argument_errors():
+    h, w, _, ids, _ = _inputs((4,), 8, 11, torch.float32, False, seed=4)
+    with pytest.raises(TypeError, match="process_group"):
+        lk.linear_token_stats(h, w, ids, process_group=object())
+    with pytest.raises(TypeError, match="reduce_hidden_grad"):
+        lk.linear_token_stats(h, w, ids, reduce_hidden_grad="no")
+    with pytest.raises(TypeError, match="return_entropy"):
+        lk.linear_logprobs_entropy(h, w, ids, return_entropy=1)

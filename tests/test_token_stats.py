@@ -104,7 +104,9 @@ def test_backward_matches_reference(backend, device, dtype, lead, vocab, outputs
     lp, ent = lk.token_logprobs_entropy(x, ids, temperature=temp, backend=backend)
     g_lp = torch.randn(lead) if outputs != "entropy" else torch.zeros(lead)
     g_h = torch.randn(lead) if outputs != "logprobs" else torch.zeros(lead)
-    loss = (lp * g_lp.to(device)).sum() * (outputs != "entropy") + (ent * g_h.to(device)).sum() * (outputs != "logprobs")
+    loss = (lp * g_lp.to(device)).sum() * (outputs != "entropy") + (ent * g_h.to(device)).sum() * (
+        outputs != "logprobs"
+    )
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.dtype == dtype and grad.shape == logits.shape
 
@@ -236,7 +238,9 @@ def test_bad_input(backend, device, monkeypatch):
         with pytest.raises(ValueError, match="temperature"):
             lk.token_logprobs_entropy(logits, ids, temperature=t, backend=backend)
     with pytest.raises(ValueError, match="temperature"):
-        lk.token_logprobs_entropy(logits, ids, temperature=torch.tensor([1.0, 0.0, 1.0, 1.0]).to(device), backend=backend)
+        lk.token_logprobs_entropy(
+            logits, ids, temperature=torch.tensor([1.0, 0.0, 1.0, 1.0]).to(device), backend=backend
+        )
     with pytest.raises(ValueError, match="temperature"):
         lk.token_logprobs_entropy(logits, ids, temperature=torch.ones(3).to(device), backend=backend)
     bad = ids.clone()
@@ -295,3 +299,52 @@ def test_torch_compile_fullgraph(backend, device):
         return (lp * 2).sum() - 0.1 * ent.mean()
 
     assert_compiled_like_eager(step, logits, ids)
+
+
+# token_logprobs_entropy is the two-output form of token_stats: the same op, so the same bits.
+THIN_FORM_CASES = [
+    # kwargs: why each is in the grid
+    {},  # the defaults
+    {"temperature": "per_token", "ignore_index": 3, "return_entropy": False},  # tensor temperature, ignored rows
+    {"temperature": 0.7, "inplace_backward": True},  # the gradient written over the logits
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kwargs", THIN_FORM_CASES, ids=["defaults", "temperature_ignore", "inplace"])
+def test_token_logprobs_entropy_is_token_stats(backend, device, kwargs):
+    logits, ids = _inputs((3, 4), 1_000, torch.bfloat16, device)
+    kwargs = dict(kwargs)
+    if kwargs.get("temperature") == "per_token":
+        kwargs["temperature"] = (torch.rand(3, 4) + 0.5).to(device)
+    return_entropy = kwargs.pop("return_entropy", True)
+    g_lp, g_h = torch.randn(3, 4).to(device), torch.randn(3, 4).to(device)
+    results = []
+    for thin in (True, False):
+        leaf = logits.clone().requires_grad_(True)
+        z = leaf * 1  # non-leaf logits, as from a matmul (in-place backward refuses a leaf)
+        if thin:
+            lp, ent = lk.token_logprobs_entropy(z, ids, return_entropy=return_entropy, backend=backend, **kwargs)
+            assert (ent is None) == (not return_entropy)
+        else:
+            st = lk.token_stats(z, ids, outputs=("logprob", "entropy"), backend=backend, **kwargs)
+            lp, ent = st.logprob, (st.entropy if return_entropy else None)
+        loss = (lp * g_lp).sum() + (0 if ent is None else (ent * g_h).sum())
+        (grad,) = torch.autograd.grad(loss, leaf)
+        results.append((lp.detach(), None if ent is None else ent.detach(), grad))
+    for got, want in zip(*results):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+def test_token_stats_inplace_backward_only_with_two_outputs():
+    """The extended and sparse kernels have no in-place backward: refused, not silently ignored."""
+    logits, ids = _inputs((2, 3), 50, torch.float32, "cpu")
+    z = logits.requires_grad_(True) * 1
+    with pytest.raises(NotImplementedError, match="inplace_backward"):
+        lk.token_stats(z, ids, outputs=("logprob", "sum_p2"), inplace_backward=True)
+    with pytest.raises(NotImplementedError, match="inplace_backward"):
+        lk.token_stats(z, ids, outputs=("topk",), top_k=2, inplace_backward=True)
+    with pytest.raises(TypeError, match="inplace_backward"):
+        lk.token_stats(z, ids, inplace_backward="no")
+    st = lk.token_stats(z, ids, outputs=("entropy",), inplace_backward=True)
+    assert st.logprob is None and st.entropy.shape == (2, 3)

@@ -1,12 +1,14 @@
 """Token log-probabilities and entropy from the last hidden state and the LM head (SPEC 1 on
 ``logits = hidden @ weight.T + bias``) without ever holding the ``[N, V]`` logits.
 
-Chain of names: ``linear_logprobs_entropy`` (public) -> ``lenkernels::linear_stats`` (custom op with
-autograd) -> ``linear_stats_fwd`` / ``linear_stats_bwd`` (host launchers) -> the backend's
-``linear_stats_fwd`` / ``linear_stats_bwd_tile`` (``lenkernels.<backend>.linear_stats``: triton,
-cpu, reference; no cuda) -> kernels (``triton/linear_stats.py``; on the cpu and reference backends a
-GEMM per tile plus the token_stats kernels and ``csrc/cpu/linear_stats.cpp``). The backward's
-gradient GEMMs, common to every backend, are here.
+Chain of names: ``linear_token_stats`` (public, ``ops/linear_token_stats.py``: its untransformed
+logprob/entropy path; ``linear_logprobs_entropy`` here is its two-output form) ->
+``lenkernels::linear_stats`` (custom op with autograd) -> ``linear_stats_fwd`` /
+``linear_stats_bwd`` (host launchers) -> the backend's ``linear_stats_fwd`` /
+``linear_stats_bwd_tile`` (``lenkernels.<backend>.linear_stats``: triton, cpu, reference; no cuda)
+-> kernels (``triton/linear_stats.py``; on the cpu and reference backends a GEMM per tile plus the
+token_stats kernels and ``csrc/cpu/linear_stats.cpp``). The backward's gradient GEMMs, common to
+every backend, are here.
 
 Memory. The work is cut into tiles of ``rows x cols`` logits with ``rows * cols <= chunk_size``
 (``tile_plan``). The Triton forward holds no logits at all (the softmax state is folded in the
@@ -283,32 +285,26 @@ def linear_logprobs_entropy(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of each sampled token and the entropy of its distribution, computed from
-    the last hidden state and the LM head without ever materialising the ``[N, V]`` logits.
+    the last hidden state and the LM head without ever materialising the ``[N, V]`` logits: the
+    two-output form of :func:`lenkernels.linear_token_stats` (``outputs=("logprob", "entropy")``, no
+    logit transform; the same fused ``lenkernels::linear_stats`` op and bits).
 
     Equivalent to ``token_logprobs_entropy(F.linear(hidden, weight, bias), ids, ...)`` (the logits
     rounded to the hidden dtype exactly like that eager GEMM), in memory bounded by ``chunk_size``.
 
-    Args:
-        hidden: ``[..., D]`` float32, bfloat16 or float16 (float64 with ``backend="reference"``),
-            padded ``[B, T, D]`` or packed ``[N, D]``.
-        weight: ``[V, D]`` LM head (``[V_r, D]``: this rank's rows under ``process_group``), the
-            dtype and device of ``hidden``.
-        ids: ``[...]`` int32/int64 target ids, the leading shape of ``hidden``; global vocabulary
-            numbering under ``process_group``.
-        bias: optional ``[V]`` (or ``[V_r]``) bias of the LM head, the dtype of ``hidden``.
-        temperature: a positive float or a tensor broadcastable to ``ids``; applied in fp32 to the
-            rounded logits: ``z = logits / T``. Not differentiable.
+    Args (in full at :func:`lenkernels.linear_token_stats`):
+        hidden: ``[..., D]`` float32/bfloat16/float16, padded ``[B, T, D]`` or packed ``[N, D]``.
+        weight: ``[V, D]`` LM head (this rank's ``[V_r, D]`` rows under ``process_group``).
+        ids: ``[...]`` int32/int64 target ids (global under ``process_group``), hidden's leading shape.
+        bias: optional ``[V]`` (``[V_r]``) bias of the LM head, the dtype of ``hidden``.
+        temperature: a positive float or a tensor broadcastable to ``ids``: ``z = logits / T``.
         ignore_index: rows with this id get logprob 0 and no logprob gradient (entropy still counts).
         return_entropy: when False the second output is None.
-        process_group: vocabulary (tensor) parallelism: ``weight``/``bias`` are this rank's shard of
-            the LM head along V, shards in rank order, sizes free; every rank gets the statistics of
-            the full vocabulary. ``hidden`` and ``ids`` are the same on every rank.
+        process_group: vocabulary (tensor) parallelism over the LM head's rows; every rank gets the
+            full vocabulary's statistics.
         reduce_hidden_grad: under ``process_group``, all-reduce the hidden gradient over the group
-            (default) so ``hidden.grad`` is the full-vocabulary gradient on every rank. Pass False
-            when the caller's framework already reduces it (e.g. Megatron's
-            ``copy_to_tensor_model_parallel_region``); each rank then gets its shard's part.
-        chunk_size: most logits elements held at once (rows x vocabulary columns of one tile);
-            default 2**26 on CUDA, 2**24 on CPU. Smaller saves memory, larger runs bigger GEMMs.
+            (default True); False when the caller's framework already reduces it.
+        chunk_size: most logits elements held at once (default 2**26 on CUDA, 2**24 on CPU).
         backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
@@ -327,25 +323,14 @@ def linear_logprobs_entropy(
             hidden, lm_head_shard.weight, input_ids[0, 1:], temperature=0.7, process_group=tp_group
         )
     """
-    _checks.flags(return_entropy=return_entropy, reduce_hidden_grad=reduce_hidden_grad)
-    _checks.tensor(hidden, "hidden", min_dim=1)
-    name = _backend.resolve(backend, FAMILY, hidden.device)
-    _checks.lm_head(hidden, weight, bias, ids, name)
-    _checks.index(ignore_index, "ignore_index")
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK["cuda" if hidden.device.type == "cuda" else "cpu"]
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    group_name = lkdist.group_name(process_group)
-    temp = _checks.temperature(temperature, ids)
+    _checks.flags(return_entropy=return_entropy)
+    s = _main.linear_token_stats(
+        hidden, weight, ids, bias=bias, temperature=temperature, ignore_index=ignore_index,
+        outputs=("logprob", "entropy"), chunk_size=chunk_size, process_group=process_group,
+        reduce_hidden_grad=reduce_hidden_grad, backend=backend,
+    )  # fmt: skip
+    return s.logprob, (s.entropy if return_entropy else None)
 
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if h2.stride(-1) != 1:
-        h2 = h2.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    logprobs, entropy, _, _, _ = torch.ops.lenkernels.linear_stats(
-        h2, w, b, ids.reshape(-1), temp, ignore_index, chunk_size, name, group_name, bool(reduce_hidden_grad)
-    )
-    logprobs = logprobs.reshape(ids.shape)
-    return logprobs, (entropy.reshape(ids.shape) if return_entropy else None)
+
+# the main entry of this family (it imports this module: bound at the end, after every definition)
+from lenkernels.ops import linear_token_stats as _main

@@ -1,9 +1,11 @@
 """Token log-probabilities and entropy from logits (SPEC 1), one read of the logits per pass.
 
-Chain of names: ``token_logprobs_entropy`` (public) -> ``lenkernels::token_stats`` (custom op with
-autograd) -> ``token_stats_fwd`` / ``token_stats_bwd`` (host launchers, one per backend) -> kernels
-(``triton/token_stats.py``, ``csrc/cpu/token_stats.cpp``, ``csrc/cuda/token_stats.cu``).
-``token_stats`` (public, SPEC 7) -> the same op when only logprob/entropy are asked for, else
+Chain of names: ``token_stats`` (public, SPEC 1 and 7; ``token_logprobs_entropy`` is its
+two-output form, ``token_logprobs`` / ``token_entropy`` its one-output forms) -> for logprob/entropy
+only, ``lenkernels::token_stats`` (custom op with autograd; ``lenkernels::token_stats_vocab_parallel``
+under a process group) -> ``token_stats_fwd`` / ``token_stats_bwd`` (host launchers, one per
+backend) -> kernels (``triton/token_stats.py``, ``csrc/cpu/token_stats.cpp``,
+``csrc/cuda/token_stats.cu``); with ``sum_p2``/``argmax``/``mean_logit``,
 ``lenkernels::token_stats_extra`` -> ``token_stats_extra_fwd`` / ``token_stats_extra_bwd`` launchers
 (triton, cuda, cpu, reference).
 The sparse outputs (top-k, gathered, kept set) go to ``lenkernels::token_stats_sparse``
@@ -77,7 +79,7 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
     _backend.kernels(backend, FAMILY).token_stats_bwd(
         x, ids.reshape(-1).contiguous(), temperature, lse.reshape(-1), mean_z.reshape(-1), g_lp, g_h, ignore_index,
         dlogits.view(-1, dlogits.shape[-1]),
-    )
+    )  # fmt: skip
 
 
 # --- torch.library registration -------------------------------------------------------------
@@ -260,6 +262,7 @@ class TokenStats(NamedTuple):
 
 
 DENSE_EXTRA = ("sum_p2", "argmax", "mean_logit")  # the outputs of the extended kernels
+TWO_OUTPUT = frozenset(("logprob", "entropy"))  # the outputs of lenkernels::token_stats
 OUTPUTS = ("logprob", "entropy", *DENSE_EXTRA, "topk", "gathered", "kept")
 # each TokenStats field, and the output name that asks for it
 FIELD_OUTPUT = {"logprob": "logprob", "entropy": "entropy", "sum_p2": "sum_p2", "log_sum_p2": "sum_p2",
@@ -285,13 +288,22 @@ def token_stats(
     gather_ids: torch.Tensor | None = None,
     kept_ids: torch.Tensor | None = None,
     sampling: dict | None = None,
+    inplace_backward: bool = False,
     process_group=None,
     backend: str | None = None,
 ) -> TokenStats:
     """Every per-token vocabulary statistic asked for, from one read of the logits (SPEC 1, 7).
 
     Args:
-        logits, ids, temperature, ignore_index, backend: as in ``token_logprobs_entropy``.
+        logits: ``[..., V]`` float32, bfloat16 or float16 (float64 with ``backend="reference"``),
+            padded ``[B, T, V]`` or packed ``[N, V]``. Any strides: a layout that cannot be viewed
+            as ``[N, V]`` rows with unit stride along V is copied once.
+        ids: ``[...]`` int32/int64 token ids, the leading shape of ``logits``.
+        temperature: a positive float, or a tensor broadcastable to ``ids`` (per token ``[B, T]``,
+            per sequence ``[B, 1]``). Applied in fp32 inside the kernel: ``z = logits / T``. Not
+            differentiable.
+        ignore_index: rows with this id get logprob 0 and no logprob gradient; their entropy is
+            still computed.
         outputs: names of the statistics wanted (any order, at least one) among
             ``"logprob"``, ``"entropy"`` (SPEC 1), ``"sum_p2"`` (fields ``sum_p2 = sum_j p_j^2``, verl's
             optimal-token baseline, and ``log_sum_p2 = logsumexp(2z) - 2 lse``, TRL's
@@ -321,35 +333,44 @@ def token_stats(
             reaches p, the crossing token included (masses in float64); min-p keeps p_j >= min_p *
             max p. Ids of zero probability are never kept. vLLM's V1 sampler applies min-p before
             top-k/top-p: with both top_p and min_p set its set may differ.
-        process_group: vocabulary (tensor) parallelism, as in ``token_logprobs_entropy``: ``logits``
-            is this rank's shard of the vocabulary (shards in rank order along V, sizes free),
-            ``ids``, ``gather_ids`` and ``kept_ids`` hold global ids (the same on every rank), V
-            (for ``top_k`` and the id checks) is the global vocabulary, and every output equals
-            the full vocabulary's on every rank: the dense statistics from merged per-shard states
-            (``sum_p2`` merges ``logsumexp(2z)`` like the lse, ``argmax`` is the lowest global id
-            among the maxima), ``topk`` from each rank's local top-k merged (ties to the lower
-            global id across shards), gathered/kept logits from the rank owning each id. Each
-            rank's ``logits`` gets its shard's gradient; the backward needs no communication.
-            ``sampling`` needs ``top_k`` (``0 < top_k < V``; top-p / min-p then apply to the
-            merged top-k survivors) or no truncation at all: top-p or min-p without top-k raise
-            NotImplementedError. Outputs of only logprob/entropy run ``token_logprobs_entropy``'s
-            vocabulary-parallel op; with any other output the forward runs the backend's dense
-            kernels on the shard (two reads of it with ``sum_p2``/``argmax``/``mean_logit``: the
-            softmax-state kernel and the extended one) and the gradient is computed with torch operations on it (one
-            gradient tensor, float32, float64 on the reference backend; not a custom op: under
-            ``torch.compile`` a graph break). Collectives per call: one all-gather of the shard
-            sizes (a host sync for V), two all-reduces of the softmax states, one of the logits at
-            the target / gathered / kept ids (``[..., 1 + K]``), two more (SUM, MIN) for
-            ``sum_p2``/``argmax``/``mean_logit``, two all-gathers of ``[..., top_k]`` candidates
-            for ``topk`` (``sampling``: of the top-k candidates, ties included, after one
-            all-reduce of their width, a host sync). Default None: the whole vocabulary is here.
+        inplace_backward: write d(loss)/d(logits) into ``logits`` itself during backward, saving an
+            ``[N, V]`` buffer. Only when nothing else needs ``logits`` afterwards (ValueError when
+            autograd or the caller visibly still does: a leaf, a view of one, a tensor its producer
+            saved); ignored (a new tensor is returned) when ``logits`` cannot be viewed as rows.
+            Only with outputs among logprob/entropy (NotImplementedError otherwise).
+        process_group: vocabulary (tensor) parallelism: ``logits`` is this rank's shard of the
+            vocabulary (shards in rank order along V, sizes free), ``ids``, ``gather_ids`` and
+            ``kept_ids`` hold global ids (the same on every rank), V (for ``top_k`` and the id checks)
+            is the global vocabulary, and every output equals the full vocabulary's on every rank: the
+            dense statistics from merged per-shard states (``sum_p2`` merges ``logsumexp(2z)`` like the
+            lse, ``argmax`` is the lowest global id among the maxima), ``topk`` from each rank's local
+            top-k merged (ties to the lower global id across shards), gathered/kept logits from the rank
+            owning each id. Each rank's ``logits`` gets its shard's gradient; the backward needs no
+            communication. ``sampling`` needs ``top_k`` (``0 < top_k < V``; top-p / min-p then apply to
+            the merged top-k survivors) or no truncation at all: top-p or min-p without top-k raise
+            NotImplementedError. Outputs of only logprob/entropy run one vocabulary-parallel custom op
+            (two all-reduces of 4 floats per token, plus one of the shard sizes); with any other output
+            the forward runs the backend's dense kernels on the shard (two reads of it with
+            ``sum_p2``/``argmax``/``mean_logit``: the softmax-state kernel and the extended one) and the
+            gradient is computed with torch operations on it (one gradient tensor, float32, float64 on
+            the reference backend; not a custom op: under ``torch.compile`` a graph break). Collectives
+            per call: one all-gather of the shard sizes (a host sync for V), two all-reduces of the
+            softmax states, one of the logits at the target / gathered / kept ids (``[..., 1 + K]``),
+            two more (SUM, MIN) for ``sum_p2``/``argmax``/``mean_logit``, two all-gathers of
+            ``[..., top_k]`` candidates for ``topk`` (``sampling``: of the top-k candidates, ties
+            included, after one all-reduce of their width, a host sync). Default None: the whole
+            vocabulary is here.
+        backend: ``None`` (CUDA tensors: the CUDA C++ kernels, Triton where they are missing; CPU
+            tensors: cpu), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         ``TokenStats``: the fields asked for, None elsewhere. Every float field is differentiable in
-        ``logits``. A row of all ``-inf`` gives NaN in every float field; rows with ``ids ==
-        ignore_index`` get logprob and kept_logprob 0 (no gradient), their other statistics are still
-        computed. A valid id outside its kept set raises ValueError where value checks run (CPU
-        tensors, ``LENKERNELS_DEBUG=1``), else gives NaN in the row's kept statistics.
+        ``logits``. ``logprob = z_y - logsumexp(z)``, ``entropy = logsumexp(z) - sum_j p_j z_j``. A
+        row of all ``-inf`` gives NaN in every float field (``-inf`` entries elsewhere are a masked
+        vocabulary); rows with ``ids == ignore_index`` get logprob and kept_logprob 0 (no gradient),
+        their other statistics are still computed. A valid id outside its kept set raises ValueError
+        where value checks run (CPU tensors, ``LENKERNELS_DEBUG=1``), else gives NaN in the row's
+        kept statistics.
 
     Reads of the logits: the dense statistics one (forward) and one plus one gradient write
     (backward), whatever the combination; ``gathered`` and ``kept_ids`` add K reads per row (and
@@ -360,11 +381,17 @@ def token_stats(
     host (free on CPU tensors; under ``torch.compile`` they are opaque custom ops, the kept set's
     width an unbacked size).
 
-    ``outputs`` of only logprob/entropy run exactly ``token_logprobs_entropy``'s kernels (same bits).
+    ``outputs`` of only logprob/entropy run the two-output kernels (``token_logprobs_entropy``'s:
+    one custom op, the same launches and bits whichever of the two is asked for).
     ``sum_p2``/``argmax``/``mean_logit`` run the extended kernels (which also compute logprob and
     entropy, with the same per-chunk arithmetic, and on the cuda backend the same bits); on CUDA
     tensors ``backend=None`` runs them with the CUDA C++ kernels, as the two-output path. The sparse
     outputs run on any backend's kernels.
+
+    Example (packed layout, per-sequence temperature)::
+
+        logits = model(input_ids).logits[0, :-1]          # [N, V], N tokens of all sequences
+        st = token_stats(logits, input_ids[0, 1:], temperature=0.7)   # st.logprob, st.entropy
 
     Example (on-policy distillation: the student's logprobs at the teacher's top-20 ids)::
 
@@ -385,28 +412,39 @@ def token_stats(
         wanted.add(name)
     if not wanted:
         raise ValueError(f"outputs must name at least one statistic among {OUTPUTS}")
+    _checks.flags(inplace_backward=inplace_backward)
+    two_output = wanted <= TWO_OUTPUT  # the two-output op: no extended or sparse kernels
+    if inplace_backward and not two_output:
+        raise NotImplementedError(
+            "inplace_backward=True needs outputs among ('logprob', 'entropy') (only the two-output kernels "
+            f"write the gradient in place), got outputs={tuple(outputs)}: pass inplace_backward=False"
+        )
+    if inplace_backward and isinstance(logits, torch.Tensor):
+        _checks.inplace_target(logits)
     _checks.tensor(logits, "logits", min_dim=1)
     extra = bool(wanted & set(DENSE_EXTRA))
     name = _backend.resolve(backend, family_of(wanted), logits.device)
     temp = _check_token_args(logits, ids, temperature, ignore_index, name)
-    shard = None
+    shard = group = None
     if process_group is not None:
         from lenkernels.distributed import group_name
 
-        group_name(process_group)  # type check
-        if not (extra or wanted & set(sparse.SPARSE_OUTPUTS)):  # the two-output vocab-parallel op
-            # no sparse output asked for: the checks only reject sparse arguments, whatever V is
-            sparse.check_args(wanted, ids, logits.shape[-1], top_k, gather_ids, kept_ids, sampling)
-            lp, ent = token_logprobs_entropy(
-                logits, ids, temperature=temperature, ignore_index=ignore_index, process_group=process_group,
-                backend=name,
-            )  # fmt: skip
-            return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
-        if not torch.compiler.is_compiling() and extra:
-            _extra_kernels(name)
-        shard = sparse.vp.vocab_shard(logits, process_group)
+        group = group_name(process_group)  # type check
+        if not two_output:
+            if not torch.compiler.is_compiling() and extra:
+                _extra_kernels(name)
+            shard = sparse.vp.vocab_shard(logits, process_group)
     vocab = logits.shape[-1] if shard is None else shard.vocab
+    # with two outputs the checks only reject sparse arguments, whatever V is
     top_k, gather_ids, kept_ids, sampling = sparse.check_args(wanted, ids, vocab, top_k, gather_ids, kept_ids, sampling)
+    if two_output:
+        if group is None:
+            lp, ent, _, _ = torch.ops.lenkernels.token_stats(logits, ids, temp, ignore_index, inplace_backward, name)
+        else:
+            lp, ent, _, _, _ = torch.ops.lenkernels.token_stats_vocab_parallel(
+                logits, ids, temp, ignore_index, inplace_backward, name, group
+            )
+        return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
     if shard is not None or wanted & set(sparse.SPARSE_OUTPUTS):
         if _checks.value_checks(ids.device):
             _checks.ids_in_range(ids, vocab, ignore_index)
@@ -414,9 +452,6 @@ def token_stats(
             logits, ids, temp, ignore_index, wanted, top_k, gather_ids, kept_ids, sampling, extra, name, shard
         )
         return TokenStats(**fields)
-    if not extra:
-        lp, ent, _, _ = torch.ops.lenkernels.token_stats(logits, ids, temp, ignore_index, False, name)
-        return TokenStats(logprob=lp if "logprob" in wanted else None, entropy=ent if "entropy" in wanted else None)
     if not torch.compiler.is_compiling():  # raise before the op (it raises inside too when traced)
         _extra_kernels(name)
     lp, ent, _, _, sp2, lsp2, amax, mlp, mean = torch.ops.lenkernels.token_stats_extra(
@@ -448,29 +483,23 @@ def token_logprobs_entropy(
     process_group=None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probability of each sampled token and the entropy of its distribution, in one pass.
+    """Log-probability of each sampled token and the entropy of its distribution, in one pass: the
+    two-output form of :func:`token_stats` (``outputs=("logprob", "entropy")``; the same custom op,
+    kernels and bits).
 
-    Args:
-        logits: ``[..., V]`` float32, bfloat16 or float16 (float64 with ``backend="reference"``),
-            padded ``[B, T, V]`` or packed ``[N, V]``. Any strides: a layout that cannot be viewed
-            as ``[N, V]`` rows with unit stride along V is copied once.
+    Args (in full at :func:`token_stats`):
+        logits: ``[..., V]`` float32/bfloat16/float16, padded ``[B, T, V]`` or packed ``[N, V]``, any
+            strides (a layout that is not ``[N, V]`` rows with unit stride along V is copied once).
         ids: ``[...]`` int32/int64 token ids, the leading shape of ``logits``.
-        temperature: a positive float, or a tensor broadcastable to ``ids`` (per token ``[B, T]``,
-            per sequence ``[B, 1]``). Applied in fp32 inside the kernel: ``z = logits / T``. Not
-            differentiable.
-        ignore_index: rows with this id get logprob 0 and no logprob gradient; their entropy is
-            still computed.
+        temperature: a positive float or a tensor broadcastable to ``ids`` (per token or per
+            sequence): ``z = logits / T`` in fp32. Not differentiable.
+        ignore_index: rows with this id get logprob 0 and no logprob gradient (entropy still counts).
         return_entropy: when False the second output is None (it costs nothing extra to compute).
         inplace_backward: write d(loss)/d(logits) into ``logits`` itself during backward, saving an
-            ``[N, V]`` buffer. Only when nothing else needs ``logits`` afterwards; ignored (a new
-            tensor is returned) when ``logits`` cannot be viewed as rows.
-        process_group: vocabulary (tensor) parallelism. ``logits`` is this rank's shard of the
-            vocabulary (shards in rank order along V, sizes may differ), ``ids`` are global ids
-            and the same on every rank; every rank gets the full vocabulary's statistics (two
-            all-reduces of 4 floats per token, plus one of the shard sizes). The gradient of
-            each shard needs no communication. Default None: the whole vocabulary is here.
-        backend: ``None`` (triton on CUDA, cpu on CPU), ``"triton"``, ``"cuda"``, ``"cpu"`` or
-            ``"reference"``.
+            ``[N, V]`` buffer, when nothing else needs ``logits`` afterwards.
+        process_group: vocabulary (tensor) parallelism: ``logits`` is this rank's shard along V,
+            ``ids`` are global; every rank gets the full vocabulary's statistics.
+        backend: ``None``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
         ``(logprobs, entropy)``: float32 of shape ``ids.shape``; differentiable in ``logits``
@@ -486,23 +515,12 @@ def token_logprobs_entropy(
 
         lp, ent = token_logprobs_entropy(logits_shard, global_ids, process_group=tp_group)
     """
-    _checks.flags(return_entropy=return_entropy, inplace_backward=inplace_backward)
-    if inplace_backward and isinstance(logits, torch.Tensor):
-        _checks.inplace_target(logits)
-    _checks.tensor(logits, "logits", min_dim=1)
-    name = _backend.resolve(backend, FAMILY, logits.device)
-    temp = _check_token_args(logits, ids, temperature, ignore_index, name)
-    if process_group is not None:
-        from lenkernels.distributed import group_name
-
-        logprobs, entropy, _, _, _ = torch.ops.lenkernels.token_stats_vocab_parallel(
-            logits, ids, temp, ignore_index, bool(inplace_backward), name, group_name(process_group)
-        )
-        return logprobs, (entropy if return_entropy else None)
-    logprobs, entropy, _, _ = torch.ops.lenkernels.token_stats(
-        logits, ids, temp, ignore_index, bool(inplace_backward), name
-    )
-    return logprobs, (entropy if return_entropy else None)
+    _checks.flags(return_entropy=return_entropy)
+    s = token_stats(
+        logits, ids, temperature=temperature, ignore_index=ignore_index, outputs=("logprob", "entropy"),
+        inplace_backward=inplace_backward, process_group=process_group, backend=backend,
+    )  # fmt: skip
+    return s.logprob, (s.entropy if return_entropy else None)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -522,4 +540,4 @@ def token_entropy(logits: torch.Tensor, *, ids: torch.Tensor | None = None, **kw
 
 
 from lenkernels.ops import token_stats_sparse as _sparse  # registers its custom ops
-from lenkernels.ops.token_stats_extra import _extra_kernels  # registers its custom ops  # noqa: E402
+from lenkernels.ops.token_stats_extra import _extra_kernels  # registers its custom ops
