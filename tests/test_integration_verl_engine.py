@@ -210,6 +210,86 @@ def test_one_read_forward_one_gradient_write_backward(rmpad):
     assert peak < 1.1 * nv < peak_v
 
 
+# --- top-K on-policy distillation (packed micro-batches) -------------------------------------------
+
+TOPK = 6
+
+
+def distillation_batch(*, only: bool, entropy: bool):
+    """A packed micro-batch with the teacher's top-K (nested ``[B, j, K]``) and verl's distillation
+    loss closure as the logits processor (``distillation_ppo_loss`` bound to the configs, as verl's
+    actor binds it)."""
+    import functools
+
+    losses = trainer_module("verl.trainer.distillation.losses")
+    cfg = trainer_module("verl.workers.config")
+    mb = micro_batch(entropy=entropy, sum_p2=False, distillation_use_topk=True, distillation_only=only)
+    teacher = [torch.log_softmax(torch.randn(n, V) * 2, -1).topk(TOPK, -1) for n in LENGTHS]
+    mb["teacher_logprobs"] = torch.nested.nested_tensor([t.values for t in teacher], layout=torch.jagged)
+    mb["teacher_ids"] = torch.nested.nested_tensor([t.indices for t in teacher], layout=torch.jagged)
+    actor = cfg.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    dcfg = cfg.DistillationConfig(distillation_loss=cfg.DistillationLossConfig(
+        loss_mode="forward_kl_topk", topk=TOPK, use_policy_gradient=False))  # fmt: skip
+    return mb, functools.partial(losses.distillation_ppo_loss, actor, dcfg)
+
+
+@pytest.mark.parametrize("only,entropy", [(False, True), (True, False)], ids=["with-logprobs", "distillation-only"])
+def test_distillation_outputs_and_gradients_match_verl(only, entropy):
+    """verl's method computes the distillation outputs (its log_softmax + topk), entropy and
+    log-probs in separate passes; patched, one token_stats op gives the statistics and the loss
+    closure runs lenkernels' compute_forward_kl_topk: same outputs, same parameter gradients."""
+    model = qwen2()
+    eng = engine()  # verl refuses pad_to_length with top-K distillation
+    mb, processor = distillation_batch(only=only, entropy=entropy)
+    model_inputs, output_args = eng.prepare_model_inputs(mb)
+
+    def forward_backward(cotangents=None):
+        model.zero_grad(set_to_none=True)
+        output = model(**model_inputs, use_cache=False)
+        out = eng.prepare_model_outputs(output=output, output_args=output_args, micro_batch=mb,
+                                        logits_processor_func=processor)  # fmt: skip
+        if cotangents is None:
+            cotangents = {k: torch.randn(v.values().shape) for k, v in out.items() if v.is_floating_point()}
+        loss = sum((out[k].values() * c).sum() for k, c in cotangents.items())
+        loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}, cotangents
+
+    theirs, grads_v, cot = forward_backward()
+    assert "distillation_losses" in theirs and ("log_probs" in theirs) != only
+    with lk_verl.patched():
+        ours, grads, _ = forward_backward(cot)
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        a, e = ours[key], theirs[key]
+        assert a.dtype == e.dtype and torch.equal(a.offsets(), e.offsets()), key
+        if not e.is_floating_point():  # overlap_count: ties at the K-th logit may differ (none here)
+            assert torch.equal(a.values(), e.values()), key
+            continue
+        assert_close(a.values(), e.values(), rtol=STAT_RTOL, scale=float(e.values().abs().max()), name=key)
+    for name, g in grads_v.items():
+        assert_close(grads[name], g, rtol=GRAD_RTOL[torch.float32] * 10, scale=float(g.abs().max()), name=name)
+
+
+def test_distillation_passes_over_the_logits():
+    """verl reads the packed [N, V] logits in 9 ops forward (scaling, softmax, logsumexp, entropy's
+    mul/sum, log_softmax, topk, two gathers) and 15 backward; patched: the scaling verl's loss
+    closure takes, the student's top-K, the sparse statistics and the one statistics op forward."""
+    eng = engine()
+    mb, processor = distillation_batch(only=False, entropy=True)
+    _, output_args = eng.prepare_model_inputs(mb)
+    n = sum(LENGTHS)
+    logits = (torch.randn(1, n, V) * 3).requires_grad_(True)
+    output = types.SimpleNamespace(logits=logits)
+    with lk_verl.patched(), LogitsTraffic(n * V) as mode:
+        out = eng.prepare_model_outputs(output=output, output_args=output_args, micro_batch=mb,
+                                        logits_processor_func=processor)  # fmt: skip
+        fwd = list(mode.reads)
+        torch.autograd.grad(sum(v.values().sum() for v in out.values() if v.is_floating_point()), logits)
+    assert fwd == ["aten.div.Tensor", "lenkernels.topk_ids.default", "lenkernels.token_stats_sparse.default",
+                   "lenkernels.token_stats.default"]  # fmt: skip
+    assert len(mode.reads) - len(fwd) <= 4
+
+
 # --- dtypes and the configurations left to verl ----------------------------------------------------
 
 

@@ -66,15 +66,16 @@ def _covered(output, micro_batch) -> tuple[torch.Tensor, tuple[str, ...]] | None
 
     if _flag(micro_batch, "use_fused_kernels", False):  # the model already returned log-probs
         return None
-    if _flag(micro_batch, "distillation_use_topk", False) or _flag(micro_batch, "distillation_only", False):
-        return None
+    distillation = _flag(micro_batch, "distillation_use_topk", False) or _flag(micro_batch, "distillation_only", False)
+    if distillation and not _flag(micro_batch, "use_remove_padding", True):
+        return None  # verl's padded branch packs the logits for the distillation loss: its method
     if _flag(micro_batch, "pad_mode", DatasetPadMode.NO_PADDING) != DatasetPadMode.NO_PADDING:
         return None  # verl raises NotImplementedError
     logits = getattr(output, "logits", None)
     # type() is: a DTensor (tensor-parallel logits sharded over V) or any other subclass is verl's
     if type(logits) is not torch.Tensor or logits.dtype not in _DTYPES or logits.dim() < 2:
         return None
-    wanted = ("logprob",)
+    wanted = () if _flag(micro_batch, "distillation_only", False) else ("logprob",)
     if _flag(micro_batch, "calculate_entropy", False):
         wanted += ("entropy",)
     if _flag(micro_batch, "calculate_sum_pi_squared", False):
@@ -87,17 +88,40 @@ def _covered(output, micro_batch) -> tuple[torch.Tensor, tuple[str, ...]] | None
     return logits, wanted
 
 
-def _stats(logits, ids, temperature, wanted):
-    """One lenkernels op over ``logits``: ``(logprob, entropy | None, sum_p2 | None)`` in float32.
-    Log-probs alone write their gradient into ``logits`` where that is safe (as verl's flash-attn
-    cross-entropy does), otherwise into one new ``[..., V]`` buffer."""
+def _stats(logits, ids, temperature, wanted, *, shared: bool = False):
+    """One lenkernels op over ``logits``: ``(logprob | None, entropy | None, sum_p2 | None)`` in
+    float32 (no op when nothing is wanted). Log-probs alone write their gradient into ``logits``
+    where that is safe (as verl's flash-attn cross-entropy does), otherwise into one new ``[..., V]``
+    buffer; never when ``shared`` (another op, e.g. the distillation loss, reads ``logits`` too)."""
+    if not wanted:
+        return None, None, None
     if wanted == ("logprob",):
-        inplace = _checks.inplace_hazard(logits) is None
+        inplace = not shared and _checks.inplace_hazard(logits) is None
         lp, _ = _ops.token_logprobs_entropy(logits, ids, temperature=temperature, ignore_index=_IGNORE,
                                             return_entropy=False, inplace_backward=inplace)  # fmt: skip
         return lp, None, None
     s = _ops.token_stats(logits, ids, temperature=temperature, ignore_index=_IGNORE, outputs=wanted)
     return s.logprob, s.entropy, s.sum_p2
+
+
+def _distillation_outputs(logits, output_args, micro_batch, logits_processor_func, unit: bool, packed) -> dict:
+    """verl's top-K distillation outputs of a packed micro-batch: its loss closure
+    (``logits_processor_func``: ``compute_topk_loss``, whose FSDP ``compute_forward_kl_topk`` is
+    lenkernels' under ``patch()``) on the temperature-scaled logits, as verl's method calls it, each
+    output gathered, unpadded and nested."""
+    import importlib
+
+    scale = importlib.import_module(ENGINE_MODULE)._scale_logits_by_temperature
+    scaled = scale(logits, output_args["temperature_rmpad"].unsqueeze(-1), is_unit_temperature=unit)
+    outputs = logits_processor_func(student_logits=scaled.unsqueeze(0), data=micro_batch)
+    cu_seqlens = micro_batch["input_ids"].offsets()
+    out = {}
+    for key, value in outputs.items():
+        value = value.squeeze(0)
+        if value.shape != (logits.shape[0],):
+            raise ValueError(f"the distillation output {key!r} has shape {tuple(value.shape)}, not [{logits.shape[0]}]")
+        out[key] = torch.nested.nested_tensor_from_jagged(packed(value), cu_seqlens)
+    return out
 
 
 def _temperature(temperature: torch.Tensor, unit: bool):
@@ -115,6 +139,12 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
     log-probs, the entropy (``calculate_entropy``) and Σπ² (``calculate_sum_pi_squared``) from the
     unscaled logits, with the temperature applied in fp32 inside the kernel: one read of the
     logits forward, one gradient written backward.
+
+    Top-K distillation (``distillation_use_topk``, packed micro-batches): verl's loss closure
+    (``logits_processor_func``) runs on the temperature-scaled logits as in verl's method (with
+    ``patch()`` its ``compute_forward_kl_topk`` is lenkernels': one ``token_stats`` for the student's
+    top-K and its log-probs at the teacher's ids), and the statistics above come from the one op
+    (no log-probs with ``distillation_only``).
 
     Args and returns: verl's. ``output.logits`` is ``[1, total_nnz (/ sp + pad), V]`` packed
     (``use_remove_padding=True``) or ``[B, max_len, V]`` padded; ``output_args`` holds
@@ -139,8 +169,8 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
 
     verl's own method runs, unchanged, for what this does not cover: ``use_fused_kernels`` without
     Σπ² or without lenkernels' fused forward (the model returned log-probs already, and verl
-    raises for Σπ²), top-K distillation (``distillation_use_topk``,
-    ``distillation_only``), tensor-parallel ``DTensor`` logits (sharded over V), float64 logits,
+    raises for Σπ²), top-K distillation of padded micro-batches (``use_remove_padding=False``),
+    tensor-parallel ``DTensor`` logits (sharded over V), float64 logits,
     a ``pad_mode`` other than ``NO_PADDING`` (verl raises), and devices no lenkernels backend
     runs on (e.g. NPU).
 
@@ -162,14 +192,20 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
     cu_seqlens = micro_batch["input_ids"].offsets()
     nested = torch.nested.nested_tensor_from_jagged
 
+    model_output = {}
     if _flag(micro_batch, "use_remove_padding", True):
         logits = logits.squeeze(0)  # [total_nnz (/ sp + pad), V]
         ids = output_args["input_ids_rmpad_rolled"]
-        lp, h, sp2 = _stats(logits, ids, _temperature(output_args["temperature_rmpad"], unit), wanted)
         pad_size = output_args["pad_size"]
 
         def packed(x):
             return self._gather_and_unpad_packed(x, pad_size)
+
+        distill = _flag(micro_batch, "distillation_use_topk", False)
+        if distill:
+            model_output = _distillation_outputs(logits, output_args, micro_batch, logits_processor_func, unit, packed)
+        temperature = _temperature(output_args["temperature_rmpad"], unit)
+        lp, h, sp2 = _stats(logits, ids, temperature, wanted, shared=distill)
 
         entropy_dtype = torch.get_default_dtype() if self.engine_config.entropy_from_logits_with_chunking else None
     else:  # [B, T, V] padded, no sequence parallelism (as in verl)
@@ -185,7 +221,8 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
 
         entropy_dtype = None
 
-    model_output = {"log_probs": nested(packed(_cast(lp, _logprobs_dtype(logits))), cu_seqlens)}
+    if lp is not None:
+        model_output["log_probs"] = nested(packed(_cast(lp, _logprobs_dtype(logits))), cu_seqlens)
     if h is not None:
         model_output["entropy"] = nested(packed(_cast(h, entropy_dtype or logits.dtype)), cu_seqlens)
     if sp2 is not None:

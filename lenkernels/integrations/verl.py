@@ -52,9 +52,10 @@ engine step that turns the model's logits into log-probs, entropy and Σπ². ve
 ``[N, V]`` logits by the per-sample temperature and reads them once per statistic (its compiled
 entropy, ``calculate_sum_pi_squared_from_logits``, ``logprobs_from_logits``); the drop-in computes
 all of them with one ``token_stats`` op (temperature inside the kernel): one read of the logits
-forward, one gradient written backward. Top-K distillation (whose loss, run inside verl's method,
-is the patched ``compute_forward_kl_topk``), tensor-parallel ``DTensor`` logits and
-float64 logits stay verl's method (see ``prepare_model_outputs``). With ``use_fused_kernels`` the
+forward, one gradient written backward; a packed top-K distillation micro-batch adds verl's loss
+closure on the scaled logits (its ``compute_forward_kl_topk`` patched too). Padded distillation,
+tensor-parallel ``DTensor`` logits and float64 logits stay verl's method (see
+``prepare_model_outputs``). With ``use_fused_kernels`` the
 model's forward returns the log-probs and entropy from the hidden state: ``patch()`` replaces
 verl's two text-model forwards (``dense_common.forward_with_torch_backend`` /
 ``forward_with_triton_backend``, which ``patch_forward_with_backends`` installs on the model class
