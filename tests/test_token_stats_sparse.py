@@ -430,3 +430,113 @@ def test_linear_token_stats_passes_them_through(backend, device):
             assert torch.equal(a, b), f
     dh, dw = torch.autograd.grad(loss, (hidden, weight))
     assert float(dh.abs().max()) < 1e-4 and float(dw.abs().max()) < 1e-4
+
+
+# --- the CPU selection kernels (csrc/cpu/token_stats.cpp) against torch.sort and the torch path -----
+
+SELECT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _select_rows(dtype, vocab, seed):
+    """Rows that stress the order: few distinct values (ties at every place), a row of one value,
+    masked (-inf) entries with fewer finite ones than most k, signed zeros, NaN (ranked first, as
+    torch.sort ranks it), +-inf, and plain Gaussian rows."""
+    g = _gen(seed)
+    x = torch.randn(9, vocab, generator=g) * 3
+    x[0] = torch.randint(0, 4, (vocab,), generator=g).float()
+    x[1] = 1.0
+    x[2, 5:] = float("-inf")
+    x[3, ::2], x[3, 1::2] = 0.0, -0.0
+    x[4, ::7] = float("nan")
+    x[5, ::11], x[5, 1::13] = float("inf"), float("-inf")
+    x[6] = float("-inf")
+    return x.to(dtype)
+
+
+def _with_torch_selection(monkeypatch):
+    """The selection functions' torch path (other devices, float64) on CPU tensors."""
+    monkeypatch.setattr(sparse, "_selects_on_cpu", lambda x: False)
+
+
+def test_cpu_selection_is_used():
+    """CPU rows of the three kernel dtypes go to the C++ kernel (the tests below compare it with the
+    torch path; that comparison must not be the torch path against itself); float64 stays on torch."""
+    for dtype in SELECT_DTYPES:
+        assert sparse._selects_on_cpu(torch.zeros(2, 5, dtype=dtype)), dtype
+    assert not sparse._selects_on_cpu(torch.zeros(2, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", SELECT_DTYPES, ids=str)
+# 1: one entry; 67: a partial block (the kernel tests 64 logits at a time); 4_099: past one 4 096 chunk
+@pytest.mark.parametrize("vocab", [1, 67, 4_099])
+def test_cpu_topk_rows_is_the_stable_sort(dtype, vocab):
+    """topk_rows = the first k of torch.sort(descending, stable): value descending, ties to the lower
+    id, NaN first; k = 1, k past the finite entries, k = V."""
+    x = _select_rows(dtype, vocab, 7 + vocab)
+    order = torch.sort(x, dim=1, descending=True, stable=True).indices
+    for k in sorted({1, min(vocab, 3), min(vocab, 40), vocab}):
+        got = sparse.topk_rows(x, k)
+        assert got.dtype == torch.int64 and torch.equal(got, order[:, :k]), k
+
+
+@pytest.mark.parametrize("dtype", SELECT_DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [67, 4_099])
+def test_cpu_top_candidates_match_the_torch_path(dtype, vocab, monkeypatch):
+    """count = #{x >= the k-th value} (0 where it is NaN), and the first count ids in rank order,
+    also where the ties of the k-th value run far past k (rows 0, 1, 3): the same as the torch path's."""
+    x = _select_rows(dtype, vocab, 3 + vocab)
+    got = {k: sparse.top_candidates(x, k) for k in (1, 2, 20, vocab)}
+    _with_torch_selection(monkeypatch)
+    for k, (ids, count) in got.items():
+        exp_ids, exp_count = sparse.top_candidates(x, k)
+        assert ids.shape[1] >= max(k, int(count.max())), k
+        assert torch.equal(count, exp_count), k
+        for r in range(x.shape[0]):
+            c = int(count[r])
+            assert torch.equal(ids[r, :c], exp_ids[r, :c]), (k, r)
+
+
+def test_cpu_topk_strided_rows():
+    """Rows with a row stride past V (a slice of wider logits) and rows with no unit stride."""
+    wide = _logits((6,), 300, torch.bfloat16, 4)
+    x = wide[:, 10:250]
+    order = torch.sort(x, dim=1, descending=True, stable=True).indices
+    assert torch.equal(sparse.topk_rows(x, 17), order[:, :17])
+    xt = x.t().contiguous().t()  # column major: stride(1) != 1
+    assert torch.equal(sparse.topk_rows(xt, 17), order[:, :17])
+
+
+@pytest.mark.parametrize("dtype", SELECT_DTYPES, ids=str)
+@pytest.mark.parametrize("sampling", [{"top_p": 0.9}, {"top_p": 0.5, "min_p": 0.05}, {"min_p": 0.2}, {"top_p": 0.99},
+                                      {"top_p": 0.3, "top_k": -1}, {"top_p": 0.99, "min_p": 1e-7}], ids=str)  # fmt: skip
+def test_cpu_sampler_kept_rows_match_the_torch_path(dtype, sampling, monkeypatch):
+    """Top-p / min-p without top-k from the C++ kernel (at most three reads a row) against the torch
+    path (torch.topk rounds) and the float64 port of vLLM's masking: peaked rows (a set of a few ids),
+    flat rows (a set of most of the vocabulary: the cut below the kernel's histogram), ties, masked
+    entries, a cut in the far tail (the row read once more); rows the kernel leaves to the torch path
+    (NaN, +inf, all -inf) come out as there."""
+    vocab = 5_000
+    g = _gen(11)
+    x = torch.randn(10, vocab, generator=g) * 2
+    x[0, :40] += 14 + torch.arange(40.0) / 8  # peaked
+    x[1] *= 0.05  # flat
+    x[2] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties at every cut
+    x[3, ::3] = float("-inf")
+    x[4] = 1.0
+    x[5, 7] = float("nan")
+    x[6, 9] = float("inf")
+    x[7] = float("-inf")
+    x[8, 1:] = float("-inf")  # one finite entry
+    x[9] = 0.0
+    x[9, 0] = 12.5  # at T = 1 the rest is 2^-18 of it, 2% of the mass: a top-p 0.99 cut there, read again
+    x = x.to(dtype)
+    temp = _temp((10,), 3)
+    temp[9] = 1.0
+    args = sparse.sampling_args(sampling)
+    kept = sparse.sampler_kept_rows(x, temp, *args)
+    clean = [0, 1, 2, 3, 4, 8, 9]
+    mask = ref.sampler_kept_mask(x[clean], temp[clean], **sampling)
+    assert torch.equal(ref.kept_mask_from_ids(kept[clean], vocab), mask)
+    _with_torch_selection(monkeypatch)
+    exp = sparse.sampler_kept_rows(x, temp, *args)
+    assert kept.shape == exp.shape and torch.equal(kept, exp)  # the same ids in the same order

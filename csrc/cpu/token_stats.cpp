@@ -7,13 +7,18 @@
 // prefetched), and the states are merged left to right.  The chunk structure never depends on the
 // thread count, so results are bitwise reproducible whether a row runs on one thread or is split
 // across all of them (few rows, large V).
+// Selection (SPEC 7, no gradient): the top-k ids of each row in one read (topk_select, topk_ties) and a
+// sampler's kept set under top-p / min-p in at most three (sampler_kept); sections at the end.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_utils.h"
+#include "lenkernels/selection.h"
 #include "lenkernels/softmax_state.h"
 #include "lenkernels/token_stats.h"
 
@@ -734,6 +739,450 @@ void extra_backward(const ExtraBwdArgs& e) {
   }
 }
 
+// --- selection (SPEC 7 top-k, a sampler's top-k): the k first ids of each row in rank order --------
+// One read of a row. Rank keys (lenkernels/selection.h: value descending, id ascending, NaN first) are
+// unique, so ties are exact by construction. Entries whose value reaches the current bound (the k-th
+// value so far) are appended to a buffer of select_slack(k) keys past k; a full buffer is cut back to
+// its k best (nth_element, O(k): O(1) a key), which raises the bound. A block of kSelectBlock logits
+// costs one vectorised compare against the bound and is skipped when none reaches it (most blocks of a
+// row). Entries equal to the bound that are left out are counted as they go: the tie count of the k-th
+// value is exact at the end. A row of at least kSelectBlocksPerK * k blocks of kFloorBlock logits first
+// takes the max of each block (the same read): the k-th largest is a floor under the k-th value, and
+// only the blocks that reach it, about k, are visited (again, from cache) with the test above.
+
+constexpr int64_t kSelectBlock = 64;
+LK_ALWAYS_INLINE int64_t select_slack(int64_t k) { return std::max<int64_t>(k, 32); }
+constexpr int64_t kFloorBlock = 256;      // the blocks of the floor under the k-th value (topk_row)
+constexpr int64_t kSelectBlocksPerK = 4;  // rows of at least this many floor blocks per k take the floor
+
+// kExpLanes logits as fp32, in an order of their own: 16-bit ones two per 32-bit load (lane k takes
+// logit 2k, lane k + kExpLanes / 2 logit 2k + 1, as chunk_state's bf16 sweep), so that the loop that
+// uses them runs on full-width fp32 vectors.
+template <typename T>
+LK_ALWAYS_INLINE void load_lanes(const T* x, float* v) {
+  if constexpr (std::is_same<T, float>::value) {
+#pragma omp simd
+    for (int k = 0; k < kExpLanes; ++k) v[k] = x[k];
+  } else {
+#pragma omp simd
+    for (int k = 0; k < kExpLanes / 2; ++k) {
+      uint32_t pair;
+      std::memcpy(&pair, x + 2 * k, 4);
+      v[k] = to_float(T{static_cast<uint16_t>(pair & 0xffffu)});
+      v[k + kExpLanes / 2] = to_float(T{static_cast<uint16_t>(pair >> 16)});
+    }
+  }
+}
+
+// visit(j + i), in order, for each i < kSelectBlock with flags[i] set (0 or 1): a word of 8 flags at a time.
+template <class Visit>
+LK_ALWAYS_INLINE void visit_flagged(int64_t j, const uint8_t* flags, const Visit& visit) {
+  for (int w = 0; w < kSelectBlock; w += 8) {
+    uint64_t word;
+    std::memcpy(&word, flags + w, 8);
+    for (; word; word &= word - 1) visit(j + w + (__builtin_ctzll(word) >> 3));
+  }
+}
+
+// visit(j), in order, for every j < n whose (x_j - shift) * scale is not below *bound (NaN is not):
+// a block of kSelectBlock logits none of which is costs one vectorised test. visit may raise *bound
+// (read once a block: the test is loose, never tight; visit rechecks exactly).
+template <typename T, class Visit>
+LK_ALWAYS_INLINE void sweep_reached(const T* x, int64_t n, float shift, float scale, const float* bound,
+                                    const Visit& visit) {
+  int64_t j = 0;
+  for (; j + kSelectBlock <= n; j += kSelectBlock) {
+    const float b = *bound;
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int i = 0; i < kSelectBlock; ++i) hit |= !((to_float(x[j + i]) - shift) * scale < b);
+    if (hit) {
+      uint8_t flags[kSelectBlock];
+#pragma omp simd
+      for (int i = 0; i < kSelectBlock; ++i) flags[i] = !((to_float(x[j + i]) - shift) * scale < b);
+      visit_flagged(j, flags, visit);
+    }
+  }
+  for (; j < n; ++j) {
+    if (!((to_float(x[j]) - shift) * scale < *bound)) visit(j);
+  }
+}
+
+struct TopkRow {
+  int64_t count;  // #{j : x_j >= the k-th value} (0 when the k-th value is NaN: NaN >= NaN is false)
+  int64_t ties;   // entries equal to the k-th value left out of the k (0 when it is NaN)
+};
+
+// The k best of the n >= k rank keys in buf, moved to its front. `bound` (the order key of the k-th
+// best) and `ties` (entries of that value left out) are updated: the bound never falls, and ties of a
+// bound that rose are below it now.
+LK_ALWAYS_INLINE void cut_to_best(uint64_t* buf, int64_t n, int64_t k, int32_t& bound, int64_t& ties) {
+  if (n > k) std::nth_element(buf, buf + k - 1, buf + n, std::greater<uint64_t>());
+  const int32_t next = rank_order_key(buf[k - 1]);
+  int64_t dropped = 0;
+  for (int64_t i = k; i < n; ++i) dropped += rank_order_key(buf[i]) == next;
+  ties = (next == bound ? ties : 0) + dropped;
+  bound = next;
+}
+
+// ids[0, k) <- the k first ids of row x[0, vocab) in rank order (1 <= k <= vocab); buf: k + select_slack(k)
+// scratch keys, block_keys: 2 * (vocab / kFloorBlock).
+template <typename T>
+LK_ALWAYS_INLINE TopkRow topk_row(const T* x, int64_t vocab, int64_t k, uint64_t* buf, int32_t* block_keys,
+                                  int64_t* ids) {
+  const int64_t cap = k + select_slack(k);
+  int32_t bound = std::numeric_limits<int32_t>::min();  // below every order key: the first k enter
+  float bound_value = kNegInf;                           // the block filter's bound; NaN lets every block through
+  int64_t n = 0, ties = 0;
+  const auto visit = [&](int64_t j) {
+    const int32_t key = value_order_key(to_float(x[j]));
+    if (key < bound) return;
+    if (key == bound) {  // a later id of the bound's value: below the k it is the bound of
+      ++ties;
+      return;
+    }
+    buf[n++] = rank_key(key, j);
+    if (n == cap) {
+      cut_to_best(buf, n, k, bound, ties);
+      n = k;
+      bound_value = to_float(x[rank_id(buf[k - 1])]);
+    }
+  };
+  const int64_t n_blocks = vocab / kFloorBlock;
+  if (n_blocks >= kSelectBlocksPerK * k) {
+    // The k-th largest block max first: a floor under the k-th value (k blocks hold an entry at or
+    // above it), so only the blocks that reach it are visited, ~k of them, in order.
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const T* xb = x + b * kFloorBlock;
+      float mx[kExpLanes];
+      int nan = 0;
+      for (int l = 0; l < kExpLanes; ++l) mx[l] = kNegInf;
+      for (int h = 0; h < kFloorBlock; h += kExpLanes) {
+        float v[kExpLanes];
+        load_lanes(xb + h, v);
+#pragma omp simd reduction(| : nan)
+        for (int l = 0; l < kExpLanes; ++l) {
+          mx[l] = v[l] > mx[l] ? v[l] : mx[l];
+          nan |= v[l] != v[l];
+        }
+      }
+      for (int w = kExpLanes / 2; w > 0; w /= 2) {
+        for (int l = 0; l < w; ++l) mx[l] = mx[l + w] > mx[l] ? mx[l + w] : mx[l];
+      }
+      block_keys[b] = nan ? kNanOrderKey : value_order_key(mx[0]);
+    }
+    std::copy(block_keys, block_keys + n_blocks, block_keys + n_blocks);
+    std::nth_element(block_keys + n_blocks, block_keys + n_blocks + k - 1, block_keys + 2 * n_blocks,
+                     std::greater<int32_t>());
+    const int32_t floor_key = block_keys[n_blocks + k - 1];
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      if (block_keys[b] < std::max(floor_key, bound)) continue;
+      for (int64_t j = b * kFloorBlock; j < (b + 1) * kFloorBlock; j += kSelectBlock) {
+        const int32_t f = std::max(floor_key, bound);
+        uint8_t flags[kSelectBlock];
+#pragma omp simd
+        for (int i = 0; i < kSelectBlock; ++i) flags[i] = value_order_key(to_float(x[j + i])) >= f;
+        visit_flagged(j, flags, visit);
+      }
+    }
+    for (int64_t j = n_blocks * kFloorBlock; j < vocab; ++j) visit(j);
+  } else {
+    sweep_reached(x, vocab, 0.0f, 1.0f, &bound_value, visit);  // x - 0 and * 1 are exact
+  }
+  cut_to_best(buf, n, k, bound, ties);
+  std::sort(buf, buf + k, std::greater<uint64_t>());
+  int64_t nan = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    ids[i] = rank_id(buf[i]);
+    nan += rank_order_key(buf[i]) == kNanOrderKey;
+  }
+  if (bound == kNanOrderKey) return TopkRow{0, 0};
+  return TopkRow{k - nan + ties, ties};
+}
+
+LK_TARGET_CLONES TopkRow topk_row_any(int dtype, const void* x, int64_t vocab, int64_t k, uint64_t* buf,
+                                      int32_t* block_keys, int64_t* ids) {
+  TopkRow out{0, 0};
+  LK_DISPATCH_FLOAT(dtype, T, out = topk_row(static_cast<const T*>(x), vocab, k, buf, block_keys, ids));
+  return out;
+}
+
+// out[0, n) <- the first n ids after `after` whose value equals x[after] (as the order compares them).
+template <typename T>
+LK_ALWAYS_INLINE void tied_ids(const T* x, int64_t vocab, int64_t after, int64_t n, int64_t* out) {
+  const int32_t key = value_order_key(to_float(x[after]));
+  int64_t m = 0;
+  for (int64_t j = after + 1; j < vocab && m < n; ++j) {
+    if (value_order_key(to_float(x[j])) == key) out[m++] = j;
+  }
+}
+
+LK_TARGET_CLONES void tied_ids_any(int dtype, const void* x, int64_t vocab, int64_t after, int64_t n, int64_t* out) {
+  LK_DISPATCH_FLOAT(dtype, T, tied_ids(static_cast<const T*>(x), vocab, after, n, out));
+}
+
+struct TopkArgs {
+  const void* logits;
+  int dtype;
+  int64_t n_rows, vocab, row_stride, k;
+  int64_t *ids, ids_stride;  // [N, >= k]
+  int64_t *count, *ties;     // [N] each
+  int threads;
+};
+
+void topk_select(const TopkArgs& a) {
+  const int64_t elem = a.dtype == kFloat32 ? 4 : 2;
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<uint64_t> buf(a.k + select_slack(a.k));
+    std::vector<int32_t> block_keys(2 * (a.vocab / kFloorBlock));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+      const TopkRow out = topk_row_any(a.dtype, static_cast<const char*>(a.logits) + r * a.row_stride * elem, a.vocab,
+                                       a.k, buf.data(), block_keys.data(), a.ids + r * a.ids_stride);
+      a.count[r] = out.count;
+      a.ties[r] = out.ties;
+    }
+  }
+}
+
+// Appends each row's ties[r] left-out ties of its k-th value after ids[r, k - 1] (ids[r, k:]).
+void topk_ties(const TopkArgs& a) {
+  const int64_t elem = a.dtype == kFloat32 ? 4 : 2;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(a.threads)
+  for (int64_t r = 0; r < a.n_rows; ++r) {
+    int64_t* ids = a.ids + r * a.ids_stride;
+    if (a.ties[r] > 0) {
+      tied_ids_any(a.dtype, static_cast<const char*>(a.logits) + r * a.row_stride * elem, a.vocab, ids[a.k - 1],
+                   a.ties[r], ids + a.k);
+    }
+  }
+}
+
+// --- a sampler's kept set without top-k (top-p and/or min-p): at most three reads of a row ---------
+// u = (x - x_max) log2(e) / T = log2(p_j / max p), in fp32 as the dense sweep forms it.
+//   read 1: the row's max;
+//   read 2 (top-p): chunk by chunk, as the dense sweep (an exp2 sweep of the L1-resident chunk, then a
+//           vectorised test of it): the fp32 mass of the entries with u <= -kKeptFine (the tail) and
+//           the rank keys of the others (a peaked row has few). Their mass per bucket of u (kKeptPerUnit
+//           a unit) gives the bucket where the cumulative mass reaches p S; the set's candidates are
+//           the keys above the next bucket edge (one bucket of margin);
+//   read 3: only where the cut lies in the tail (or min-p alone: read 2), the ids with u above the
+//           bound (every finite id; u > log2(min_p) less a bucket).
+// The candidates are sorted by rank key and the set decided on them as the torch path decides it, in
+// float64: r = exp(z - max z), keep j while S - sum_{before j} r > (1 - p) S, r_j >= min_p, z_j > -inf,
+// with S = the exact sum over the candidates plus the fp32 mass of the rest (S's rounding is that of the
+// mass left out, not of the row's). A row with a NaN, a max that is not finite, or a set that would run
+// past its candidates (a cut within rounding of a bucket edge) is left to the caller: size -1.
+// Moves the kept ones of the candidates out[0, n) (rank order; r_i = exp(z_i - max z), S = mass) to the
+// front of out and returns how many: keep i while S - sum_{before i} r > (1 - p) S (top_p < 1),
+// r_i >= min_p (min_p > 0) and z_i > -inf.
+template <typename T>
+LK_ALWAYS_INLINE int64_t keep_prefix(const T* x, int64_t* out, int64_t n, const double* ratios, double mass,
+                                     double temp, double top_p, double min_p) {
+  double cum = 0.0;
+  int64_t size = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = out[i];
+    const double r = ratios[i];
+    cum += r;
+    bool keep = static_cast<double>(to_float(x[id])) / temp > -std::numeric_limits<double>::infinity();
+    if (top_p < 1.0) keep &= mass - (cum - r) > (1.0 - top_p) * mass;
+    if (min_p > 0.0) keep &= r >= min_p;
+    if (keep) out[size++] = id;
+  }
+  return size;
+}
+
+constexpr int kKeptPerUnit = 8;  // a power of two: the bucket of u, floor(-u * 8), is exact
+constexpr int kKeptFine = 16;    // p_j / max p > 2^-16: keys; below: the tail
+constexpr int kKeptBuckets = kKeptFine * kKeptPerUnit;
+
+// The bucket edge above which the set's candidates lie for top-p (-inf: every finite id).
+LK_ALWAYS_INLINE float top_p_edge(const double* fine, double tail, double top_p) {
+  double mass = tail;
+  for (int b = 0; b < kKeptBuckets; ++b) mass += fine[b];
+  const double target = top_p * mass;
+  double acc = 0.0;
+  for (int b = 0; b < kKeptBuckets; ++b) {
+    acc += fine[b];  // bucket b: u in (-(b + 1) / R, -b / R]
+    if (acc >= target) return -static_cast<float>(std::min(b + 2, kKeptBuckets)) / kKeptPerUnit;
+  }
+  return kNegInf;
+}
+
+// One read, chunk by chunk: the tail's mass (u <= -kKeptFine; NaN when a NaN is met) and the rank keys
+// of the others, against the row's max x_max (finite).
+template <typename T>
+LK_ALWAYS_INLINE double tail_and_keys(const T* x, int64_t vocab, float x_max, float scale,
+                                      std::vector<uint64_t>& keys) {
+  const float lo = opaque_clamp_floor();
+  const float bound = -kKeptFine;
+  double tail = 0.0;
+  keys.clear();
+  for (int64_t c = 0; c < vocab; c += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - c);
+    const T* xc = x + c;
+    // two sweeps of the L1-resident chunk, as chunk_state: the tail's exp2 (branch free), then the keys
+    float lanes[kExpLanes];
+    for (int k = 0; k < kExpLanes; ++k) lanes[k] = 0.0f;
+    int64_t j = 0;
+    for (; j + kExpLanes <= n; j += kExpLanes) {
+      for (size_t line = 0; line < kExpLanes * sizeof(T); line += 64) prefetch_ahead(xc + j, line);
+      float v[kExpLanes];
+      load_lanes(xc + j, v);
+#pragma omp simd
+      for (int k = 0; k < kExpLanes; ++k) {
+        const float u = log2_offset(v[k], x_max, scale, lo);  // NaN stays NaN: the tail too
+        lanes[k] += u > bound ? 0.0f : exp2_clamped(u);
+      }
+    }
+    for (int k = 0; j + k < n; ++k) {
+      const float u = log2_offset(to_float(xc[j + k]), x_max, scale, lo);
+      lanes[k] += u > bound ? 0.0f : exp2_clamped(u);
+    }
+    for (int k = 0; k < kExpLanes; ++k) tail += lanes[k];
+    sweep_reached(xc, n, x_max, scale, &bound, [&](int64_t i) {
+      const float v = to_float(xc[i]);
+      if ((v - x_max) * scale > bound) keys.push_back(rank_key(value_order_key(v), c + i));
+    });
+  }
+  return tail;
+}
+
+template <typename T>
+LK_ALWAYS_INLINE int64_t kept_row(const T* x, int64_t vocab, double temp, double top_p, double min_p,
+                                  std::vector<uint64_t>& keys, std::vector<double>& ratios, int64_t* out,
+                                  int64_t capacity) {
+  const float scale = static_cast<float>(1.0 / temp) * kLog2e;
+  float x_max = kNegInf, u_lo = kNegInf;  // the candidates: u > u_lo
+  double fine[kKeptBuckets] = {}, tail = 0.0;
+  for (int64_t c = 0; c < vocab; c += kChunk) x_max = max_nan(x_max, raw_max(x + c, std::min(kChunk, vocab - c)));
+  if (!(std::fabs(x_max) < -kNegInf)) return -1;  // all -inf, +inf, or a NaN raw_max took (else found below)
+  if (top_p < 1.0) {
+    tail = tail_and_keys(x, vocab, x_max, scale, keys);
+    if (tail != tail) return -1;
+    for (const uint64_t key : keys) {
+      const float u = (to_float(x[rank_id(key)]) - x_max) * scale;  // in (-kKeptFine, 0]
+      fine[static_cast<int>(-u * kKeptPerUnit)] += exp2_clamped(u);
+    }
+    u_lo = top_p_edge(fine, tail, top_p);
+  }
+  bool bounded_by_min_p = false;  // the ids left out all fail min-p
+  if (min_p > 0.0) {
+    float u_min = static_cast<float>(std::log2(min_p)) - 1.0f / kKeptPerUnit;
+    if (top_p < 1.0) {  // a bucket edge at or below it, so that the mass beyond is known
+      u_min = u_min > -kKeptFine ? std::floor(u_min * kKeptPerUnit) / kKeptPerUnit : kNegInf;
+    }
+    bounded_by_min_p = u_min >= u_lo;
+    u_lo = std::max(u_lo, u_min);
+  }
+  if (top_p < 1.0 && u_lo >= -kKeptFine) {  // the candidates are among the keys
+    size_t kept = 0;
+    for (const uint64_t key : keys) {
+      if ((to_float(x[rank_id(key)]) - x_max) * scale > u_lo) keys[kept++] = key;
+    }
+    keys.resize(kept);
+  } else {  // read the row (again) for them
+    keys.clear();
+    bool nan = false;
+    const auto collect = [&](int64_t j) {
+      const float v = to_float(x[j]);
+      nan |= v != v;
+      if ((v - x_max) * scale > u_lo) keys.push_back(rank_key(value_order_key(v), j));
+    };
+    sweep_reached(x, vocab, x_max, scale, &u_lo, collect);
+    if (nan) return -1;
+  }
+  if (static_cast<int64_t>(keys.size()) > capacity) return -2;
+  std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
+  const double z_max = static_cast<double>(x_max) / temp;
+  // S: the candidates' exact ratios and the fp32 mass of the rest (the tail, the buckets below u_lo)
+  double mass = u_lo == kNegInf ? 0.0 : tail;
+  for (int b = u_lo == kNegInf ? kKeptBuckets : static_cast<int>(-u_lo * kKeptPerUnit); b < kKeptBuckets; ++b) {
+    mass += fine[b];
+  }
+  const double rest = mass;
+  const int64_t n = static_cast<int64_t>(keys.size());
+  ratios.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = rank_id(keys[i]);
+    ratios[i] = std::exp(static_cast<double>(to_float(x[out[i]])) / temp - z_max);
+    mass += ratios[i];
+  }
+  // the first id left out would be kept: the cut ran past the candidates
+  if (top_p < 1.0 && !bounded_by_min_p && rest > (1.0 - top_p) * mass) return -1;
+  return keep_prefix(x, out, n, ratios.data(), mass, temp, top_p, min_p);
+}
+
+// A sampler's kept set with top-k (0 < k < vocab): the survivors (every id >= the k-th value, in rank
+// order: topk_row's k and the tied ids past them) in one read, then top-p / min-p among them as the
+// torch path (_truncate) decides it: r = exp(z - z_first), S = the survivors' sum. A row with NaN among
+// the k or a first value that is not finite is left to the caller: -1.
+template <typename T>
+LK_ALWAYS_INLINE int64_t kept_topk_row(const T* x, int64_t vocab, int64_t k, double temp, double top_p,
+                                       double min_p, uint64_t* buf, int32_t* block_keys, std::vector<double>& ratios,
+                                       int64_t* out, int64_t capacity) {
+  const TopkRow top = topk_row(x, vocab, k, buf, block_keys, out);
+  if (top.count != k + top.ties) return -1;  // a NaN among the k, or the k-th value NaN
+  if (top.count > capacity) return -2;
+  if (top.ties > 0) tied_ids(x, vocab, out[k - 1], top.ties, out + k);
+  const double z_max = static_cast<double>(to_float(x[out[0]])) / temp;
+  if (!(std::fabs(z_max) < std::numeric_limits<double>::infinity())) return -1;
+  ratios.resize(top.count);
+  double mass = 0.0;
+  for (int64_t i = 0; i < top.count; ++i) {
+    ratios[i] = std::exp(static_cast<double>(to_float(x[out[i]])) / temp - z_max);
+    mass += ratios[i];
+  }
+  return keep_prefix(x, out, top.count, ratios.data(), mass, temp, top_p, min_p);
+}
+
+LK_TARGET_CLONES int64_t kept_row_any(int dtype, const void* x, int64_t vocab, int64_t top_k, double temp,
+                                      double top_p, double min_p, std::vector<uint64_t>& keys,
+                                      std::vector<int32_t>& block_keys, std::vector<double>& ratios, int64_t* out,
+                                      int64_t capacity) {
+  int64_t size = -1;
+  if (top_k > 0) {
+    LK_DISPATCH_FLOAT(dtype, T,
+                      size = kept_topk_row(static_cast<const T*>(x), vocab, top_k, temp, top_p, min_p, keys.data(),
+                                           block_keys.data(), ratios, out, capacity));
+  } else {
+    LK_DISPATCH_FLOAT(dtype, T,
+                      size = kept_row(static_cast<const T*>(x), vocab, temp, top_p, min_p, keys, ratios, out,
+                                      capacity));
+  }
+  return size;
+}
+
+struct KeptArgs {
+  const void* logits;
+  int dtype;
+  int64_t n_rows, vocab, row_stride, top_k;  // top_k: 0 (none) or in (0, vocab)
+  const double* temperature;
+  int64_t temp_stride;
+  double top_p, min_p;
+  int64_t *out, out_stride;  // [N, out_stride]: row r's kept ids in out[r, :sizes[r]]; slots for its candidates
+  int64_t* sizes;            // [N]; -1: left to the caller, -2: more than out_stride candidates
+  int threads;
+};
+
+void sampler_kept(const KeptArgs& a) {
+  const int64_t elem = a.dtype == kFloat32 ? 4 : 2;
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<uint64_t> keys(a.top_k > 0 ? a.top_k + select_slack(a.top_k) : 0);
+    std::vector<int32_t> block_keys(a.top_k > 0 ? 2 * (a.vocab / kFloorBlock) : 0);
+    std::vector<double> ratios;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+      a.sizes[r] = kept_row_any(a.dtype, static_cast<const char*>(a.logits) + r * a.row_stride * elem, a.vocab,
+                                a.top_k, a.temperature[r * a.temp_stride], a.top_p, a.min_p, keys, block_keys,
+                                ratios, a.out + r * a.out_stride, a.out_stride);
+    }
+  }
+}
+
 void define(py::module_& m) {
   m.def(
       "token_stats_fwd",
@@ -764,6 +1213,49 @@ void define(py::module_& m) {
         return extra_forward(ExtraFwdArgs{base, sum_p2, log_sum_p2, argmax, max_logprob, mean_logit});
       },
       LK_NOGIL, "Every SPEC 7 statistic of lenkernels.token_stats; returns -1 or the first row with a bad id.");
+  m.def(
+      "topk_select",
+      [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, int64_t k, Addr ids,
+         int64_t ids_stride, Addr count, Addr ties, int threads) {
+        check_float_dtype(dtype);
+        require(k >= 1 && k <= vocab && vocab <= int64_t(0xffffffffu) && ids_stride >= k,
+                "topk_select needs 1 <= k <= vocab < 2^32 and ids_stride >= k");
+        topk_select(TopkArgs{logits, dtype, n_rows, vocab, row_stride, k, ids, ids_stride, count, ties,
+                             threads_for(threads)});
+      },
+      LK_NOGIL,
+      "ids[r, :k] <- the k first ids of row r by (value descending, id ascending, NaN first); count[r] <- "
+      "#{j : x_j >= the k-th value}, ties[r] <- the ids of that value left out (both 0 when it is NaN).");
+  m.def(
+      "topk_ties",
+      [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, int64_t k, Addr ids,
+         int64_t ids_stride, Addr ties, int threads) {
+        check_float_dtype(dtype);
+        require(k >= 1 && k <= vocab, "topk_ties needs 1 <= k <= vocab");
+        topk_ties(TopkArgs{logits, dtype, n_rows, vocab, row_stride, k, ids, ids_stride, nullptr, ties,
+                           threads_for(threads)});
+      },
+      LK_NOGIL,
+      "ids[r, k : k + ties[r]] <- the ids after ids[r, k - 1] of its value, ascending (topk_select's ties; "
+      "ids_stride >= k + max(ties)).");
+  m.def(
+      "sampler_kept",
+      [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, int64_t top_k, Addr temperature,
+         int64_t temp_stride, double top_p, double min_p, Addr out, int64_t out_stride, Addr sizes, int threads) {
+        check_float_dtype(dtype);
+        require(vocab <= int64_t(0xffffffffu) && top_k >= 0 && top_k < vocab &&
+                    out_stride >= std::max<int64_t>(top_k, 1) && top_p > 0.0 && top_p <= 1.0 && min_p >= 0.0 &&
+                    min_p <= 1.0,
+                "sampler_kept needs vocab < 2^32, top_k in [0, vocab), out_stride >= max(top_k, 1), top_p in (0, 1], "
+                "min_p in [0, 1]");
+        sampler_kept(KeptArgs{logits, dtype, n_rows, vocab, row_stride, top_k, temperature, temp_stride, top_p, min_p,
+                              out, out_stride, sizes, threads_for(threads)});
+      },
+      LK_NOGIL,
+      "out[r, :sizes[r]] <- row r's kept ids under top-k (0: none), top-p, min-p, by (z descending, id "
+      "ascending); sizes[r] = -1 where the row is left to the caller (NaN, a max that is not finite, a cut "
+      "past the collected ids), -2 where its candidates need more than out_stride slots (vocab always "
+      "suffices). temperature: float64.");
   m.def("token_stats_extra_bwd", [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
                                     Addr ids, Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr lse,
                                     Addr mean_z, Addr log_sum_p2, Addr argmax, Addr grads, Addr dlogits,
@@ -778,5 +1270,6 @@ void define(py::module_& m) {
 }  // namespace cpu
 }  // namespace lk
 
-LK_MODULE(_cpu_token_stats, "lenkernels CPU kernels: token log-probabilities and entropy (raw pointers)",
+LK_MODULE(_cpu_token_stats,
+          "lenkernels CPU kernels: token log-probabilities and entropy, vocabulary selections (raw pointers)",
           lk::cpu::define)

@@ -1,6 +1,7 @@
 """Host launchers of the C++ token-statistics kernels (``csrc/cpu/token_stats.cpp``): the
 ``backend="cpu"`` implementation of the token_stats family (same launcher signatures as
-``lenkernels/{triton,cuda,reference}/token_stats.py``)."""
+``lenkernels/{triton,cuda,reference}/token_stats.py``), and the vocabulary selections that
+``ops/token_stats_sparse.py`` runs on CPU rows whatever the backend (top-k ids, a sampler's kept set)."""
 
 from __future__ import annotations
 
@@ -70,4 +71,40 @@ def token_stats_extra_bwd(x, ids, temperature, lse, mean_z, log_sum_p2, argmax, 
         *_temperature(temperature), ignore_index, lse.data_ptr(), mean_z.data_ptr(),
         log_sum_p2.data_ptr(), argmax.data_ptr(), g.data_ptr(), dlogits.data_ptr(),
         dlogits.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def topk_select(x, k, ids, count, ties):
+    """Writes ``ids[:, :k]`` (int64 ``[N, >= k]``, unit stride along the row): the ``k`` first ids of
+    each row of ``x`` ``[N, V]`` by (value descending, id ascending, NaN first); ``count`` (int64
+    ``[N]``): the entries ``>=`` the k-th value; ``ties`` (int64 ``[N]``): those of the k-th value left
+    out of the ``k`` (both 0 where the k-th value is NaN). One read of each row."""
+    n_rows, vocab = x.shape
+    load(FAMILY).topk_select(
+        x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), k, ids.data_ptr(), ids.stride(0),
+        count.data_ptr(), ties.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def topk_ties(x, k, ids, ties):
+    """Writes ``ids[r, k : k + ties[r]]``: the ids after ``ids[r, k - 1]`` of its value, ascending
+    (the ties :func:`topk_select` counted; ``ids`` ``[N, >= k + max(ties)]``)."""
+    n_rows, vocab = x.shape
+    load(FAMILY).topk_ties(
+        x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), k, ids.data_ptr(), ids.stride(0),
+        ties.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def sampler_kept(x, temperature, top_k, top_p, min_p, out, sizes):
+    """Writes ``out[r, :sizes[r]]`` (int64 ``[N, >= V]``): the kept ids of row ``r`` of ``x`` ``[N, V]``
+    under top-k (``0 < top_k < V``; 0: none), top-p and min-p, by (z descending, id ascending): with
+    top-k one read of the row, without it at most three; ``sizes`` (int64 ``[N]``) is -1 for a row left
+    to the caller (a NaN, a max that is not finite, a cut within rounding of a bucket edge).
+    ``temperature``: float64, 1 or N values."""
+    n_rows, vocab = x.shape
+    load(FAMILY).sampler_kept(
+        x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), top_k, temperature.data_ptr(),
+        0 if temperature.numel() == 1 else 1, top_p, min_p, out.data_ptr(), out.stride(0), sizes.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
