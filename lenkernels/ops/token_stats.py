@@ -374,10 +374,12 @@ def token_stats(
 
     Reads of the logits: the dense statistics one (forward) and one plus one gradient write
     (backward), whatever the combination; ``gathered`` and ``kept_ids`` add K reads per row (and
-    K read-modify-writes of the gradient); ``topk`` and ``sampling`` with top-k add one
-    ``torch.topk`` pass of the logits (2k + 8 candidates), ``sampling`` with top-p or min-p but no
-    top-k a float64 pass and ``torch.topk`` of 256, 1024, ... candidates until each row's set ends
-    (at worst a sort of the row, ``O(V log V)``, in row chunks). ``topk`` and ``sampling`` sync the
+    K read-modify-writes of the gradient); ``topk`` and ``sampling`` with top-k add one read of the
+    logits for the selection (on CPU tensors an exact top-k kernel; elsewhere ``torch.topk`` of
+    2k + 8 candidates), ``sampling`` with top-p or min-p but no top-k at most three reads on CPU
+    tensors (the max, the mass and the ids near the top, all ids only where the cut lies below them),
+    elsewhere a float64 pass and ``torch.topk`` of 256, 1024, ... candidates until each row's set
+    ends (at worst a sort of the row, ``O(V log V)``, in row chunks). ``topk`` and ``sampling`` sync the
     host (free on CPU tensors; under ``torch.compile`` they are opaque custom ops, the kept set's
     width an unbacked size).
 
