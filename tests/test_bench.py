@@ -117,3 +117,17 @@ def test_token_stats_outputs_suite_smoke(tmp_path):
     assert {r["variant"] for r in rows} == set(tso.VARIANTS) and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(r["status"] == "ok" and r["ratio"] > 0 for r in rows)
     assert all(r["ratio"] == pytest.approx(1.0) for r in rows if r["variant"] == "lp+ent")
+
+
+def test_verl_distill_bench_smoke(tmp_path):
+    """verl's distillation loss three ways (verl's default and chunked paths, lenkernels'): every
+    variant runs forward and backward, times and peaks are written."""
+    pytest.importorskip("verl.trainer.distillation.fsdp.losses")
+    from lenkernels.bench import verl_distill
+
+    out = tmp_path / "distill.json"
+    argv = ["--tokens", "12", "--vocab", "96", "--topk", "4", "--rounds", "2", "--json", str(out)]
+    assert verl_distill.main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["verl", "verl-chunked", "lenkernels"]
+    assert all(r["median_ms"] > 0 and r["ratio_to_verl"] > 0 for r in rows)

@@ -278,7 +278,9 @@ def steady_heap() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, keep_heap: bool = False) -> int:
+    """The command line (``keep_heap``: :func:`steady_heap` first, as ``python -m`` runs it; it
+    changes this process's allocator for good, so in-process callers such as tests leave it off)."""
     p = argparse.ArgumentParser(prog=f"python -m lenkernels.bench.suites.{NAME}", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, action="append", help="token count N (repeatable; default 64, --full 64..512)")
     p.add_argument("--vocab", type=int, default=151_936)
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.repeat < 1 or (args.tokens and min(args.tokens) < 1):
         p.error("--rounds, --repeat and --tokens must be positive")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    heap = steady_heap() if device.type == "cpu" else None
+    heap = steady_heap() if keep_heap and device.type == "cpu" else None
     sizes = args.tokens or ([64, 128, 256, 512] if args.full else [64])
     rows = []
     for n in sizes:
@@ -339,4 +341,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(keep_heap=True))
