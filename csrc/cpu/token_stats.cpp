@@ -389,10 +389,44 @@ LK_ALWAYS_INLINE void stream_lines(const T* x, T* out, int64_t n, F&& f) {
   for (int64_t j = j0; j < n; ++j) f(j);
 }
 
+// The per-element sweep of both backwards (grad_chunk, extra_grad_chunk): with d = x / T - lse (the
+// product rounded first: rounded_product) clamped at lo = -127 ln 2, where p = 2^(d log2 e) is exactly
+// 0 (a masked logit gets 0, never 0 * -inf),
+//   grad = -p (g_h d + k0 - c_q p) / T + [x finite] g_mean / T.
+// The terms of kSq (c_q) and kMean (g_mean) cost instructions in the hot loop: the extended backward
+// instantiates them only for rows whose cotangents make them non-zero, so a row without them runs the
+// two-output sweep's instructions (and bits).
+struct SweepRow {
+  float inv_t, neg_inv_t, lse, lo, g_h, k0, c_q, g_mean_t;  // g_mean_t = g_mean / T
+};
+
+template <bool kSq, bool kMean>
+LK_ALWAYS_INLINE float sweep_grad(float x, const SweepRow& r) {
+  const float d = rounded_product(x, r.inv_t) - r.lse;
+  const float dc = d < r.lo ? r.lo : d;
+  const float p = exp2_clamped(dc * kLog2e);
+  float t = r.g_h * dc + r.k0;
+  if constexpr (kSq) t -= r.c_q * p;
+  const float g = p * t * r.neg_inv_t;
+  if constexpr (kMean) {
+    // x finite as in the forward's mean (finite_offsets); a NaN or +inf x has a NaN p anyway
+    return x > kNegInf ? g + r.g_mean_t : g;
+  }
+  return g;
+}
+
+// out[j] = sweep_grad(x[j]) over a chunk; the lambda is forced inline: in some of the extended
+// backward's instantiations g++ otherwise leaves it as a call per element.
+template <bool kSq, bool kMean, typename T>
+LK_ALWAYS_INLINE void sweep_chunk(const T* x, T* out, int64_t n, const SweepRow& row) {
+  stream_lines(x, out, n, [&](int64_t j) __attribute__((always_inline)) {
+    out[j] = store_value<T>(sweep_grad<kSq, kMean>(to_float(x[j]), row));
+  });
+}
+
 // One chunk of one row: d logits for n entries (SPEC 1). out may alias x (in-place backward).
-// Off the target, grad = -p (g_lp + g_h (z - mean_z)) / T with z - mean_z = d + (lse - mean_z) and
-// d = x / T - lse (the product rounded first: rounded_product) clamped at -127 ln 2, where
-// p = 2^(d log2 e) is exactly 0: a masked logit gets 0, never 0 * -inf.  The target is redone after.
+// Off the target, grad = -p (g_lp + g_h (z - mean_z)) / T with z - mean_z = d + (lse - mean_z):
+// sweep_grad with k0 = g_lp + g_h (lse - mean_z) and no extra terms.  The target is redone after.
 template <typename T>
 LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, float inv_t, float lse,
                                  float mean_z, float g_lp, float g_h) {
@@ -401,14 +435,8 @@ LK_ALWAYS_INLINE void grad_chunk(const T* x, T* out, int64_t n, int64_t local_id
   const float x_target = has_target ? to_float(x[local_id]) : 0.0f;
   const float lo = opaque_clamp_floor() * kLn2;
   const float k0 = g_lp + g_h * (lse - mean_z);  // lse - mean_z = H >= 0: no cancellation
-  const float neg_inv_t = -inv_t;
-  const auto grad = [&](int64_t j) {
-    const float d = rounded_product(to_float(x[j]), inv_t) - lse;
-    const float dc = d < lo ? lo : d;
-    const float p = exp2_clamped(dc * kLog2e);
-    out[j] = store_value<T>(p * (g_h * dc + k0) * neg_inv_t);
-  };
-  stream_lines(x, out, n, grad);
+  const SweepRow row{inv_t, -inv_t, lse, lo, g_h, k0, 0.0f, 0.0f};
+  sweep_chunk<false, false>(x, out, n, row);
   if (has_target) {
     const float d = rounded_product(x_target, inv_t) - lse;
     const float p = exp2_clamped((d < lo ? lo : d) * kLog2e);
@@ -667,48 +695,60 @@ int64_t extra_forward(const ExtraFwdArgs& e) {
   return out;
 }
 
-// d logits of every float output (see lenkernels/triton/token_stats.py token_stats_extra_bwd_kernel);
-// elementwise given the row's scalars, so out may alias x. As grad_chunk: one exp2 per logit, with
-// d = z - lse clamped at -127 ln 2 (p exactly 0 there), and
-//   grad = (-p (c_p + g_h (d + lse - mean_z)) + c_q p^2 + [z finite] g_mean) / T  off the one-hots,
-// c_p = g_lp + g_mlp + 2 g_lsp2 + 2 g_sp2 S2 and c_q = 2 g_sp2 + 2 g_lsp2 / S2 (S2 = sum p^2, q = p^2 / S2);
-// p^2 is dropped below 2^-124 (p < 2^-62: never a denormal product). The target and the argmax (the
-// one-hot terms) are redone after the sweep, from logits read before it.
+// d logits of every float output (see lenkernels/triton/token_stats_extra.py token_stats_extra_bwd_kernel);
+// elementwise given the row's scalars, so out may alias x. sweep_grad (the two-output sweep) with
+//   k0 = c_p + g_h (lse - mean_z),  c_p = g_lp + g_mlp + 2 g_lsp2 + 2 g_sp2 S2,  c_q = 2 g_sp2 + 2 g_lsp2 / S2
+// (S2 = sum p^2, q = p^2 / S2) off the one-hots, c_q p^2 as p (c_q p) inside sweep_grad's FMA (no p^2,
+// so no denormal product); kSq only where c_q != 0, kMean only where g_mean != 0. The target and the
+// argmax (the one-hot terms g_lp / T, g_mlp / T) are redone after the sweep, from logits read before it.
+template <bool kSq, bool kMean, typename T>
+LK_ALWAYS_INLINE void extra_grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, int64_t local_top,
+                                       const SweepRow& row, float g_lp, float g_mlp) {
+  const bool has_id = local_id >= 0 && local_id < n, has_top = local_top >= 0 && local_top < n;
+  // read before the sweep: an in-place backward overwrites them
+  const float x_id = has_id ? to_float(x[local_id]) : 0.0f, x_top = has_top ? to_float(x[local_top]) : 0.0f;
+  sweep_chunk<kSq, kMean>(x, out, n, row);
+  if (has_id) {
+    const float hot = g_lp + (local_id == local_top ? g_mlp : 0.0f);
+    out[local_id] = from_float<T>(sweep_grad<kSq, kMean>(x_id, row) + hot * row.inv_t);
+  }
+  if (has_top && local_top != local_id) {
+    out[local_top] = from_float<T>(sweep_grad<kSq, kMean>(x_top, row) + g_mlp * row.inv_t);
+  }
+}
+
 template <typename T>
 LK_ALWAYS_INLINE void extra_grad_chunk(const T* x, T* out, int64_t n, int64_t local_id, int64_t local_top,
-                                       float inv_t, float lse, float mean_z, float log_sum_p2, const float* g) {
+                                       const SweepRow& row, float g_lp, float g_mlp) {
+  const bool sq = row.c_q != 0.0f, mean = row.g_mean_t != 0.0f;  // a NaN takes the general sweep
+  if (sq && mean) {
+    extra_grad_chunk<true, true>(x, out, n, local_id, local_top, row, g_lp, g_mlp);
+  } else if (sq) {
+    extra_grad_chunk<true, false>(x, out, n, local_id, local_top, row, g_lp, g_mlp);
+  } else if (mean) {
+    extra_grad_chunk<false, true>(x, out, n, local_id, local_top, row, g_lp, g_mlp);
+  } else {
+    extra_grad_chunk<false, false>(x, out, n, local_id, local_top, row, g_lp, g_mlp);
+  }
+}
+
+LK_TARGET_CLONES void extra_grad_chunk_any(int dtype, const void* x, void* out, int64_t n, int64_t local_id,
+                                           int64_t local_top, const SweepRow& row, float g_lp, float g_mlp) {
+  LK_DISPATCH_FLOAT(dtype, T,
+                    extra_grad_chunk(static_cast<const T*>(x), static_cast<T*>(out), n, local_id, local_top, row,
+                                     g_lp, g_mlp));
+}
+
+// The sweep constants of row r (g: its six cotangents, g_lp already 0 on an ignored row).
+LK_ALWAYS_INLINE SweepRow extra_sweep_row(float inv_t, float lse, float mean_z, float log_sum_p2, const float* g,
+                                          int64_t vocab) {
   const float g_lp = g[0], g_h = g[1], g_sp2 = g[2], g_lsp2 = g[3], g_mlp = g[4], g_mean = g[5];
   const float sum_p2 = expf(log_sum_p2);
   const float c_p = g_lp + g_mlp + 2.0f * g_lsp2 + 2.0f * g_sp2 * sum_p2;
   const float c_q = 2.0f * g_sp2 + 2.0f * g_lsp2 * expf(-log_sum_p2);
   const float k0 = c_p + g_h * (lse - mean_z);  // lse - mean_z = H >= 0
-  const float lo = opaque_clamp_floor() * kLn2;
-  constexpr float kQFloor = -62.0f * kLn2;
-  const bool has_id = local_id >= 0 && local_id < n, has_top = local_top >= 0 && local_top < n;
-  // read before the sweep: an in-place backward overwrites them
-  const float x_id = has_id ? to_float(x[local_id]) : 0.0f, x_top = has_top ? to_float(x[local_top]) : 0.0f;
-  const auto value = [&](float v) {
-    const float z = rounded_product(v, inv_t);  // as grad_chunk: d = 0 exactly at a max with S = 1
-    const float d = z - lse;
-    const float dc = d < lo ? lo : d;
-    const float p = exp2_clamped(dc * kLog2e);
-    const float pp = dc > kQFloor ? p * p : 0.0f;
-    return -p * (g_h * dc + k0) + c_q * pp + (std::fabs(z) < -kNegInf ? g_mean : 0.0f);
-  };
-  stream_lines(x, out, n, [&](int64_t j) { out[j] = store_value<T>(value(to_float(x[j])) * inv_t); });
-  if (has_id) {
-    const float hot = g_lp + (local_id == local_top ? g_mlp : 0.0f);
-    out[local_id] = from_float<T>((hot + value(x_id)) * inv_t);
-  }
-  if (has_top && local_top != local_id) out[local_top] = from_float<T>((g_mlp + value(x_top)) * inv_t);
-}
-
-LK_TARGET_CLONES void extra_grad_chunk_any(int dtype, const void* x, void* out, int64_t n, int64_t local_id,
-                                           int64_t local_top, float inv_t, float lse, float mean_z, float log_sum_p2,
-                                           const float* g) {
-  LK_DISPATCH_FLOAT(dtype, T,
-                    extra_grad_chunk(static_cast<const T*>(x), static_cast<T*>(out), n, local_id, local_top, inv_t,
-                                     lse, mean_z, log_sum_p2, g));
+  return SweepRow{inv_t, -inv_t, lse, opaque_clamp_floor() * kLn2, g_h, k0, c_q,
+                  g_mean / static_cast<float>(vocab) * inv_t};
 }
 
 struct ExtraBwdArgs {
@@ -723,6 +763,7 @@ void extra_backward(const ExtraBwdArgs& e) {
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
   const int64_t n_tiles = a.n_rows * n_chunks;
   const int64_t elem = a.dtype == kFloat32 ? 4 : 2;
+  if (a.dlogits != a.logits && a.dlogits_row_stride == a.vocab) advise_huge_pages(a.dlogits, a.n_rows * a.vocab * elem);
 #pragma omp parallel for schedule(static) num_threads(a.threads)
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t r = t / n_chunks, begin = (t % n_chunks) * kChunk;
@@ -730,12 +771,11 @@ void extra_backward(const ExtraBwdArgs& e) {
     float g[6];
     for (int k = 0; k < 6; ++k) g[k] = e.grads[k * a.n_rows + r];
     if (id == a.ignore_index) g[0] = 0.0f;
-    g[5] /= static_cast<float>(a.vocab);
+    const SweepRow row = extra_sweep_row(inverse_temperature(a.temperature[r * a.temp_stride]), a.lse[r],
+                                         a.mean_z[r], e.log_sum_p2[r], g, a.vocab);
     extra_grad_chunk_any(a.dtype, static_cast<const char*>(a.logits) + (r * a.row_stride + begin) * elem,
                          static_cast<char*>(a.dlogits) + (r * a.dlogits_row_stride + begin) * elem,
-                         std::min(kChunk, a.vocab - begin), id - begin, e.argmax[r] - begin,
-                         inverse_temperature(a.temperature[r * a.temp_stride]), a.lse[r], a.mean_z[r],
-                         e.log_sum_p2[r], g);
+                         std::min(kChunk, a.vocab - begin), id - begin, e.argmax[r] - begin, row, g[0], g[4]);
   }
 }
 

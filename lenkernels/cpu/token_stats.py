@@ -64,7 +64,7 @@ def token_stats_extra_bwd(x, ids, temperature, lse, mean_z, log_sum_p2, argmax, 
     """Writes ``dlogits`` ``[N, V]`` from the six cotangents ``grads`` (fp32 ``[N]`` each)."""
     n_rows, vocab = x.shape
     y = ids.to(torch.int64).contiguous()
-    g = torch.stack([t.reshape(-1).to(torch.float32) for t in grads]).contiguous()
+    g = torch.stack(tuple(grads)).reshape(6, -1).to(torch.float32).contiguous()  # [6, N]
     lse, mean_z, log_sum_p2, argmax = (t.contiguous() for t in (lse, mean_z, log_sum_p2, argmax))
     load(FAMILY).token_stats_extra_bwd(
         x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
