@@ -329,7 +329,8 @@ def _rollout_correction(old: torch.Tensor, rollout: torch.Tensor, valid: torch.T
     from lenkernels.ops.rollout_correction import RolloutCorrection, rollout_correction
 
     if not _exact(old, rollout):
-        return rollout_correction(old, rollout.to(old.dtype), valid, level=level, mode=mode, threshold=threshold,
+        dtype = _promote(old.dtype, rollout.dtype)  # the op takes one dtype: the wider of the two, as torch's `-`
+        return rollout_correction(old.to(dtype), rollout.to(dtype), valid, level=level, mode=mode, threshold=threshold,
                                   threshold_low=threshold_low, log_clamp=log_clamp, backend=backend)  # fmt: skip
     from lenkernels.reference import rollout_correction as ref
 
