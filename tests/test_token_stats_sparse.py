@@ -540,3 +540,58 @@ def test_cpu_sampler_kept_rows_match_the_torch_path(dtype, sampling, monkeypatch
     _with_torch_selection(monkeypatch)
     exp = sparse.sampler_kept_rows(x, temp, *args)
     assert kept.shape == exp.shape and torch.equal(kept, exp)  # the same ids in the same order
+
+
+@pytest.mark.parametrize("dtype", SELECT_DTYPES, ids=str)
+# 1 row (with 2 threads, of 2 chunks): the kernel's path of chunk states merged per row; 9: whole rows
+@pytest.mark.parametrize("rows", [1, 9])
+def test_cpu_forward_gathers_the_torch_bits(dtype, rows):
+    """The CPU kernel's z at the sparse ids, read while each row is in cache, is _gather_z's: the same
+    fp32 bits (a division by T, not a product with 1 / T) at -1 padding, repeats and ids past V too,
+    with a scalar and a per-row temperature; the dense outputs are the token_stats kernel's."""
+    vocab = 4_099
+    logits = _logits((rows,), vocab, dtype, 12)
+    ids = torch.randint(0, vocab, (rows,), generator=_gen(13))
+    s = torch.randint(-1, vocab, (rows, 7), generator=_gen(14))
+    s[:, 1] = s[:, 0]
+    s[0, 2], s[-1, 3] = vocab + 5, vocab - 1  # clamped, as _gather_z clamps
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for temp in (torch.tensor([0.7]), torch.rand(rows, generator=_gen(15)) + 0.3):
+            dense, z = sparse._cpu_fwd_gather(logits, ids, temp, s)
+            assert torch.equal(z, sparse._gather_z(logits, s, temp)), temp
+            exp = lk.ops.token_stats.token_stats_fwd(logits, ids, temp, sparse.NO_IGNORE, "cpu")
+            assert all(torch.equal(a, e) for a, e in zip(dense, exp)), temp
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", SELECT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 9])
+def test_cpu_backward_adds_the_torch_bits(dtype, rows):
+    """The CPU backward kernel's sparse terms, added while each chunk of the gradient is in cache, are
+    _add_sparse's: the same bits after the same dense gradient, with ids repeated up to three times
+    (their float64 terms summed in order, one rounding) and ids on both sides of a 4 096 chunk edge."""
+    vocab = 4_099
+    logits = _logits((rows,), vocab, dtype, 16)
+    ids = torch.randint(0, vocab, (rows,), generator=_gen(17))
+    temp = torch.tensor([0.8])
+    _, _, lse, mean_z = lk.ops.token_stats.token_stats_fwd(logits, ids, temp, sparse.NO_IGNORE, "cpu")
+    g_lp, g_h = torch.randn(rows, generator=_gen(18)), torch.randn(rows, generator=_gen(19))
+    idx = torch.randint(0, vocab, (rows, 9), generator=_gen(20))
+    idx[:, 1] = idx[:, 4] = idx[:, 0]
+    idx[:, 2], idx[:, 3], idx[:, 5] = 4_095, 4_096, ids
+    g = torch.randn(rows, 9, generator=_gen(21), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        exp = torch.empty_like(logits)
+        lk.cpu.token_stats.token_stats_bwd(logits, ids, temp, lse, mean_z, g_lp, g_h, sparse.NO_IGNORE, exp)
+        sparse._add_sparse(exp, idx, g)
+        got = torch.full_like(logits, float("nan"))
+        lk.cpu.token_stats.token_stats_bwd(logits, ids, temp, lse, mean_z, g_lp, g_h, sparse.NO_IGNORE, got,
+                                           sparse_ids=idx, g_sparse=g)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, exp)

@@ -260,6 +260,9 @@ struct FwdArgs : RowsArgs {
   float *logprobs, *entropy, *lse, *mean_z;
   float *max_z, *log_s;  // null, or [N] each: the row's state (lenkernels/distributed.py merge_stats)
   int threads;
+  const int64_t* sparse = nullptr;  // null, or [N, n_sparse] ids (clamped into [0, vocab)) whose z
+  int64_t n_sparse = 0;             // z_sparse [N, n_sparse] receives: x / T (ops/token_stats_sparse.py)
+  float* z_sparse = nullptr;
 };
 
 // states[t] = chunk(x, n, c, inv_t) for every tile t = (row r, chunk at column c) of n logits x,
@@ -296,6 +299,14 @@ LK_ALWAYS_INLINE bool finish_row(const FwdArgs& a, int64_t r, const SoftmaxState
   a.mean_z[r] = rs.mean_z;
   if (a.max_z) a.max_z[r] = rs.m;
   if (a.log_s) a.log_s[r] = rs.log_s;
+  if (a.z_sparse) {  // while the row is in cache; a division, as torch's x.gather(...) / T
+    const float t = a.temperature[r * a.temp_stride];
+    const int64_t* s = a.sparse + r * a.n_sparse;
+    float* z = a.z_sparse + r * a.n_sparse;
+    for (int64_t m = 0; m < a.n_sparse; ++m) {
+      z[m] = to_float(row[std::min(std::max<int64_t>(s[m], 0), a.vocab - 1)]) / t;
+    }
+  }
   return ok;
 }
 
@@ -338,6 +349,9 @@ struct BwdArgs : RowsArgs {
   void* dlogits;
   int64_t dlogits_row_stride;
   int threads;
+  const int64_t* sparse = nullptr;  // null, or [N, n_sparse] ids in [0, vocab) whose float64 terms
+  const double* g_sparse = nullptr;  // g_sparse [N, n_sparse] are added to the gradient (repeats summed)
+  int64_t n_sparse = 0;
 };
 
 // from_float<T> in a form that vectorises: fp16's (cpu_utils.h) branches keep a loop scalar, so the
@@ -451,6 +465,25 @@ LK_TARGET_CLONES void grad_chunk_any(int dtype, const void* x, void* out, int64_
                                g_h));
 }
 
+// dlogits[s[m]] += g[m] for the ids s[m] in [begin, begin + n), out = dlogits + begin (just written:
+// in cache): the terms of repeated ids summed in double in the order given, one rounding per element
+// (ops/token_stats_sparse.py _add_sparse).
+template <typename T>
+LK_ALWAYS_INLINE void add_sparse(T* out, int64_t begin, int64_t n, const int64_t* s, const double* g, int64_t m_n) {
+  for (int64_t m = 0; m < m_n; ++m) {
+    const int64_t j = s[m] - begin;
+    if (j < 0 || j >= n) continue;
+    bool repeat = false;
+    for (int64_t k = 0; k < m && !repeat; ++k) repeat = s[k] == s[m];
+    if (repeat) continue;
+    double total = 0.0;
+    for (int64_t k = m; k < m_n; ++k) {
+      if (s[k] == s[m]) total += g[k];
+    }
+    out[j] = from_float<T>(static_cast<float>(static_cast<double>(to_float(out[j])) + total));
+  }
+}
+
 void backward(const BwdArgs& a) {
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
   const int64_t n_tiles = a.n_rows * n_chunks;
@@ -462,10 +495,16 @@ void backward(const BwdArgs& a) {
     const int64_t id = a.ids[r];
     const float g_lp = (a.g_logprobs && id != a.ignore_index) ? a.g_logprobs[r * a.g_logprobs_stride] : 0.0f;
     const float g_h = a.g_entropy ? a.g_entropy[r * a.g_entropy_stride] : 0.0f;
-    grad_chunk_any(a.dtype, static_cast<const char*>(a.logits) + (r * a.row_stride + begin) * elem,
-                   static_cast<char*>(a.dlogits) + (r * a.dlogits_row_stride + begin) * elem,
-                   std::min(kChunk, a.vocab - begin), id - begin,
-                   inverse_temperature(a.temperature[r * a.temp_stride]), a.lse[r], a.mean_z[r], g_lp, g_h);
+    void* out = static_cast<char*>(a.dlogits) + (r * a.dlogits_row_stride + begin) * elem;
+    const int64_t n = std::min(kChunk, a.vocab - begin);
+    grad_chunk_any(a.dtype, static_cast<const char*>(a.logits) + (r * a.row_stride + begin) * elem, out, n,
+                   id - begin, inverse_temperature(a.temperature[r * a.temp_stride]), a.lse[r], a.mean_z[r], g_lp,
+                   g_h);
+    if (a.g_sparse) {
+      LK_DISPATCH_FLOAT(a.dtype, T,
+                        add_sparse(static_cast<T*>(out), begin, n, a.sparse + r * a.n_sparse,
+                                   a.g_sparse + r * a.n_sparse, a.n_sparse));
+    }
   }
 }
 
@@ -1228,20 +1267,23 @@ void define(py::module_& m) {
       "token_stats_fwd",
       [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids, Addr temperature,
          int64_t temp_stride, int64_t ignore_index, Addr logprobs, Addr entropy, Addr lse, Addr mean_z, Addr max_z,
-         Addr log_s, int threads) {
+         Addr log_s, int threads, Addr sparse, int64_t n_sparse, Addr z_sparse) {
         return forward(FwdArgs{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index},
-                               logprobs, entropy, lse, mean_z, max_z, log_s, threads_for(threads)});
+                               logprobs, entropy, lse, mean_z, max_z, log_s, threads_for(threads), sparse, n_sparse,
+                               z_sparse});
       },
       LK_NOGIL,
       "Returns -1, or the first row whose id is outside [0, vocab) and not ignore_index. max_z and log_s "
-      "(0 = not wanted) receive each row's online-softmax state: lse = max_z + log_s.");
+      "(0 = not wanted) receive each row's online-softmax state: lse = max_z + log_s. z_sparse (0 = not "
+      "wanted; [N, n_sparse] fp32) receives x / T at the int64 ids sparse [N, n_sparse], clamped into [0, vocab).");
   m.def("token_stats_bwd", [](Addr logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride, Addr ids,
                               Addr temperature, int64_t temp_stride, int64_t ignore_index, Addr lse, Addr mean_z,
                               Addr g_logprobs, int64_t g_logprobs_stride, Addr g_entropy, int64_t g_entropy_stride,
-                              Addr dlogits, int64_t dlogits_row_stride, int threads) {
+                              Addr dlogits, int64_t dlogits_row_stride, int threads, Addr sparse, int64_t n_sparse,
+                              Addr g_sparse) {
     backward(BwdArgs{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index}, lse,
                      mean_z, g_logprobs, g_entropy, g_logprobs_stride, g_entropy_stride, dlogits, dlogits_row_stride,
-                     threads_for(threads)});
+                     threads_for(threads), sparse, g_sparse, n_sparse});
   }, LK_NOGIL);
   m.def(
       "token_stats_extra_fwd",
@@ -1249,7 +1291,7 @@ void define(py::module_& m) {
          int64_t temp_stride, int64_t ignore_index, Addr logprobs, Addr entropy, Addr lse, Addr mean_z, Addr sum_p2,
          Addr log_sum_p2, Addr argmax, Addr max_logprob, Addr mean_logit, int threads) {
         const FwdArgs base{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index},
-                           logprobs, entropy, lse, mean_z, nullptr, nullptr, threads_for(threads)};
+                           logprobs, entropy, lse, mean_z, nullptr, nullptr, threads_for(threads), nullptr, 0, nullptr};
         return extra_forward(ExtraFwdArgs{base, sum_p2, log_sum_p2, argmax, max_logprob, mean_logit});
       },
       LK_NOGIL, "Every SPEC 7 statistic of lenkernels.token_stats; returns -1 or the first row with a bad id.");
@@ -1301,7 +1343,8 @@ void define(py::module_& m) {
                                     Addr mean_z, Addr log_sum_p2, Addr argmax, Addr grads, Addr dlogits,
                                     int64_t dlogits_row_stride, int threads) {
     const BwdArgs base{{logits, dtype, n_rows, vocab, row_stride, ids, temperature, temp_stride, ignore_index}, lse,
-                       mean_z, nullptr, nullptr, 0, 0, dlogits, dlogits_row_stride, threads_for(threads)};
+                       mean_z, nullptr, nullptr, 0, 0, dlogits, dlogits_row_stride, threads_for(threads), nullptr,
+                       nullptr, 0};
     extra_backward(ExtraBwdArgs{base, log_sum_p2, argmax, grads});
   }, LK_NOGIL);
 }

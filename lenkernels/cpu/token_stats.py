@@ -19,30 +19,40 @@ def _temperature(temperature: torch.Tensor) -> tuple[int, int]:
     return temperature.data_ptr(), 0 if temperature.numel() == 1 else 1
 
 
-def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z, max_z=None, log_s=None):
+def token_stats_fwd(x, ids, temperature, ignore_index, logprobs, entropy, lse, mean_z, max_z=None, log_s=None, *,
+                    sparse_ids=None, z_sparse=None):  # fmt: skip
     """Writes the fp32 ``[N]`` statistics of rows ``x`` ``[N, V]`` (unit stride along V); ``max_z``
-    and ``log_s`` (the online-softmax state) only when given."""
+    and ``log_s`` (the online-softmax state) only when given; ``z_sparse`` (fp32 ``[N, M]``
+    contiguous) only when given: ``x / T`` at ``sparse_ids`` (int64 ``[N, M]`` contiguous, clamped
+    into ``[0, V)``), read while each row is in cache (``ops/token_stats_sparse.py``)."""
     n_rows, vocab = x.shape
     y = ids.to(torch.int64).contiguous()
     outs = [logprobs, entropy, lse, mean_z, max_z, log_s]
+    sparse = (0, 0, 0) if z_sparse is None else (sparse_ids.data_ptr(), sparse_ids.shape[1], z_sparse.data_ptr())
     bad = load(FAMILY).token_stats_fwd(
         x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
         *_temperature(temperature), ignore_index,
-        *(0 if o is None else o.data_ptr() for o in outs), torch.get_num_threads(),
+        *(0 if o is None else o.data_ptr() for o in outs), torch.get_num_threads(), *sparse,
     )  # fmt: skip
     if bad >= 0:
         _checks.ids_in_range(ids, vocab, ignore_index)
 
 
-def token_stats_bwd(x, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, dlogits):
-    """Writes ``dlogits`` ``[N, V]`` (the logits dtype; may be ``x`` itself)."""
+def token_stats_bwd(x, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, dlogits, *,
+                    sparse_ids=None, g_sparse=None):  # fmt: skip
+    """Writes ``dlogits`` ``[N, V]`` (the logits dtype; may be ``x`` itself); with ``g_sparse``
+    (float64 ``[N, M]`` contiguous) adds ``g_sparse[r, m]`` at ``sparse_ids[r, m]`` (int64 ``[N, M]``
+    contiguous, in ``[0, V)``) while each chunk of the row is in cache: the terms of a repeated id
+    summed in float64 first, one rounding per element (``ops/token_stats_sparse.py``)."""
     n_rows, vocab = x.shape
     y = ids.to(torch.int64).contiguous()
+    sparse = (0, 0, 0) if g_sparse is None else (sparse_ids.data_ptr(), sparse_ids.shape[1], g_sparse.data_ptr())
     load(FAMILY).token_stats_bwd(
         x.data_ptr(), _checks.DTYPE_CODES[x.dtype], n_rows, vocab, x.stride(0), y.data_ptr(),
         *_temperature(temperature), ignore_index,
         lse.data_ptr(), mean_z.data_ptr(), g_logprobs.data_ptr(), g_logprobs.stride(0),
         g_entropy.data_ptr(), g_entropy.stride(0), dlogits.data_ptr(), dlogits.stride(0), torch.get_num_threads(),
+        *sparse,
     )  # fmt: skip
 
 

@@ -6,10 +6,10 @@ Design: no new kernels, every backend. Every float statistic here is a function 
 gathered per row, ``z_S = logits[S] / T`` for a set S of at most a few hundred ids, and of the row's
 ``lse``. One custom op, ``lenkernels::token_stats_sparse``, runs the backend's dense kernel (the
 ``token_stats`` one, or the extended one when ``sum_p2``/``argmax``/``mean_logit`` are asked for too:
-one read of the logits either way) and gathers ``z_S`` (``|S|`` reads per row). Its backward runs the
-dense backward kernel once (one read of the logits, one write of the gradient) and adds the sparse
-terms into that gradient in place (``|S|`` read-modify-writes per row, summed in float64 so repeated
-ids round once).
+one read of the logits either way) and gathers ``z_S`` (``|S|`` reads per row; the CPU ``token_stats``
+kernel picks them while each row is still in cache). Its backward runs the dense backward kernel once
+(one read of the logits, one write of the gradient) and adds the sparse terms into that gradient in
+place (``|S|`` read-modify-writes per row, summed in float64 so repeated ids round once).
 
 The row's ``lse`` is differentiable through the kernels' logprob gradient: the kernel runs on an
 anchor id ``a`` per row (the target, or a selected id on ignored rows); a cotangent ``g`` of ``lse``
@@ -62,9 +62,9 @@ def _ids_arg(x, name: str, ids: torch.Tensor, vocab: int, *, min_width: int) -> 
             f"got {tuple(x.shape)}"
         )
     if _checks.value_checks(x.device) and x.numel():
-        bad = (x < -1) | (x >= vocab)
-        if bool(bad.any()):
-            first = int(bad.reshape(-1).nonzero()[0])
+        lo, hi = torch.aminmax(x)  # one reduction; the index of the first bad id only on the error path
+        if int(lo) < -1 or int(hi) >= vocab:
+            first = int(((x < -1) | (x >= vocab)).reshape(-1).nonzero()[0])
             raise ValueError(
                 f"{name} holds {int(x.reshape(-1)[first])} at flat index {first}, outside the vocabulary "
                 f"[0, {vocab}) and not the padding -1"
@@ -407,7 +407,7 @@ def _gather_z(logits: torch.Tensor, sparse_ids: torch.Tensor, temperature: torch
     """fp32 ``z = logits[id] / T`` at ``sparse_ids`` ``[..., M]`` (ids clamped into the vocabulary)."""
     x = ts._rows(logits)
     s = sparse_ids.reshape(x.shape[0], sparse_ids.shape[-1]).clamp(0, x.shape[1] - 1)
-    z = x.gather(1, s).float() / temperature.reshape(-1, 1)
+    z = torch.div(x.gather(1, s), temperature.reshape(-1, 1))  # fp32 temperature [n|1, 1]: fp32(x) / T
     return z.reshape(sparse_ids.shape)
 
 
@@ -422,11 +422,26 @@ def _token_stats_sparse(
     through every float output, ``lse`` included."""
     if extra:
         dense = tse.token_stats_extra_fwd(logits, ids, temperature, NO_IGNORE, backend)
-    else:
-        empty = [torch.empty(0, dtype=torch.int64 if i == 2 else torch.float32, device=logits.device)
-                 for i in range(_N_EXTRA)]  # fmt: skip
-        dense = (*ts.token_stats_fwd(logits, ids, temperature, NO_IGNORE, backend), *empty)
-    return (*dense, _gather_z(logits, sparse_ids, temperature))
+        return (*dense, _gather_z(logits, sparse_ids, temperature))
+    empty = [torch.empty(0, dtype=torch.int64 if i == 2 else torch.float32, device=logits.device)
+             for i in range(_N_EXTRA)]  # fmt: skip
+    if backend == "cpu" and ids.numel():
+        dense, z = _cpu_fwd_gather(logits, ids, temperature, sparse_ids)
+        return (*dense, *empty, z)
+    return (*ts.token_stats_fwd(logits, ids, temperature, NO_IGNORE, backend), *empty,
+            _gather_z(logits, sparse_ids, temperature))  # fmt: skip
+
+
+def _cpu_fwd_gather(logits, ids, temperature, sparse_ids):
+    """The CPU kernel's ``(logprob, entropy, lse, mean_z)`` at ``ids`` and fp32 ``z`` at ``sparse_ids``
+    (the bits of :func:`_gather_z`), picked while each row is in cache: no second visit of the rows."""
+    x = ts._rows(logits)
+    n = x.shape[0]
+    outs = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4)]
+    s = sparse_ids.reshape(n, sparse_ids.shape[-1]).to(torch.int64).contiguous()
+    z = torch.empty(s.shape, dtype=torch.float32, device=logits.device)
+    cpu_ts.token_stats_fwd(x, ids.reshape(-1), temperature, NO_IGNORE, *outs, sparse_ids=s, z_sparse=z)
+    return tuple(o.reshape(ids.shape) for o in outs), z.reshape(sparse_ids.shape)
 
 
 _token_stats_sparse = torch.library.custom_op("lenkernels::token_stats_sparse", _token_stats_sparse, mutates_args=())
@@ -444,16 +459,16 @@ def _(logits, ids, temperature, sparse_ids, extra, backend):
 def _add_sparse(dlogits: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> None:
     """``dlogits[r, idx[r, m]] += g[r, m]`` in place (``[n, V]``, ``[n, M]`` int64, ``[n, M]`` float64):
     repeated ids summed in float64 first, then one rounding to the gradient's dtype per element."""
-    sidx, perm = idx.sort(dim=1)
+    sidx, perm = idx.sort(dim=1, stable=True)  # the terms of a repeated id summed in their order
     gs = g.gather(1, perm)
     start = torch.ones_like(sidx, dtype=torch.bool)
     start[:, 1:] = sidx[:, 1:] != sidx[:, :-1]
-    run = start.long().cumsum(1) - 1
-    total = torch.zeros_like(gs).scatter_add_(1, run, gs).gather(1, run)
-    flat = (sidx + torch.arange(sidx.shape[0], device=sidx.device).unsqueeze(1) * dlogits.stride(0)).reshape(-1)
-    new = (dlogits.view(-1).take(flat).double() + total.reshape(-1)).to(dlogits.dtype)
+    run = start.cumsum(1)  # int64, 1-based: column 0 of the sums stays unused
+    total = gs.new_zeros(gs.shape[0], gs.shape[1] + 1).scatter_add_(1, run, gs).gather(1, run)
+    new = torch.add(dlogits.gather(1, sidx), total).to(dlogits.dtype)  # float64 sum, one rounding
+    rows = torch.arange(sidx.shape[0], device=sidx.device).unsqueeze(1)
     # index_put_, not scatter_ (which costs a pass over dlogits on CPU); repeated ids write the same value
-    dlogits.view(-1).index_put_((flat,), new)
+    dlogits.index_put_((rows, sidx), new)
 
 
 @torch.library.custom_op("lenkernels::token_stats_sparse_backward", mutates_args=())
@@ -465,7 +480,8 @@ def _token_stats_sparse_backward(
     extra: bool, backend: str,
 ) -> torch.Tensor:  # fmt: skip
     """d(loss)/d(logits): the dense backward kernel (``g_logprobs`` already holds ``-g_lse``), then
-    ``(g_lse at ids, g_z at sparse_ids) / T`` added in place."""
+    ``(g_lse at ids, g_z at sparse_ids) / T`` added in place (by the CPU kernel itself, chunk by chunk,
+    on the two-output CPU path; the same bits as :func:`_add_sparse`)."""
     if extra:
         dlogits = tse._token_stats_extra_backward(
             logits, ids, temperature, lse, mean_z, log_sum_p2, argmax, g_logprobs, g_entropy, g_sum_p2, g_log_sum_p2,
@@ -473,14 +489,22 @@ def _token_stats_sparse_backward(
         )  # fmt: skip
     else:
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ts.token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, NO_IGNORE, backend, dlogits)
     n = ids.numel()
     if n == 0:
         return dlogits
     rows = dlogits.view(n, logits.shape[-1])
     idx = torch.cat([ids.reshape(n, 1).long(), sparse_ids.reshape(n, -1).clamp(0, logits.shape[-1] - 1)], 1)
-    g = torch.cat([g_lse.reshape(n, 1), g_z.reshape(n, -1)], 1).double() / temperature.double().reshape(-1, 1)
-    _add_sparse(rows, idx, g)
+    g = torch.div(torch.cat([g_lse.reshape(n, 1), g_z.reshape(n, -1)], 1), temperature.double().reshape(-1, 1))
+    if extra:
+        _add_sparse(rows, idx, g)
+    elif backend == "cpu":  # the sparse terms added while each chunk of the gradient is in cache
+        cpu_ts.token_stats_bwd(
+            ts._rows(logits), ids.reshape(-1), temperature, lse.reshape(-1), mean_z.reshape(-1),
+            g_logprobs.reshape(-1).float(), g_entropy.reshape(-1).float(), NO_IGNORE, rows, sparse_ids=idx, g_sparse=g,
+        )  # fmt: skip
+    else:
+        ts.token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, NO_IGNORE, backend, dlogits)
+        _add_sparse(rows, idx, g)
     return dlogits
 
 
@@ -540,8 +564,14 @@ def sparse_token_stats(logits, ids, temp, ignore_index: int, wanted, top_k: int,
     ``logits`` is this rank's shard of a vocabulary split across ``shard.group`` (ids global)."""
     vocab = logits.shape[-1] if shard is None else shard.vocab
     nan = float("nan")
+    # with value checks token_stats has run ids_in_range: every id is in [0, V) or ignore_index, and
+    # every gathered / kept id in [-1, V) (check_args)
+    checked = _checks.value_checks(ids.device)
     valid = ids != ignore_index
-    in_range = (ids >= 0) & (ids < vocab)
+    if not checked:
+        in_range = (ids >= 0) & (ids < vocab)
+    else:
+        in_range = None if 0 <= ignore_index < vocab else valid  # None: every id
     with torch.no_grad():
         topk_ids = None
         if top_k > 0:
@@ -561,11 +591,19 @@ def sparse_token_stats(logits, ids, temp, ignore_index: int, wanted, top_k: int,
                 full_kept = True
         elif kept_ids is not None:
             kept_ids = _dedupe(kept_ids)
-    first = _first_id((topk_ids, gather_ids, kept_ids))
-    fallback = torch.zeros_like(ids) if first is None else first.to(ids.dtype)
-    anchor = torch.where(in_range, ids, fallback).long()
+    if in_range is None:
+        anchor = ids.long()
+    else:
+        first = _first_id((topk_ids, gather_ids, kept_ids))
+        fallback = torch.zeros_like(ids) if first is None else first.to(ids.dtype)
+        anchor = torch.where(in_range, ids, fallback).long()
     sets = [s for s in (topk_ids, gather_ids, kept_ids) if s is not None]
-    sparse = torch.cat([anchor.unsqueeze(-1), *sets], -1)
+    # z at the anchor (column 0) is read by the kept statistics only; the backward adds lse's term at
+    # the anchor whatever the columns. Kept, or no column at all: the anchor column leads.
+    lead = "kept" in wanted or shard is not None or not sum(s.shape[-1] for s in sets)
+    if lead:
+        sets.insert(0, anchor.unsqueeze(-1))
+    sparse = sets[0] if len(sets) == 1 else torch.cat(sets, -1)
     if shard is None:
         lp, ent, lse, _, sp2, lsp2, amax, mlp, mean, z = torch.ops.lenkernels.token_stats_sparse(
             logits, anchor, temp, sparse, extra, backend
@@ -574,12 +612,11 @@ def sparse_token_stats(logits, ids, temp, ignore_index: int, wanted, top_k: int,
         lp, ent, lse, _, sp2, lsp2, amax, mlp, mean, z = vp._VocabParallelStats.apply(
             logits, anchor, temp, sparse, extra, backend, shard
         )
-    z = z.double()
-    lse64 = lse.double().unsqueeze(-1)
-    bad = valid & ~in_range  # reaches here only without value checks: NaN, never a plausible number
+    lse64 = lse.double().unsqueeze(-1)  # z (fp32) - lse64: the subtraction and lse's gradient in float64
+    bad = None if checked else valid & ~in_range  # unchecked ids only: NaN, never a plausible number
     out = {}
     if "logprob" in wanted:
-        out["logprob"] = torch.where(valid, torch.where(bad, nan, lp), 0.0)
+        out["logprob"] = torch.where(valid, lp if bad is None else torch.where(bad, nan, lp), 0.0)
     if "entropy" in wanted:
         out["entropy"] = ent
     if extra:
@@ -587,8 +624,8 @@ def sparse_token_stats(logits, ids, temp, ignore_index: int, wanted, top_k: int,
         out.update(sum_p2=sp2 if has("sum_p2") else None, log_sum_p2=lsp2 if has("sum_p2") else None,
                    argmax=amax if has("argmax") else None, max_logprob=mlp if has("argmax") else None,
                    mean_logit=mean if has("mean_logit") else None)  # fmt: skip
-    z_y = z[..., 0]
-    col = 1
+    z_y = z[..., 0] if lead else None
+    col = int(lead)
     if topk_ids is not None:
         out["topk_ids"] = topk_ids
         out["topk_logprobs"] = (z[..., col : col + top_k] - lse64).float()
@@ -597,13 +634,15 @@ def sparse_token_stats(logits, ids, temp, ignore_index: int, wanted, top_k: int,
         width = gather_ids.shape[-1]
         zg = z[..., col : col + width]
         value = torch.where(gather_ids == -1, 0.0, zg - lse64)
-        out["gathered_logprobs"] = torch.where((gather_ids < -1) | (gather_ids >= vocab), nan, value).float()
+        if not checked:  # out-of-range ids (unchecked)
+            value = torch.where((gather_ids < -1) | (gather_ids >= vocab), nan, value)
+        out["gathered_logprobs"] = value.float()
         col += width
     if "kept" in wanted:
         if full_kept:  # K = every id of non-zero mass: the dense statistics (the kernel's logprob bits)
             lse_k, ent_k, member = lse.double(), ent.double(), z_y > float("-inf")
         else:
-            zk = z[..., col:]
+            zk = z[..., col:].double()
             present = (kept_ids >= 0) & (kept_ids < vocab)
             zk = torch.where(present, zk, float("-inf"))
             lse_k = torch.logsumexp(zk, -1)
@@ -613,16 +652,17 @@ def sparse_token_stats(logits, ids, temp, ignore_index: int, wanted, top_k: int,
             broken = ((kept_ids < -1) | (kept_ids >= vocab)).any(-1)  # out-of-range ids (unchecked)
             lse_k = torch.where(broken, nan, lse_k)
         outside = valid & ~member
-        if _checks.value_checks(ids.device) and bool(outside.any()):
+        if checked and bool(outside.any()):
             first_bad = int(outside.reshape(-1).nonzero()[0])
             source = "kept_ids" if sampling is None else "the sampling parameters"
             raise ValueError(
                 f"ids holds {int(ids.reshape(-1)[first_bad])} at flat index {first_bad}, outside its kept set "
                 f"(given by {source}): a sampled id must be kept"
             )
-        lse_k = torch.where(outside | bad, nan, lse_k)
+        dead = outside if bad is None else outside | bad
+        lse_k = torch.where(dead, nan, lse_k)
         kept_lp = lp.double() if full_kept else z_y - lse_k
-        out["kept_logprob"] = torch.where(valid & ~outside & ~bad, kept_lp, torch.where(valid, nan, 0.0)).float()
-        out["kept_entropy"] = torch.where(outside | bad, nan, ent_k).float()
+        out["kept_logprob"] = torch.where(valid & ~dead, kept_lp, torch.where(valid, nan, 0.0)).float()
+        out["kept_entropy"] = torch.where(dead, nan, ent_k).float()
         out["kept_log_mass"] = (lse_k - lse64.squeeze(-1)).float()
     return out
