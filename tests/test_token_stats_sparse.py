@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lenkernels as lk
 from lenkernels import _checks
+from lenkernels.ops import token_stats_select as select
 from lenkernels.ops import token_stats_sparse as sparse
 from lenkernels.reference import token_stats as ref
 from tests.utils import GRAD_ATOL, GRAD_RTOL, STAT_RTOL, assert_close, assert_compiled_like_eager, backend_params
@@ -218,7 +219,7 @@ def test_sampler_sets_wider_than_the_first_candidates(sampling):
     x[3] = 1.0  # one value: every id tied
     x = x.to(torch.bfloat16)
     temp = _temp((5,), 2)
-    kept = sparse.sampler_kept_rows(x, temp, *sparse.sampling_args(sampling))
+    kept = select.sampler_kept_rows(x, temp, *sparse.sampling_args(sampling))
     mask = ref.sampler_kept_mask(x, temp, **sampling)
     assert torch.equal(ref.kept_mask_from_ids(kept, vocab), mask)
     assert int(mask.sum(-1).max()) > 256
@@ -228,7 +229,7 @@ def test_topk_rows_ties_at_scale():
     """The exact selection itself on a wide bf16 vocabulary: ties straddle the k-th place."""
     x = torch.randint(0, 40, (6, 151_936), generator=_gen(0)).to(torch.bfloat16)
     for k in (1, 20, 1000):
-        got = sparse.topk_rows(x, k)
+        got = select.topk_rows(x, k)
         assert torch.equal(got, torch.sort(x.float(), dim=1, descending=True, stable=True).indices[:, :k]), k
 
 
@@ -455,15 +456,15 @@ def _select_rows(dtype, vocab, seed):
 
 def _with_torch_selection(monkeypatch):
     """The selection functions' torch path (other devices, float64) on CPU tensors."""
-    monkeypatch.setattr(sparse, "_selects_on_cpu", lambda x: False)
+    monkeypatch.setattr(select, "_selects_on_cpu", lambda x: False)
 
 
 def test_cpu_selection_is_used():
     """CPU rows of the three kernel dtypes go to the C++ kernel (the tests below compare it with the
     torch path; that comparison must not be the torch path against itself); float64 stays on torch."""
     for dtype in SELECT_DTYPES:
-        assert sparse._selects_on_cpu(torch.zeros(2, 5, dtype=dtype)), dtype
-    assert not sparse._selects_on_cpu(torch.zeros(2, 5, dtype=torch.float64))
+        assert select._selects_on_cpu(torch.zeros(2, 5, dtype=dtype)), dtype
+    assert not select._selects_on_cpu(torch.zeros(2, 5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", SELECT_DTYPES, ids=str)
@@ -475,7 +476,7 @@ def test_cpu_topk_rows_is_the_stable_sort(dtype, vocab):
     x = _select_rows(dtype, vocab, 7 + vocab)
     order = torch.sort(x, dim=1, descending=True, stable=True).indices
     for k in sorted({1, min(vocab, 3), min(vocab, 40), vocab}):
-        got = sparse.topk_rows(x, k)
+        got = select.topk_rows(x, k)
         assert got.dtype == torch.int64 and torch.equal(got, order[:, :k]), k
 
 
@@ -485,10 +486,10 @@ def test_cpu_top_candidates_match_the_torch_path(dtype, vocab, monkeypatch):
     """count = #{x >= the k-th value} (0 where it is NaN), and the first count ids in rank order,
     also where the ties of the k-th value run far past k (rows 0, 1, 3): the same as the torch path's."""
     x = _select_rows(dtype, vocab, 3 + vocab)
-    got = {k: sparse.top_candidates(x, k) for k in (1, 2, 20, vocab)}
+    got = {k: select.top_candidates(x, k) for k in (1, 2, 20, vocab)}
     _with_torch_selection(monkeypatch)
     for k, (ids, count) in got.items():
-        exp_ids, exp_count = sparse.top_candidates(x, k)
+        exp_ids, exp_count = select.top_candidates(x, k)
         assert ids.shape[1] >= max(k, int(count.max())), k
         assert torch.equal(count, exp_count), k
         for r in range(x.shape[0]):
@@ -501,9 +502,9 @@ def test_cpu_topk_strided_rows():
     wide = _logits((6,), 300, torch.bfloat16, 4)
     x = wide[:, 10:250]
     order = torch.sort(x, dim=1, descending=True, stable=True).indices
-    assert torch.equal(sparse.topk_rows(x, 17), order[:, :17])
+    assert torch.equal(select.topk_rows(x, 17), order[:, :17])
     xt = x.t().contiguous().t()  # column major: stride(1) != 1
-    assert torch.equal(sparse.topk_rows(xt, 17), order[:, :17])
+    assert torch.equal(select.topk_rows(xt, 17), order[:, :17])
 
 
 @pytest.mark.parametrize("dtype", SELECT_DTYPES, ids=str)
@@ -533,12 +534,12 @@ def test_cpu_sampler_kept_rows_match_the_torch_path(dtype, sampling, monkeypatch
     temp = _temp((10,), 3)
     temp[9] = 1.0
     args = sparse.sampling_args(sampling)
-    kept = sparse.sampler_kept_rows(x, temp, *args)
+    kept = select.sampler_kept_rows(x, temp, *args)
     clean = [0, 1, 2, 3, 4, 8, 9]
     mask = ref.sampler_kept_mask(x[clean], temp[clean], **sampling)
     assert torch.equal(ref.kept_mask_from_ids(kept[clean], vocab), mask)
     _with_torch_selection(monkeypatch)
-    exp = sparse.sampler_kept_rows(x, temp, *args)
+    exp = select.sampler_kept_rows(x, temp, *args)
     assert kept.shape == exp.shape and torch.equal(kept, exp)  # the same ids in the same order
 
 
@@ -559,7 +560,8 @@ def test_cpu_forward_gathers_the_torch_bits(dtype, rows):
     torch.set_num_threads(2)
     try:
         for temp in (torch.tensor([0.7]), torch.rand(rows, generator=_gen(15)) + 0.3):
-            dense, z = sparse._cpu_fwd_gather(logits, ids, temp, s)
+            out = torch.ops.lenkernels.token_stats_sparse(logits, ids, temp, s, False, "cpu")
+            dense, z = out[:4], out[-1]
             assert torch.equal(z, sparse._gather_z(logits, s, temp)), temp
             exp = lk.ops.token_stats.token_stats_fwd(logits, ids, temp, sparse.NO_IGNORE, "cpu")
             assert all(torch.equal(a, e) for a, e in zip(dense, exp)), temp

@@ -13,6 +13,9 @@ from lenkernels.cpu import load
 FAMILY = "token_stats"
 # the kernel reports the first id outside the vocabulary: no separate pass over the ids
 IDS_CHECKED_IN_KERNEL = True
+# token_stats_fwd/bwd take sparse_ids with z_sparse/g_sparse: the sparse statistics' gather and
+# gradient add done while each row is in cache (ops/token_stats_sparse.py)
+SPARSE_IN_KERNEL = True
 
 
 def _temperature(temperature: torch.Tensor) -> tuple[int, int]:

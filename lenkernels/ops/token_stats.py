@@ -48,12 +48,13 @@ def _is_row_view(logits: torch.Tensor) -> bool:
     return x.numel() == 0 or x.data_ptr() == logits.data_ptr() and x.stride(-1) == 1 and logits.stride(-1) == 1
 
 
-def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str, state: bool = False):
+def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str, state: bool = False, sparse=None):
     """Host launcher: ``(logprobs, entropy, lse, mean_z)``, fp32 of shape ``ids.shape``.
 
     ``state=True`` appends each row's online-softmax state ``(max_z, log_s)`` (``lse = max_z +
     log_s``): what ``lenkernels.distributed.merge_stats`` needs to merge vocabulary parts without
-    the rounding of ``lse`` at the size of the logits.
+    the rounding of ``lse`` at the size of the logits. ``sparse``: keyword arguments for a backend
+    whose kernel also gathers (``SPARSE_IN_KERNEL``; ``ops/token_stats_sparse.py``).
     """
     shape = ids.shape
     x = _rows(logits)
@@ -65,12 +66,14 @@ def token_stats_fwd(logits, ids, temperature, ignore_index: int, backend: str, s
     kernels = _backend.kernels(backend, FAMILY)
     if _checks.value_checks(y.device) and not getattr(kernels, "IDS_CHECKED_IN_KERNEL", False):
         _checks.ids_in_range(y, vocab, ignore_index)
-    kernels.token_stats_fwd(x, y.contiguous(), temperature, ignore_index, *outs)
+    kernels.token_stats_fwd(x, y.contiguous(), temperature, ignore_index, *outs, **(sparse or {}))
     return tuple(o.reshape(shape) for o in outs)
 
 
-def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend, dlogits):
-    """Host launcher: writes ``dlogits`` ([..., V], logits dtype; may be ``logits`` itself)."""
+def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, ignore_index, backend, dlogits,
+                    sparse=None):  # fmt: skip
+    """Host launcher: writes ``dlogits`` ([..., V], logits dtype; may be ``logits`` itself);
+    ``sparse`` as in :func:`token_stats_fwd` (the sparse gradient terms added by the kernel)."""
     x = _rows(logits)
     if x.shape[0] == 0:
         return
@@ -78,7 +81,7 @@ def token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy
     g_h = g_entropy.reshape(-1).to(torch.float32)
     _backend.kernels(backend, FAMILY).token_stats_bwd(
         x, ids.reshape(-1).contiguous(), temperature, lse.reshape(-1), mean_z.reshape(-1), g_lp, g_h, ignore_index,
-        dlogits.view(-1, dlogits.shape[-1]),
+        dlogits.view(-1, dlogits.shape[-1]), **(sparse or {}),
     )  # fmt: skip
 
 

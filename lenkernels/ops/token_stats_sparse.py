@@ -17,13 +17,8 @@ enters the kernel's backward as ``-g`` on the logprob, which writes ``-g (1[j=a]
 sparse add writes ``+g / T`` at ``a``: together ``g p_j / T``, exactly d lse/d logits. (With 16-bit
 logits the gradient at ``a`` is then rounded twice: half an ulp of ``|g| / T`` more there.)
 
-Selection (no gradient): the top-k ids and the kept set of a sampler with top-k come from one more
-read of the logits, exact ties to the lower id (:func:`top_candidates`): on CPU rows the C++ kernel
-(``csrc/cpu/token_stats.cpp``), elsewhere ``torch.topk`` of 2k + 8. Top-p / min-p without top-k: on
-CPU rows at most three more reads (the max, the mass and the ids near the top, the ids above the cut
-where it lies far down), sorting only the candidates; elsewhere the row's float64 mass, then
-``torch.topk`` of 256, 1024, ... until the set ends: up to a sort of the row, ``O(V log V)``, for a
-set that holds most of a flat distribution (:func:`sampler_kept_rows`, chunked over rows).
+Selection (no gradient: the top-k ids, a sampler's kept set): ``ops/token_stats_select.py``, one
+more read of the logits with top-k, at most three on CPU rows without it.
 
 Vocabulary parallelism (``token_stats(process_group=...)``): ``ops/token_stats_vocab_parallel.py``, the
 same statistics from every rank's shard, merged across the group.
@@ -33,19 +28,15 @@ from __future__ import annotations
 
 import torch
 
-from lenkernels import _checks, cpu
-from lenkernels.cpu import token_stats as cpu_ts
+from lenkernels import _backend, _checks
 from lenkernels.ops import token_stats as ts
 from lenkernels.ops import token_stats_extra as tse
+from lenkernels.ops import token_stats_select as _select  # noqa: F401 (registers the selection ops)
 from lenkernels.ops import token_stats_vocab_parallel as vp
 
 SPARSE_OUTPUTS = ("topk", "gathered", "kept")
 SAMPLING_KEYS = ("top_k", "top_p", "min_p")
 NO_IGNORE = -1  # the kernels' ignore_index under this op: anchors are always in [0, V)
-CHUNK_ELEMS = 1 << 22  # most logits a row chunk of the selection holds in its float64/int64 temporaries
-_CPU_SELECT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the C++ selection's inputs
-CPU_KEPT_SLOTS = 256  # id slots a row of the CPU sampler replay gets first, past top_k (more: a second run)
-CPU_KEPT_ELEMS = CHUNK_ELEMS  # most id slots of a second run's row chunk (V a row)
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -128,276 +119,6 @@ def check_args(wanted, ids: torch.Tensor, vocab: int, top_k, gather_ids, kept_id
     return top_k, gather_ids, kept_ids, sampling
 
 
-# --- selection (no gradient): exact top-k, and the kept set of a sampler ------------------------
-
-
-def _sort_desc_ids(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``idx`` reordered by (value descending, id ascending)."""
-    order = idx.argsort(dim=1)
-    idx, vals = idx.gather(1, order), vals.gather(1, order)
-    return idx.gather(1, torch.sort(vals, dim=1, descending=True, stable=True).indices)
-
-
-def _selects_on_cpu(x: torch.Tensor) -> bool:
-    """Whether the CPU selection kernel serves rows ``x``: float32/bfloat16/float16 CPU tensors with
-    the compiled ``token_stats`` module at hand (else ``torch.topk`` / ``torch.sort``, as on other
-    devices, and for float64 rows)."""
-    if x.device.type != "cpu" or x.dtype not in _CPU_SELECT_DTYPES or x.shape[0] == 0 or x.shape[1] >= 1 << 32:
-        return False
-    return cpu.available(cpu_ts.FAMILY)[0]
-
-
-def _cpu_top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, count, ties)`` of the CPU kernel (one read of each row): ids ``[n, k]`` in order (value
-    descending, id ascending, NaN first), count ``[n]`` = #entries ``>=`` the k-th value, ties ``[n]``
-    the entries of that value left out (both 0 where the k-th value is NaN); ``1 <= k <= V``."""
-    n = x.shape[0]
-    ids = torch.empty(n, k, dtype=torch.int64)
-    count, ties = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
-    cpu_ts.topk_select(x, k, ids, count, ties)
-    return ids, count, ties
-
-
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
-
-
-def top_candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, count)``: per row of ``x`` ``[n, V]``, ids ``[n, W]`` int64 sorted by (value descending,
-    id ascending) whose first ``count`` (int64 ``[n]``) are every id with ``x >=`` the k-th largest
-    value (all ties at the k-th place included); ``W >= k``. Entries compare as the logits do; z = x / T
-    with T > 0 orders the same (float64 z is strictly monotone in fp32/bf16/fp16 x). NaN ranks first
-    (``torch.sort``'s order) and is never ``>=`` anything: count is 0 where the k-th value is NaN.
-
-    CPU rows (float32/bf16/fp16): the C++ kernel, one read of each row (exact ties by construction,
-    ``lenkernels/selection.h``), and a second read of the rows whose ties of the k-th value run past
-    the k (W = k + the most such ties). Other devices: one ``torch.topk`` of ``2k + 8``: where the last
-    of those is below the k-th value, every tie of the k-th value is among them and sorting them by
-    (value, id) is exact. Rows whose ties run past them (e.g. a row of equal logits) are sorted whole
-    (a host sync to find them).
-    """
-    n, vocab = x.shape
-    if n == 0 or k == 0:
-        return torch.zeros(n, k, dtype=torch.int64, device=x.device), torch.zeros(n, dtype=torch.int64, device=x.device)
-    if _selects_on_cpu(x):
-        x = _unit_stride(x)
-        ids, count, ties = _cpu_top(x, k)
-        more = int(ties.max())
-        if more:
-            ids = torch.nn.functional.pad(ids, (0, more))
-            cpu_ts.topk_ties(x, k, ids, ties)
-        return ids, count
-    kk = min(vocab, 2 * k + 8)
-    vals, idx = torch.topk(x, kk, dim=1, sorted=True)
-    thr = vals[:, k - 1 : k]
-    count = (vals >= thr).sum(1)
-    ids = _sort_desc_ids(vals, idx)
-    if kk == vocab:
-        return ids, count
-    cut = vals[:, kk - 1] == thr.squeeze(1)  # the ties may run past the list: sort those rows whole
-    if not bool(cut.any()):
-        return ids, count
-    rows = cut.nonzero().reshape(-1)
-    step = max(1, CHUNK_ELEMS // vocab)
-    fixes = []
-    for s in range(0, rows.numel(), step):
-        r = rows[s : s + step]
-        xr = x[r]
-        c = (xr >= thr[r]).sum(1)
-        fixes.append((r, torch.sort(xr, dim=1, descending=True, stable=True).indices[:, : int(c.max())], c))
-    width = max(kk, max(f.shape[1] for _, f, _ in fixes))
-    ids = torch.nn.functional.pad(ids, (0, width - kk))
-    count = count.clone()
-    for r, f, c in fixes:
-        ids[r] = torch.nn.functional.pad(f, (0, width - f.shape[1]))
-        count[r] = c
-    return ids, count
-
-
-def topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids ``[n, min(k, V)]`` int64 of the ``k`` largest entries of each row of ``x`` ``[n, V]``, in
-    descending order, ties to the lower id, NaN first, exactly (``torch.topk`` alone picks an arbitrary
-    subset of values tied at the k-th place; see :func:`top_candidates`)."""
-    if _selects_on_cpu(x) and k > 0:
-        return _cpu_top(_unit_stride(x), min(k, x.shape[1]))[0]
-    if k >= x.shape[1] and x.shape[0]:
-        return torch.sort(x, dim=1, descending=True, stable=True).indices
-    return top_candidates(x, k)[0][:, :k].contiguous()
-
-
-def _truncate(x, cand, count, temp64, top_p: float, min_p: float, total=None):
-    """Kept ids ``[n, W]`` (-1 past each row's set) among sorted candidates ``cand`` (a prefix of the
-    order value desc, id asc, starting at the row max; the first ``count`` of each row survive
-    top-k), and the set sizes. ``total``: the survivors' mass ``sum exp(z - max z)`` ``[n, 1]``
-    where they are not all among the candidates."""
-    return _truncate_z(x.gather(1, cand).double() / temp64, cand, count, top_p, min_p, total)
-
-
-def _truncate_z(z, cand, count, top_p: float, min_p: float, total=None):
-    """:func:`_truncate` from the float64 ``z`` of the candidates (ids ``cand``)."""
-    pos = torch.arange(cand.shape[1], device=z.device)
-    keep = (pos < count.unsqueeze(1)) & (z > float("-inf"))  # zero-mass ids are never kept
-    zmax = z[:, :1]
-    ratio = torch.where(keep, torch.exp(z - torch.where(torch.isfinite(zmax), zmax, torch.zeros_like(zmax))), 0.0)
-    if top_p < 1.0:
-        # vLLM masks where the ascending cumulative renormalised probability <= 1 - p: keep where the
-        # mass at or after the candidate (descending order) exceeds (1 - p) of the survivors'
-        total = ratio.sum(1, keepdim=True) if total is None else total
-        keep &= total - (ratio.cumsum(1) - ratio) > (1.0 - top_p) * total
-    if min_p > 0.0:
-        keep &= ratio >= min_p  # p_j / max p = exp(z_j - max z)
-    size = keep.sum(1)
-    return torch.where(keep, cand, -1), size
-
-
-def _row_mass(x, zmax64, temp64):
-    """``sum_j exp(z_j - max z)`` ``[n, 1]`` in float64, in row chunks (the survivors' mass without top-k)."""
-    step = max(1, CHUNK_ELEMS // x.shape[1])
-    out = []
-    for s in range(0, x.shape[0], step):
-        z = x[s : s + step].double() / temp64[s : s + step]
-        out.append(torch.exp(z - zmax64[s : s + step]).sum(1, keepdim=True))
-    return torch.cat(out)
-
-
-def _kept_by_rounds(x, temp64, top_p: float, min_p: float) -> list:
-    """``[(rows, kept, size)]``: the kept sets of rows ``x`` without top-k, from ``torch.topk`` of 256,
-    1024, ... candidates until each row's set ends inside them (after one float64 pass for the mass)."""
-    n, vocab = x.shape
-    zmax64 = x.amax(1, keepdim=True).double() / temp64
-    total = _row_mass(x, torch.where(torch.isfinite(zmax64), zmax64, 0.0), temp64) if top_p < 1.0 else None
-    pending = torch.arange(n, device=x.device)
-    k = min(vocab, 256)
-    parts = []
-    while pending.numel():
-        xr = x[pending]
-        vals, idx = torch.topk(xr, k, dim=1, sorted=True)
-        cand = _sort_desc_ids(vals, idx)
-        count = torch.full((pending.numel(),), k, dtype=torch.int64, device=x.device)
-        mass = None if total is None else total[pending]
-        kept, size = _truncate(xr, cand, count, temp64[pending], top_p, min_p, mass)
-        # the set ended inside the candidates, and no tie of its last value was left out
-        last = xr.gather(1, cand.gather(1, (size - 1).clamp_min(0).unsqueeze(1)))
-        done = (
-            (size < k) & ((size == 0) | (last.squeeze(1) > vals[:, -1]))
-            if k < vocab
-            else torch.ones_like(size, dtype=torch.bool)
-        )
-        parts.append((pending[done], kept[done], size[done]))
-        pending, k = pending[~done], min(vocab, 4 * k)
-    return parts
-
-
-def _torch_kept(x, temp64, top_k: int, top_p: float, min_p: float) -> list:
-    """``[(rows, kept, size)]``: the kept sets of rows ``x`` by the torch path (``top_k``: 0 or in (0, V))."""
-    if top_k:
-        cand, count = top_candidates(x, top_k)
-        return [(torch.arange(x.shape[0], device=x.device), *_truncate(x, cand, count, temp64, top_p, min_p))]
-    return _kept_by_rounds(x, temp64, top_p, min_p)
-
-
-def _cpu_kept_rows(x, temp64, top_k: int, top_p: float, min_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kept, left)``: the kept sets of CPU rows ``x`` from the C++ kernel (``[n, W]`` int64, -1
-    padded, W >= 1) and the rows it leaves to :func:`_torch_kept` (their rows of ``kept``: -1 only).
-    Each row first gets ``top_k + CPU_KEPT_SLOTS`` slots for its candidates; the rows that need more
-    run again with V slots (in row chunks of ``CPU_KEPT_ELEMS`` logits)."""
-    n, vocab = x.shape
-    temps = temp64[:, 0].contiguous()
-    runs = [(None, min(vocab, top_k + CPU_KEPT_SLOTS))]
-    results = []
-    while runs:
-        rows, slots = runs.pop()
-        xs, ts_ = (x, temps) if rows is None else (x[rows], temps[rows])
-        out = torch.empty(xs.shape[0], slots, dtype=torch.int64)
-        size = torch.empty(xs.shape[0], dtype=torch.int64)
-        cpu_ts.sampler_kept(xs, ts_, top_k, top_p, min_p, out, size)
-        results.append((rows, out, size))
-        wide = (size == -2).nonzero().reshape(-1)
-        if slots < vocab and wide.numel():  # sets of more than `slots` candidates (a flat distribution)
-            wide = wide if rows is None else rows[wide]
-            step = max(1, CPU_KEPT_ELEMS // vocab)
-            runs += [(wide[s : s + step], vocab) for s in range(0, wide.numel(), step)]
-    width = max(1, max(int(size.max()) for _, _, size in results))
-    kept = torch.full((n, width), -1, dtype=torch.int64)
-    final = torch.empty(n, dtype=torch.int64)
-    for rows, out, size in results:  # in run order: a wide row's second run comes after its first
-        w = min(width, out.shape[1])
-        ids = out[:, :w].masked_fill(torch.arange(w) >= size.unsqueeze(1), -1)
-        if rows is None:
-            kept[:, :w], final[:] = ids, size
-        else:
-            kept[rows, :w], final[rows] = ids, size
-    return kept, (final < 0).nonzero().reshape(-1)
-
-
-def sampler_kept_rows(x: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float, min_p: float):
-    """Kept ids ``[n, W]`` int64 of the sampler's truncation, -1 padded, W the largest set (SPEC 7).
-
-    vLLM's order: top-k keeps every z >= the k-th largest (ties all kept); top-p then keeps the
-    smallest prefix of the survivors (sorted by z descending, ties by id ascending) whose
-    renormalised mass reaches p, the crossing token included; min-p keeps p_j >= min_p * max p.
-    Ids of zero probability (z = -inf) are never kept. Masses in float64. W >= 1 (a row with no
-    kept id, all -inf, has -1 only).
-
-    Cost on CPU rows (float32/bf16/fp16), the C++ kernel: with top-k, one read of each row (the
-    top-k survivors, then top-p / min-p among them); without it, at most three (the max, the mass and
-    the ids near the top, the ids above the cut where it lies far down); only candidates are sorted. Elsewhere, and for the CPU kernel's rare leftovers (a NaN or a max
-    that is not finite in the row, a cut within rounding of a histogram bucket edge): with top-k, one
-    ``torch.topk`` of 2k + 8; without it, one float64 pass for the row's mass, then ``torch.topk`` of
-    256, 1024, ... candidates until each row's set ends inside them (a row keeping most of a flat
-    distribution ends with a sort of the whole row, ``O(V log V)``). W is data-dependent: host syncs
-    (free on CPU tensors).
-    """
-    n, vocab = x.shape
-    temp64 = temperature.double().reshape(-1, 1).expand(n, 1)
-    if n == 0:
-        return torch.full((0, 1), -1, dtype=torch.int64, device=x.device)
-    top_k = top_k if 0 < top_k < vocab else 0
-    if _selects_on_cpu(x):
-        kept, rows = _cpu_kept_rows(_unit_stride(x), temp64, top_k, top_p, min_p)
-        if not rows.numel():
-            return kept
-        parts = [(rows[r], k, size) for r, k, size in _torch_kept(x[rows], temp64[rows], top_k, top_p, min_p)]
-    else:
-        kept, parts = None, _torch_kept(x, temp64, top_k, top_p, min_p)
-    width = max(1, max(int(size.max()) if size.numel() else 0 for _, _, size in parts))  # >= 1: static for compile
-    if kept is None:
-        out = torch.full((n, width), -1, dtype=torch.int64, device=x.device)
-    else:  # the kernel's rows, and -1 on the rows left to the torch path
-        width = max(width, kept.shape[1])
-        out = torch.nn.functional.pad(kept, (0, width - kept.shape[1]), value=-1)
-    for rows, kept, _ in parts:
-        w = min(width, kept.shape[1])
-        out[rows, :w] = kept[:, :w]
-    return out
-
-
-@torch.library.custom_op("lenkernels::topk_ids", mutates_args=())
-def _topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """``[..., k]`` int64: the ids of the k largest logits per row, descending, ties to the lower id."""
-    return topk_rows(ts._rows(logits), k).reshape(*logits.shape[:-1], k)
-
-
-@_topk_ids.register_fake
-def _(logits, k):
-    return logits.new_empty(*logits.shape[:-1], k, dtype=torch.int64)
-
-
-@torch.library.custom_op("lenkernels::sampler_kept_ids", mutates_args=())
-def _sampler_kept_ids(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float, min_p: float
-) -> torch.Tensor:
-    """``[..., W]`` int64: each row's kept set under the sampler (``sampler_kept_rows``), -1 padded."""
-    kept = sampler_kept_rows(ts._rows(logits), temperature, top_k, top_p, min_p)
-    return kept.reshape(*logits.shape[:-1], kept.shape[-1])
-
-
-@_sampler_kept_ids.register_fake
-def _(logits, temperature, top_k, top_p, min_p):
-    width = torch.library.get_ctx().new_dynamic_size(min=1)
-    return logits.new_empty(*logits.shape[:-1], width, dtype=torch.int64)
-
-
 # --- the differentiable op: dense statistics + gathered logits ------------------------------------
 
 _N_EXTRA = 5  # sum_p2, log_sum_p2, argmax, max_logprob, mean_logit
@@ -425,23 +146,20 @@ def _token_stats_sparse(
         return (*dense, _gather_z(logits, sparse_ids, temperature))
     empty = [torch.empty(0, dtype=torch.int64 if i == 2 else torch.float32, device=logits.device)
              for i in range(_N_EXTRA)]  # fmt: skip
-    if backend == "cpu" and ids.numel():
-        dense, z = _cpu_fwd_gather(logits, ids, temperature, sparse_ids)
-        return (*dense, *empty, z)
-    return (*ts.token_stats_fwd(logits, ids, temperature, NO_IGNORE, backend), *empty,
-            _gather_z(logits, sparse_ids, temperature))  # fmt: skip
-
-
-def _cpu_fwd_gather(logits, ids, temperature, sparse_ids):
-    """The CPU kernel's ``(logprob, entropy, lse, mean_z)`` at ``ids`` and fp32 ``z`` at ``sparse_ids``
-    (the bits of :func:`_gather_z`), picked while each row is in cache: no second visit of the rows."""
-    x = ts._rows(logits)
-    n = x.shape[0]
-    outs = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4)]
-    s = sparse_ids.reshape(n, sparse_ids.shape[-1]).to(torch.int64).contiguous()
+    if not _sparse_in_kernel(backend):
+        dense = ts.token_stats_fwd(logits, ids, temperature, NO_IGNORE, backend)
+        return (*dense, *empty, _gather_z(logits, sparse_ids, temperature))
+    # z at the sparse ids read by the kernel while each row is in cache (the bits of _gather_z)
+    s = sparse_ids.reshape(-1, sparse_ids.shape[-1]).to(torch.int64).contiguous()
     z = torch.empty(s.shape, dtype=torch.float32, device=logits.device)
-    cpu_ts.token_stats_fwd(x, ids.reshape(-1), temperature, NO_IGNORE, *outs, sparse_ids=s, z_sparse=z)
-    return tuple(o.reshape(ids.shape) for o in outs), z.reshape(sparse_ids.shape)
+    dense = ts.token_stats_fwd(logits, ids, temperature, NO_IGNORE, backend, sparse={"sparse_ids": s, "z_sparse": z})
+    return (*dense, *empty, z.reshape(sparse_ids.shape))
+
+
+def _sparse_in_kernel(backend: str) -> bool:
+    """Whether the backend's two-output kernels also gather ``z`` at the sparse ids (forward) and add
+    their gradient terms (backward) while each row is in cache (``SPARSE_IN_KERNEL``)."""
+    return getattr(_backend.kernels(backend, ts.FAMILY), "SPARSE_IN_KERNEL", False)
 
 
 _token_stats_sparse = torch.library.custom_op("lenkernels::token_stats_sparse", _token_stats_sparse, mutates_args=())
@@ -480,8 +198,8 @@ def _token_stats_sparse_backward(
     extra: bool, backend: str,
 ) -> torch.Tensor:  # fmt: skip
     """d(loss)/d(logits): the dense backward kernel (``g_logprobs`` already holds ``-g_lse``), then
-    ``(g_lse at ids, g_z at sparse_ids) / T`` added in place (by the CPU kernel itself, chunk by chunk,
-    on the two-output CPU path; the same bits as :func:`_add_sparse`)."""
+    ``(g_lse at ids, g_z at sparse_ids) / T`` added in place (by the two-output kernel itself, chunk by
+    chunk, where the backend has ``SPARSE_IN_KERNEL``; the same bits as :func:`_add_sparse`)."""
     if extra:
         dlogits = tse._token_stats_extra_backward(
             logits, ids, temperature, lse, mean_z, log_sum_p2, argmax, g_logprobs, g_entropy, g_sum_p2, g_log_sum_p2,
@@ -495,15 +213,11 @@ def _token_stats_sparse_backward(
     rows = dlogits.view(n, logits.shape[-1])
     idx = torch.cat([ids.reshape(n, 1).long(), sparse_ids.reshape(n, -1).clamp(0, logits.shape[-1] - 1)], 1)
     g = torch.div(torch.cat([g_lse.reshape(n, 1), g_z.reshape(n, -1)], 1), temperature.double().reshape(-1, 1))
-    if extra:
-        _add_sparse(rows, idx, g)
-    elif backend == "cpu":  # the sparse terms added while each chunk of the gradient is in cache
-        cpu_ts.token_stats_bwd(
-            ts._rows(logits), ids.reshape(-1), temperature, lse.reshape(-1), mean_z.reshape(-1),
-            g_logprobs.reshape(-1).float(), g_entropy.reshape(-1).float(), NO_IGNORE, rows, sparse_ids=idx, g_sparse=g,
-        )  # fmt: skip
-    else:
-        ts.token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, NO_IGNORE, backend, dlogits)
+    in_kernel = not extra and _sparse_in_kernel(backend)  # the sparse terms added while each chunk is in cache
+    if not extra:
+        ts.token_stats_bwd(logits, ids, temperature, lse, mean_z, g_logprobs, g_entropy, NO_IGNORE, backend, dlogits,
+                           sparse={"sparse_ids": idx, "g_sparse": g} if in_kernel else None)  # fmt: skip
+    if not in_kernel:
         _add_sparse(rows, idx, g)
     return dlogits
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from lenkernels.ops import token_stats as ts
 from lenkernels.ops import token_stats_extra as tse
+from lenkernels.ops import token_stats_select as sel
 from lenkernels.ops import token_stats_sparse as sp
 
 # --- vocabulary parallelism: token_stats(process_group=...) ---------------------------------------
@@ -73,19 +74,19 @@ def _padded_candidates(x: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, w
 
 
 def vp_topk_rows(x: torch.Tensor, k: int, shard: VocabShard) -> torch.Tensor:
-    """:func:`sp.topk_rows` of the full vocabulary (global ids ``[n, k]``) from this rank's shard
+    """:func:`sel.topk_rows` of the full vocabulary (global ids ``[n, k]``) from this rank's shard
     ``x`` ``[n, V_r]``: each rank's local top-min(k, V_r), all-gathered and merged (ties to the lower
     global id, also across shard boundaries)."""
     n, vocab_local = x.shape
     k_local = min(k, vocab_local)
-    ids = sp.topk_rows(x, k_local) if n else torch.zeros(0, k_local, dtype=torch.int64, device=x.device)
+    ids = sel.topk_rows(x, k_local) if n else torch.zeros(0, k_local, dtype=torch.int64, device=x.device)
     real = torch.ones_like(ids, dtype=torch.bool)
     vals, gids = _padded_candidates(x, ids, real, k, shard)
     return _merge_sorted(vals, gids, shard)[1][:, :k].contiguous()
 
 
 def vp_sampler_kept_rows(x, temperature, top_k: int, top_p: float, min_p: float, shard: VocabShard):
-    """:func:`sp.sampler_kept_rows` of the full vocabulary (global ids) from this rank's shard, for a
+    """:func:`sel.sampler_kept_rows` of the full vocabulary (global ids) from this rank's shard, for a
     sampler with top-k: every id with z >= the global k-th largest is among some rank's local
     candidates (z >= that rank's k-th largest, which is at most the global one), so the merged
     candidates hold the whole top-k set, ties included; top-p / min-p then run on them. The
@@ -97,7 +98,7 @@ def vp_sampler_kept_rows(x, temperature, top_k: int, top_p: float, min_p: float,
             "apply to the merged top-k survivors); top_p or min_p without top_k over a vocabulary split "
             "across process_group is not implemented: pass kept_ids, or gather the logits"
         )
-    cand, count = sp.top_candidates(x, min(top_k, vocab_local))
+    cand, count = sel.top_candidates(x, min(top_k, vocab_local))
     width = torch.tensor([cand.shape[1]], dtype=torch.int64, device=x.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX, group=shard.group)
     real = torch.arange(cand.shape[1], device=x.device) < count.unsqueeze(1)
@@ -108,7 +109,7 @@ def vp_sampler_kept_rows(x, temperature, top_k: int, top_p: float, min_p: float,
     theta = vals[:, top_k - 1 : top_k]
     count = ((vals >= theta) & (gids < shard.vocab)).sum(1)
     temp64 = temperature.double().reshape(-1, 1).expand(n, 1)
-    kept, size = sp._truncate_z(vals / temp64, gids, count, top_p, min_p)
+    kept, size = sel._truncate_z(vals / temp64, gids, count, top_p, min_p)
     return kept[:, : max(1, int(size.max()))].contiguous()
 
 
