@@ -52,7 +52,7 @@ def _step(fn, cfg, student, teacher_lp, teacher_ids):
 
 
 def main(argv=None, *, keep_heap: bool = False) -> int:
-    """The command line (``keep_heap``: :func:`steady_heap` first, as ``python -m`` runs it; it
+    """The command line (``keep_heap``: ``bench.core.steady_heap`` first, as ``python -m`` runs it; it
     changes this process's allocator for good, so in-process callers such as tests leave it off)."""
     p = argparse.ArgumentParser(prog="python -m lenkernels.bench.verl_distill", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=512)
@@ -63,8 +63,7 @@ def main(argv=None, *, keep_heap: bool = False) -> int:
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     from lenkernels.bench import report
-    from lenkernels.bench.core import peak_extra_mb
-    from lenkernels.bench.suites.token_stats_outputs import steady_heap
+    from lenkernels.bench.core import peak_extra_mb, steady_heap
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

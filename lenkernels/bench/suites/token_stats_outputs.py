@@ -35,7 +35,7 @@ import time
 import torch
 
 import lenkernels as lk
-from lenkernels.bench.core import Provider, Suite, _sync, max_error, register
+from lenkernels.bench.core import Provider, Suite, _sync, max_error, register, steady_heap
 from lenkernels.bench.suites.common import DTYPES, vocab_cases
 from lenkernels.reference import token_stats as ref
 
@@ -263,23 +263,8 @@ def interleaved_ratios(inputs: dict, mode: str, device: torch.device, *, rounds:
     return out
 
 
-def steady_heap() -> bool:
-    """Keeps freed CPU buffers in glibc's heap (mmap threshold 32 MiB, no trimming), so each timed
-    call reuses pages instead of faulting in a fresh gradient: without it a 19 MB forward+backward
-    pays a few ms of page faults whose variance swamps the ratios. Both the baseline and every
-    variant run under it (a training loop's steady state); False where glibc's mallopt is absent."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
 def main(argv=None, *, keep_heap: bool = False) -> int:
-    """The command line (``keep_heap``: :func:`steady_heap` first, as ``python -m`` runs it; it
+    """The command line (``keep_heap``: ``bench.core.steady_heap`` first, as ``python -m`` runs it; it
     changes this process's allocator for good, so in-process callers such as tests leave it off)."""
     p = argparse.ArgumentParser(prog=f"python -m lenkernels.bench.suites.{NAME}", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, action="append", help="token count N (repeatable; default 64, --full 64..512)")
