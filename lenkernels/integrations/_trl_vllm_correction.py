@@ -116,7 +116,8 @@ def vllm_importance_sampling(
     dtype = torch.promote_types(old_per_token_logps.dtype, sampling_per_token_logps.dtype)
     old, sampling = old_per_token_logps.detach().to(dtype), sampling_per_token_logps.detach().to(dtype)
     valid = mask != 0
-    unknown = torch.isnan(old - sampling)  # TRL: nan_to_num of the difference -> ratio 1
+    diff = old - sampling
+    unknown = torch.isnan(diff)  # TRL: nan_to_num of the difference -> ratio 1
     old, sampling = old.masked_fill(unknown, 0.0), sampling.masked_fill(unknown, 0.0)
     level = "token" if mode.startswith("token") else "sequence"
     rc = _rollout_correction(
@@ -133,7 +134,7 @@ def vllm_importance_sampling(
         per_seq = torch.where(rc.mask.any(dim=-1, keepdim=True), kept.gather(-1, first), 0.0)
         ratio = torch.where(valid.any(dim=-1, keepdim=True), per_seq, outside)
         over = torch.ones_like(ratio, dtype=torch.bool)
-    delta = (old_per_token_logps.detach() - sampling_per_token_logps.detach()).abs()
-    counted = valid & ~torch.isnan(delta)
+    delta = diff.abs()  # the metric of the log-probs' own difference, in their promoted dtype
+    counted = valid & ~unknown
     _, diff_mean, diff_max = _masked_min_mean_max(delta, counted)
     return VLLMImportanceSampling(ratio, diff_mean, diff_max, *_masked_min_mean_max(ratio, over))

@@ -267,7 +267,7 @@ def _rs_metrics(vf, prefix, stat, seq, response_mask, seq_valid, hi, lo, apply_l
 # --- off-policy diagnostics (verl: compute_offpolicy_metrics) ----------------------------------
 
 
-def _offpolicy_metrics(vf, old, rollout, response_mask, metrics, kl=None, k3=None):
+def _offpolicy_metrics(vf, old, rollout, response_mask, metrics, kl=None, k3=None, log_ratio=None):
     mean_old = vf.masked_mean(old, response_mask, axis=-1)
     metrics["training_ppl"] = torch.exp(-mean_old).mean()
     metrics["training_log_ppl"] = (-mean_old).mean()
@@ -285,7 +285,7 @@ def _offpolicy_metrics(vf, old, rollout, response_mask, metrics, kl=None, k3=Non
     metrics["log_ppl_diff_max"] = log_ppl_diff.max()
     metrics["log_ppl_diff_min"] = log_ppl_diff.min()
     metrics["ppl_ratio"] = torch.exp(log_ppl_diff).mean()
-    log_ratio = old - rollout
+    log_ratio = old - rollout if log_ratio is None else log_ratio
     rho = torch.exp(torch.clamp(log_ratio, min=-SAFETY_BOUND, max=SAFETY_BOUND))
     metrics["chi2_token"] = vf.masked_mean(rho.square(), response_mask) - 1.0
     log_seq = torch.clamp(vf.masked_sum(log_ratio, response_mask, axis=-1), min=-SAFETY_BOUND, max=SAFETY_BOUND)
@@ -346,7 +346,7 @@ def compute_rollout_correction_and_rejection_mask(
                     "Set rollout_rs_threshold to the desired threshold value."
                 )
             new_mask = _rejection_mask(helper, vf, log_ratio, response_mask, rollout_rs, rollout_rs_threshold, metrics)
-        _offpolicy_metrics(vf, old_log_prob, rollout_log_prob, response_mask, metrics, kl, k3)
+        _offpolicy_metrics(vf, old_log_prob, rollout_log_prob, response_mask, metrics, kl, k3, log_ratio)
         values = metrics.to_host(check=(response_mask != 0).any(), message=_EMPTY_MASK)
     proto = None
     if weights is not None:
