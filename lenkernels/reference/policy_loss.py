@@ -77,11 +77,11 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3", clamp: bool = True
         value = delta.abs()
     elif base == "k2":
         value = 0.5 * delta.square()
-    elif clamp:
+    elif clamp:  # expm1: exp(d) - 1 - d cancels even in float64 (5e-5 relative at |d| ~ 3e-6)
         d = delta.clamp(-20.0, 20.0)
-        value = (d.exp() - d - 1).clamp(-10.0, 10.0)
+        value = (torch.expm1(d) - d).clamp(-10.0, 10.0)
     else:
-        value = delta.exp() - delta - 1
+        value = torch.expm1(delta) - delta
     if straight and base != "k2":
         k2 = 0.5 * delta.square()
         value = k2 - k2.detach() + value.detach()
